@@ -1,0 +1,1 @@
+//! Log capture pipeline (to be written).
