@@ -1,4 +1,13 @@
 //! KoproGo appliance library: everything `koprogo` does, one module per part of the
-//! process tree (see ../shared/DESIGN.md). `main.rs` only parses the command line.
+//! process tree (see ../shared/DESIGN.md). `main.rs` only calls [`cli::main`].
 
+pub mod backend;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod fsutil;
 pub mod logs;
+pub mod postgres;
+pub mod secrets;
+pub mod supervisor;

@@ -1,0 +1,188 @@
+//! The koprogo-api contract (../shared/koprogo-backend.md): the environment it is
+//! started with, the directory it runs in, what "ready" means (its health URL answers
+//! 200 AND the database answers) and how it is stopped (SIGTERM, a little over its
+//! 30 s drain, then SIGKILL).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use nix::sys::signal::Signal;
+
+use crate::config::Config;
+use crate::fsutil::ensure_dir;
+use crate::postgres::cluster::{APP_DB, APP_ROLE};
+use crate::postgres::Db;
+use crate::secrets::{self, Secrets};
+use crate::supervisor::reaper::ChildSpec;
+use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
+
+pub struct ApiService {
+    pub cfg: Arc<Config>,
+    pub secrets: Secrets,
+    pub db: Db,
+}
+
+/// Directories the API server uses, all under the state directory.
+pub struct ApiDirs {
+    /// Its working directory: ours, so no stray `.env` is read.
+    pub work: PathBuf,
+    pub uploads: PathBuf,
+    pub tmp: PathBuf,
+}
+
+pub fn dirs(cfg: &Config) -> ApiDirs {
+    ApiDirs {
+        work: cfg.paths.state.join("api"),
+        uploads: cfg.paths.state.join("uploads"),
+        tmp: cfg.paths.state.join("tmp"),
+    }
+}
+
+/// The complete environment of the API server (nothing else is inherited).
+pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
+    let d = dirs(cfg);
+    let b = &cfg.backend;
+    let workers = if b.workers == 0 {
+        crate::postgres::tuning::cores().min(4) as u32
+    } else {
+        b.workers
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOME".into(), d.work.display().to_string()),
+        (
+            "DATABASE_URL".into(),
+            format!(
+                "postgresql://{APP_ROLE}@/{APP_DB}?host={}&port={}",
+                cfg.paths.run.display(),
+                cfg.postgres.port
+            ),
+        ),
+        ("SERVER_HOST".into(), "127.0.0.1".into()),
+        ("SERVER_PORT".into(), b.port.to_string()),
+        (
+            secrets::JWT_SECRET.into(),
+            secrets.get(secrets::JWT_SECRET).into(),
+        ),
+        (
+            secrets::TOTP_KEY.into(),
+            secrets.get(secrets::TOTP_KEY).into(),
+        ),
+        (
+            secrets::ENERGY_KEY.into(),
+            secrets.get(secrets::ENERGY_KEY).into(),
+        ),
+        ("CORS_ALLOWED_ORIGINS".into(), cfg.origins().join(",")),
+        ("ACTIX_WORKERS".into(), workers.to_string()),
+        // Its limiter keys on the peer address, which is the proxy's: limit in the proxy.
+        ("ENABLE_RATE_LIMITING".into(), "false".into()),
+        ("DB_POOL_MAX_CONNECTIONS".into(), b.pool_max.to_string()),
+        ("DB_POOL_MIN_CONNECTIONS".into(), b.pool_min.to_string()),
+        ("STORAGE_PROVIDER".into(), "local".into()),
+        ("UPLOAD_DIR".into(), d.uploads.display().to_string()),
+        ("RUST_LOG".into(), b.log_level.clone()),
+        ("NO_COLOR".into(), "1".into()),
+        ("TMPDIR".into(), d.tmp.display().to_string()),
+        ("SMTP_ENABLED".into(), b.smtp.enabled.to_string()),
+    ];
+    let s = &b.smtp;
+    for (k, v) in [
+        ("SMTP_HOST", s.host.clone()),
+        ("SMTP_PORT", s.port.map(|p| p.to_string())),
+        ("SMTP_USERNAME", s.username.clone()),
+        ("SMTP_PASSWORD", s.password.clone()),
+        ("SMTP_FROM_EMAIL", s.from_email.clone()),
+        ("SMTP_FROM_NAME", s.from_name.clone()),
+    ] {
+        if let Some(v) = v {
+            env.push((k.into(), v));
+        }
+    }
+    env.extend(b.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+impl ServiceSpec for ApiService {
+    fn name(&self) -> &'static str {
+        "api"
+    }
+
+    async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {
+        let d = dirs(&self.cfg);
+        ensure_dir(&d.work, 0o750)
+            .with_context(|| format!("cannot create {}", d.work.display()))?;
+        ensure_dir(&d.uploads, 0o750)
+            .with_context(|| format!("cannot create {}", d.uploads.display()))?;
+        ensure_dir(&d.tmp, 0o700).with_context(|| format!("cannot create {}", d.tmp.display()))?;
+        let cmd = &self.cfg.backend.command;
+        if !cmd.is_file() {
+            bail!(
+                "{}: backend.command = {}: no such file: install koprogo-api or fix the path",
+                self.cfg.file.display(),
+                cmd.display()
+            );
+        }
+        Ok(ChildSpec {
+            program: cmd.clone(),
+            args: Vec::new(),
+            env: environment(&self.cfg, &self.secrets),
+            cwd: d.work,
+            death_signal: Signal::SIGKILL,
+        })
+    }
+
+    async fn probe(&self) -> Result<()> {
+        health(self.cfg.backend.port, &self.cfg.backend.health).await?;
+        self.db.ping().await.context("database not reachable")
+    }
+
+    async fn on_ready(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn start_timeout(&self) -> Duration {
+        self.cfg.backend.start_timeout
+    }
+
+    fn stop_plan(&self) -> Vec<StopStep> {
+        vec![StopStep {
+            signal: Signal::SIGTERM,
+            group: false,
+            wait: self.cfg.backend.stop_timeout,
+        }]
+    }
+
+    fn stop_now(&self) -> Vec<StopStep> {
+        vec![StopStep {
+            signal: Signal::SIGKILL,
+            group: true,
+            wait: Duration::from_secs(2),
+        }]
+    }
+}
+
+/// `GET http://127.0.0.1:<port><path>` must answer 200.
+pub async fn health(port: u16, path: &str) -> Result<()> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("health: cannot connect to 127.0.0.1:{port}"))?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+        .header(hyper::header::USER_AGENT, "koprogo-health")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await;
+    conn.abort();
+    let status = resp?.status();
+    if status != hyper::StatusCode::OK {
+        bail!("health: {path} answered {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! The command line: parse, load the config, hand over to the part that does the
+//! work, turn the outcome into an exit code. Exit codes: 0 fine, 1 a problem was
+//! reported, 2 the configuration or the command line is wrong, 3 `koprogo` is not
+//! running (for commands that need it).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::control::{self, Request};
+use crate::logs::{self, LogPipe};
+use crate::supervisor::{self, privileges, reaper::Reaper, Boot, StatusReport};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "koprogo",
+    version,
+    about = "The KoproGo appliance: PostgreSQL, the API server and HTTPS in one supervised process"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "KOPROGO_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the supervisor (PID 1 in a container, or systemd's main process).
+    Run,
+    /// Validate the configuration and the environment; non-zero on any problem.
+    Check,
+    /// One row per service: state, pid, readiness, restarts, uptime, memory.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped service.
+    Start { service: String },
+    /// Stop a service (it stays stopped until `start`).
+    Stop { service: String },
+    /// Restart a service.
+    Restart { service: String },
+    /// Show service logs (all services, merged by time, when none is named).
+    Logs {
+        service: Option<String>,
+        /// Keep printing new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Lines to show first.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// A psql shell on the private cluster (extra arguments go to psql).
+    Psql {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = config::config_path(cli.config.as_deref());
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("koprogo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run => run(cfg),
+        Command::Check => check(&cfg),
+        Command::Status { json } => status(&cfg, json),
+        Command::Start { service } => command(&cfg, Request::Start { service }),
+        Command::Stop { service } => command(&cfg, Request::Stop { service }),
+        Command::Restart { service } => command(&cfg, Request::Restart { service }),
+        Command::Logs {
+            service,
+            follow,
+            lines,
+        } => show_logs(&cfg, service, follow, lines),
+        Command::Psql { args } => psql(&cfg, args),
+    }
+}
+
+fn check(cfg: &Config) -> ExitCode {
+    let p = crate::check::preflight(cfg);
+    println!("ok: configuration {}", cfg.file.display());
+    for n in &p.notes {
+        println!("ok: {n}");
+    }
+    for e in &p.problems {
+        println!("error: {e}");
+    }
+    if p.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s) found", p.problems.len());
+        ExitCode::from(1)
+    }
+}
+
+fn run(cfg: Config) -> ExitCode {
+    let started = Instant::now();
+    let pre = crate::check::preflight(&cfg);
+    if !pre.problems.is_empty() {
+        for e in &pre.problems {
+            eprintln!("koprogo: error: {e}");
+        }
+        eprintln!("koprogo: not started: fix the problems above (koprogo check lists them too)");
+        return ExitCode::from(2);
+    }
+    let (Some(bins), Some(who)) = (pre.bins, pre.who) else {
+        eprintln!("koprogo: internal: preflight gave no binaries or user");
+        return ExitCode::from(1);
+    };
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    if let Err(e) = privileges::prepare_and_drop(&cfg, &who) {
+        eprintln!("koprogo: {e:#}");
+        return ExitCode::from(1);
+    }
+    let lock = match privileges::lock_state(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let settings = supervisor::log_settings(&cfg);
+    let mut pipes = Vec::new();
+    for name in ["koprogo", "postgres", "api"] {
+        match LogPipe::start(name, &settings) {
+            Ok(p) => pipes.push(p),
+            Err(e) => {
+                eprintln!(
+                    "koprogo: cannot start the {name} log in {}: {e}",
+                    cfg.paths.logs.display()
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let own = pipes.remove(0);
+    let own_file = match own.make_writer() {
+        Ok(w) => Arc::new(RwLock::new(Some(w))),
+        Err(e) => {
+            eprintln!("koprogo: cannot write the supervisor log: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    init_tracing(own_file.clone());
+    tracing::info!(
+        "koprogo {} starting (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
+    if std::process::id() != 1 {
+        // Orphans of our children come to us, not to init.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    let reaper = match Reaper::start() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let boot = Boot {
+        cfg: Arc::new(cfg),
+        bins,
+        os_user: who.name,
+        logs: pipes.into_iter().map(Arc::new).collect(),
+        own_log: own.stats.clone(),
+        reaper,
+        lock,
+        started,
+    };
+    let code = match runtime.block_on(supervisor::supervise(boot)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    };
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    // Close our side of the supervisor log so its writer drains and exits.
+    if let Ok(mut w) = own_file.write() {
+        *w = None;
+    }
+    let _ = own.close(Duration::from_secs(5));
+    ExitCode::from(code as u8)
+}
+
+/// The supervisor's own log: one formatted event per write, to stderr (the journal
+/// under systemd) and to the `koprogo` log pipe.
+#[derive(Clone)]
+struct OwnLog(Arc<RwLock<Option<logs::PipeWriter>>>);
+
+impl Write for OwnLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        if let Ok(mut g) = self.0.write() {
+            if let Some(w) = g.as_mut() {
+                let _ = w.write_all(buf);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_tracing(file: Arc<RwLock<Option<logs::PipeWriter>>>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KOPROGO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = OwnLog(file);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(move || writer.clone())
+        .try_init();
+}
+
+fn status(cfg: &Config, json: bool) -> ExitCode {
+    let resp = match control::request(cfg, &Request::Status) {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                println!("{{\"running\":false,\"services\":[]}}");
+            }
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(3);
+        }
+    };
+    let Some(st) = resp.status else {
+        eprintln!("koprogo: {}", resp.message);
+        return ExitCode::from(1);
+    };
+    if json {
+        match serde_json::to_string_pretty(&st) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("koprogo: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print_status(&st);
+    }
+    if st.all_ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn human_bytes(b: Option<u64>) -> String {
+    match b {
+        Some(b) if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        None => "-".into(),
+    }
+}
+
+fn human_secs(s: Option<u64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s < 60 => format!("{s}s"),
+        Some(s) if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        Some(s) if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        Some(s) => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn print_status(st: &StatusReport) {
+    println!(
+        "{:<10} {:<10} {:>7} {:<5} {:>8} {:>8} {:>10}  NOTE",
+        "SERVICE", "STATE", "PID", "READY", "RESTARTS", "UPTIME", "MEMORY"
+    );
+    for s in &st.services {
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let mut note = Vec::new();
+        if let Some(n) = s.next_start_in_secs {
+            note.push(format!(
+                "next try in {n:.0}s (crash loop: {} failures)",
+                s.failures
+            ));
+        }
+        if let Some(e) = &s.last_error {
+            note.push(e.clone());
+        } else if let Some(e) = &s.last_exit {
+            if !s.ready {
+                note.push(format!("last: {e}"));
+            }
+        }
+        println!(
+            "{:<10} {:<10} {:>7} {:<5} {:>8} {:>8} {:>10}  {}",
+            s.name,
+            state,
+            s.pid.map_or("-".into(), |p| p.to_string()),
+            if s.ready { "yes" } else { "no" },
+            s.restarts,
+            human_secs(s.uptime_secs),
+            human_bytes(s.memory_bytes),
+            note.join("; ")
+        );
+    }
+    println!(
+        "koprogo {} pid {} up {}, {}; {}",
+        st.version,
+        st.pid,
+        human_secs(Some(st.uptime_secs)),
+        human_bytes(st.memory_bytes),
+        if st.all_ready {
+            "all ready"
+        } else {
+            "NOT all ready"
+        }
+    );
+    for (name, v) in &st.logs {
+        let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
+        if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
+            println!(
+                "log {name}: {dropped} lines dropped{}",
+                v.get("last_error")
+                    .and_then(|x| x.as_str())
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn command(cfg: &Config, req: Request) -> ExitCode {
+    match control::request(cfg, &req) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("koprogo: {}", r.message);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn show_logs(cfg: &Config, service: Option<String>, follow: bool, n: usize) -> ExitCode {
+    let dir = &cfg.paths.logs;
+    let names = match &service {
+        Some(s) => vec![s.clone()],
+        None => match logs::services(dir) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("koprogo: cannot list {}: {e}", dir.display());
+                return ExitCode::from(1);
+            }
+        },
+    };
+    if let Some(s) = &service {
+        if !dir.join(format!("{s}.log")).exists() {
+            let known = logs::services(dir).unwrap_or_default();
+            eprintln!(
+                "koprogo: no log for {s:?} in {}: choose one of {}",
+                dir.display(),
+                known.join(", ")
+            );
+            return ExitCode::from(1);
+        }
+    }
+    let single = names.len() == 1;
+    // Merge the services' tails by their timestamp prefix.
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for name in &names {
+        match logs::tail(dir, name, n) {
+            Ok(v) => lines.extend(v.into_iter().map(|l| (name.clone(), l))),
+            Err(e) => {
+                eprintln!("koprogo: cannot read the {name} log: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.1.get(..24).cmp(&b.1.get(..24)));
+    let skip = lines.len().saturating_sub(n);
+    let mut out = std::io::stdout().lock();
+    for (name, l) in lines.into_iter().skip(skip) {
+        let _ = if single {
+            writeln!(out, "{l}")
+        } else {
+            writeln!(out, "{name:<8} | {l}")
+        };
+    }
+    drop(out);
+    if !follow {
+        return ExitCode::SUCCESS;
+    }
+    let handles: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut w = Prefixed {
+                    prefix: if single {
+                        String::new()
+                    } else {
+                        format!("{name:<8} | ")
+                    },
+                    buf: Vec::new(),
+                };
+                let _ = logs::follow(&dir, &name, &mut w, &|| false);
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
+}
+
+/// Writes whole lines to stdout with a prefix (the service name).
+struct Prefixed {
+    prefix: String,
+    buf: Vec<u8>,
+}
+
+impl Write for Prefixed {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let mut out = std::io::stdout().lock();
+            out.write_all(self.prefix.as_bytes())?;
+            out.write_all(&line)?;
+            out.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn psql(cfg: &Config, args: Vec<String>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let bins = match crate::postgres::binaries::find(cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("koprogo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let psql = bins.tool("psql");
+    let err = std::process::Command::new(&psql)
+        .arg("-h")
+        .arg(&cfg.paths.run)
+        .arg("-p")
+        .arg(cfg.postgres.port.to_string())
+        .arg("-U")
+        .arg(crate::postgres::cluster::SUPERUSER)
+        .arg("-d")
+        .arg(crate::postgres::cluster::APP_DB)
+        .args(args)
+        .exec();
+    eprintln!("koprogo: cannot run {}: {err}", psql.display());
+    ExitCode::from(1)
+}

@@ -1,0 +1,677 @@
+//! The configuration model: one TOML file, unknown keys rejected, defaults for a
+//! 2 GB VPS, relative paths resolved against the file's directory. Loading never
+//! touches the disk beyond reading the file; every error names the file, the key,
+//! the value and what to do about it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where `koprogo` looks when neither `--config` nor `KOPROGO_CONFIG` is given.
+pub const DEFAULT_CONFIG: &str = "/etc/koprogo/koprogo.toml";
+
+/// Environment variables the appliance sets for the API server itself; `[backend.env]`
+/// may not override them (it would silently break the contract).
+pub const MANAGED_BACKEND_ENV: &[&str] = &[
+    "DATABASE_URL",
+    "SERVER_HOST",
+    "SERVER_PORT",
+    "JWT_SECRET",
+    "TOTP_ENCRYPTION_KEY",
+    "ENERGY_ENCRYPTION_MASTER_KEY",
+    "CORS_ALLOWED_ORIGINS",
+    "ENABLE_RATE_LIMITING",
+    "UPLOAD_DIR",
+    "STORAGE_PROVIDER",
+    "TMPDIR",
+    "NO_COLOR",
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// The whole validated configuration, paths absolute.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The site's public name (certificates, CORS origin).
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// Other names the site answers to.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Service user the supervisor drops to when started as root.
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default)]
+    pub paths: Paths,
+    #[serde(default)]
+    pub postgres: Postgres,
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default)]
+    pub proxy: Proxy,
+    #[serde(default)]
+    pub logs: Logs,
+    /// The file this was read from (not a key).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paths {
+    #[serde(default = "default_state")]
+    pub state: PathBuf,
+    #[serde(default = "default_logs")]
+    pub logs: PathBuf,
+    #[serde(default = "default_run")]
+    pub run: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Postgres {
+    /// Directory holding `postgres`, `initdb`…; empty = newest /usr/lib/postgresql/*/bin.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// Memory the tuning may plan for: "auto" (the machine's RAM or cgroup limit) or a size.
+    #[serde(default)]
+    pub memory: MemoryBudget,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Number used in the socket's name (`.s.PGSQL.<port>`); no TCP listener exists.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    #[serde(default = "default_pg_start_timeout", deserialize_with = "de_duration")]
+    pub start_timeout: Duration,
+    /// Bound on the fast shutdown before an immediate one.
+    #[serde(default = "default_pg_stop_timeout", deserialize_with = "de_duration")]
+    pub stop_timeout: Duration,
+    /// Extra postgresql.conf settings, written after the managed ones.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// The koprogo-api binary (no arguments are passed, by contract).
+    #[serde(default = "default_backend_command")]
+    pub command: PathBuf,
+    /// Loopback port it listens on.
+    #[serde(default = "default_backend_port")]
+    pub port: u16,
+    /// Health URL path; readiness = 200 here AND the database answers.
+    #[serde(default = "default_health")]
+    pub health: String,
+    #[serde(
+        default = "default_backend_start_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub start_timeout: Duration,
+    /// Grace after SIGTERM before SIGKILL (its own drain is 30 s).
+    #[serde(
+        default = "default_backend_stop_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub stop_timeout: Duration,
+    /// ACTIX_WORKERS; 0 = one per core, at most 4.
+    #[serde(default)]
+    pub workers: u32,
+    #[serde(default = "default_pool_max")]
+    pub pool_max: u32,
+    #[serde(default = "default_pool_min")]
+    pub pool_min: u32,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    #[serde(default)]
+    pub smtp: Smtp,
+    /// Extra environment for the API server.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Smtp {
+    #[serde(default)]
+    pub enabled: bool,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub from_email: Option<String>,
+    pub from_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    /// Plain-HTTP listeners (ACME challenges and the redirect to HTTPS).
+    #[serde(default = "default_http")]
+    pub http: Vec<SocketAddr>,
+    /// HTTPS listeners.
+    #[serde(default = "default_https")]
+    pub https: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logs {
+    #[serde(default = "default_log_max_size", deserialize_with = "de_size")]
+    pub max_size: u64,
+    #[serde(default = "default_true")]
+    pub rotate_daily: bool,
+    #[serde(default = "default_keep_files")]
+    pub keep_files: usize,
+    #[serde(default = "default_max_age", deserialize_with = "de_duration")]
+    pub max_age: Duration,
+    #[serde(default = "default_true")]
+    pub compress: bool,
+}
+
+/// `postgres.memory`: "auto" or a byte size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryBudget {
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "auto" {
+            return Ok(MemoryBudget::Auto);
+        }
+        parse_size(&s)
+            .map(MemoryBudget::Bytes)
+            .map_err(|e| serde::de::Error::custom(format!("{e} (or \"auto\")")))
+    }
+}
+
+fn default_domain() -> String {
+    "localhost".into()
+}
+fn default_user() -> String {
+    "koprogo".into()
+}
+fn default_state() -> PathBuf {
+    "/var/lib/koprogo".into()
+}
+fn default_logs() -> PathBuf {
+    "/var/log/koprogo".into()
+}
+fn default_run() -> PathBuf {
+    "/run/koprogo".into()
+}
+fn default_max_connections() -> u32 {
+    20
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pg_start_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_pg_stop_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_backend_command() -> PathBuf {
+    "/usr/lib/koprogo/koprogo-api".into()
+}
+fn default_backend_port() -> u16 {
+    8081
+}
+fn default_health() -> String {
+    "/api/v1/health".into()
+}
+fn default_backend_start_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_backend_stop_timeout() -> Duration {
+    Duration::from_secs(35)
+}
+fn default_pool_max() -> u32 {
+    8
+}
+fn default_pool_min() -> u32 {
+    2
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_http() -> Vec<SocketAddr> {
+    vec!["[::]:80"
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 80)))]
+}
+fn default_https() -> Vec<SocketAddr> {
+    vec!["[::]:443"
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 443)))]
+}
+fn default_log_max_size() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_keep_files() -> usize {
+    14
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(7 * 86400)
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            state: default_state(),
+            logs: default_logs(),
+            run: default_run(),
+        }
+    }
+}
+impl Default for Postgres {
+    fn default() -> Self {
+        Postgres {
+            bin_dir: None,
+            memory: MemoryBudget::Auto,
+            max_connections: default_max_connections(),
+            port: default_pg_port(),
+            start_timeout: default_pg_start_timeout(),
+            stop_timeout: default_pg_stop_timeout(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            command: default_backend_command(),
+            port: default_backend_port(),
+            health: default_health(),
+            start_timeout: default_backend_start_timeout(),
+            stop_timeout: default_backend_stop_timeout(),
+            workers: 0,
+            pool_max: default_pool_max(),
+            pool_min: default_pool_min(),
+            log_level: default_log_level(),
+            smtp: Smtp::default(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            http: default_http(),
+            https: default_https(),
+        }
+    }
+}
+impl Default for Logs {
+    fn default() -> Self {
+        Logs {
+            max_size: default_log_max_size(),
+            rotate_daily: true,
+            keep_files: default_keep_files(),
+            max_age: default_max_age(),
+            compress: true,
+        }
+    }
+}
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+/// Which file to read: `--config`, then `KOPROGO_CONFIG` (clap fills both), then the default.
+pub fn config_path(arg: Option<&Path>) -> PathBuf {
+    arg.map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+}
+
+impl Config {
+    /// Reads, parses and validates `file`.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError(format!(
+                "{}: cannot read the configuration: {e} (pass --config FILE or set KOPROGO_CONFIG)",
+                file.display()
+            ))
+        })?;
+        Config::parse(&text, file)
+    }
+
+    /// Parses `text` as if read from `file` (relative paths resolve against its directory).
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            ConfigError(format!(
+                "{}: {}",
+                file.display(),
+                e.to_string().trim_end().replace('\n', "\n  ")
+            ))
+        })?;
+        let file = absolute(file);
+        let base = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        cfg.file = file;
+        for p in [
+            &mut cfg.paths.state,
+            &mut cfg.paths.logs,
+            &mut cfg.paths.run,
+            &mut cfg.backend.command,
+        ] {
+            resolve(p, &base);
+        }
+        if let Some(b) = cfg.postgres.bin_dir.as_mut() {
+            resolve(b, &base);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn err(&self, key: &str, value: &dyn fmt::Display, fix: &str) -> ConfigError {
+        ConfigError(format!("{}: {key} = {value}: {fix}", self.file.display()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.domain.trim().is_empty() || self.domain.contains(['/', ':', ' ']) {
+            return Err(self.err(
+                "domain",
+                &format!("{:?}", self.domain),
+                "set the site's host name, e.g. domain = \"syndic.example.be\"",
+            ));
+        }
+        if self.user.is_empty() {
+            return Err(self.err("user", &"\"\"", "name the service user, e.g. \"koprogo\""));
+        }
+        // A Unix socket path is limited to 107 bytes; Postgres' is the longest we make.
+        let sock = self
+            .paths
+            .run
+            .join(format!(".s.PGSQL.{}.lock", self.postgres.port));
+        if sock.as_os_str().len() > 100 {
+            return Err(self.err(
+                "paths.run",
+                &self.paths.run.display(),
+                "too long for a Unix socket path (keep it under 80 characters)",
+            ));
+        }
+        if self.postgres.max_connections < 5 {
+            return Err(self.err(
+                "postgres.max_connections",
+                &self.postgres.max_connections,
+                "use at least 5",
+            ));
+        }
+        let b = &self.backend;
+        if b.port == 0 {
+            return Err(self.err("backend.port", &0, "choose a free loopback port, e.g. 8081"));
+        }
+        if !b.health.starts_with('/') {
+            return Err(self.err(
+                "backend.health",
+                &format!("{:?}", b.health),
+                "must be a path starting with '/', e.g. \"/api/v1/health\"",
+            ));
+        }
+        if b.pool_min > b.pool_max || b.pool_max == 0 {
+            return Err(self.err(
+                "backend.pool_max",
+                &b.pool_max,
+                "must be at least 1 and at least backend.pool_min",
+            ));
+        }
+        // Room for the supervisor's probe, psql and backups on top of the pool.
+        if b.pool_max + 3 > self.postgres.max_connections {
+            return Err(self.err(
+                "backend.pool_max",
+                &b.pool_max,
+                &format!(
+                    "must leave 3 connections free below postgres.max_connections ({})",
+                    self.postgres.max_connections
+                ),
+            ));
+        }
+        for key in b.env.keys() {
+            if MANAGED_BACKEND_ENV.contains(&key.as_str()) {
+                return Err(self.err(
+                    &format!("backend.env.{key}"),
+                    &"…",
+                    "this variable is managed by koprogo; remove it from [backend.env]",
+                ));
+            }
+        }
+        if b.smtp.enabled {
+            let s = &b.smtp;
+            for (k, missing) in [
+                ("host", s.host.as_deref().is_none_or(str::is_empty)),
+                ("port", s.port.is_none()),
+                ("username", s.username.as_deref().is_none_or(str::is_empty)),
+                ("password", s.password.as_deref().is_none_or(str::is_empty)),
+            ] {
+                if missing {
+                    return Err(self.err(
+                        &format!("backend.smtp.{k}"),
+                        &"(missing)",
+                        "required when backend.smtp.enabled = true (the API server would crash at boot)",
+                    ));
+                }
+            }
+        }
+        for (key, list) in [
+            ("proxy.http", &self.proxy.http),
+            ("proxy.https", &self.proxy.https),
+        ] {
+            for a in list.iter() {
+                if a.port() == b.port && (a.ip().is_unspecified() || a.ip().is_loopback()) {
+                    return Err(self.err(
+                        key,
+                        a,
+                        &format!("clashes with backend.port = {}; pick another port", b.port),
+                    ));
+                }
+            }
+        }
+        if self.logs.max_size < 64 * 1024 {
+            return Err(self.err("logs.max_size", &self.logs.max_size, "use at least 64KiB"));
+        }
+        if self.logs.keep_files == 0 {
+            return Err(self.err("logs.keep_files", &0, "keep at least 1 rotated file"));
+        }
+        Ok(())
+    }
+
+    /// The origins the API server must accept (`CORS_ALLOWED_ORIGINS`).
+    pub fn origins(&self) -> Vec<String> {
+        let port = self.proxy.https.first().map(|a| a.port()).unwrap_or(443);
+        let suffix = if port == 443 {
+            String::new()
+        } else {
+            format!(":{port}")
+        };
+        std::iter::once(&self.domain)
+            .chain(self.aliases.iter())
+            .map(|h| format!("https://{h}{suffix}"))
+            .collect()
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+fn resolve(p: &mut PathBuf, base: &Path) {
+    if p.is_relative() {
+        *p = normalize(&base.join(&*p));
+    }
+}
+
+/// Removes `.` and `..` components lexically, so paths in messages read well.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Parses "35s", "2m", "1h", "7d" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use e.g. \"30s\", \"5m\", \"7d\")"))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "ms" => return Ok(Duration::from_millis(n)),
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// Parses "10MiB", "512MB", "64k", "1G" or a bare number of bytes (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. \"512MB\", \"10MiB\", \"2G\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    Ok(n.saturating_mul(mult))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumOrText::deserialize(d)? {
+        NumOrText::Num(n) => Ok(Duration::from_secs(n)),
+        NumOrText::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match NumOrText::deserialize(d)? {
+        NumOrText::Num(n) => Ok(n),
+        NumOrText::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("/etc/koprogo/test.toml"))
+    }
+
+    #[test]
+    fn defaults_fit_a_small_vps() {
+        let c = parse("").expect("empty config is valid");
+        assert_eq!(c.paths.state, PathBuf::from("/var/lib/koprogo"));
+        assert_eq!(c.backend.stop_timeout, Duration::from_secs(35));
+        assert_eq!(c.logs.max_age, Duration::from_secs(7 * 86400));
+        assert_eq!(c.origins(), vec!["https://localhost".to_string()]);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let c = parse("[paths]\nstate = \"../st\"\nlogs = \"l\"\n").expect("valid");
+        assert_eq!(c.paths.state, PathBuf::from("/etc/st"));
+        assert_eq!(c.paths.logs, PathBuf::from("/etc/koprogo/l"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = parse("[backend]\ncomand = \"x\"\n").expect_err("unknown key");
+        assert!(e.0.contains("/etc/koprogo/test.toml"), "{e}");
+        assert!(e.0.contains("comand"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = parse("[backend]\nport = \"eighty\"\n").expect_err("wrong type");
+        assert!(e.0.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn smtp_enabled_needs_its_values() {
+        let e = parse("[backend.smtp]\nenabled = true\nhost = \"h\"\n").expect_err("smtp");
+        assert!(e.0.contains("backend.smtp.port"), "{e}");
+    }
+
+    #[test]
+    fn managed_env_is_refused() {
+        let e = parse("[backend.env]\nJWT_SECRET = \"x\"\n").expect_err("managed");
+        assert!(e.0.contains("backend.env.JWT_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("512mb"), Ok(512 << 20));
+        assert!(parse_size("ten").is_err());
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5 weeks").is_err());
+        let c = parse("[postgres]\nmemory = \"1GiB\"\nstop_timeout = \"90s\"\n").expect("valid");
+        assert_eq!(c.postgres.memory, MemoryBudget::Bytes(1 << 30));
+        assert_eq!(c.postgres.stop_timeout, Duration::from_secs(90));
+    }
+}

@@ -1,0 +1,136 @@
+//! The control socket `<run>/control.sock` (0600): one JSON request line, one JSON
+//! answer line. The server side reads supervisor state and forwards commands; the
+//! client side is what `koprogo status|start|stop|restart` use.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::Config;
+use crate::supervisor::{Shared, StatusReport};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 4096;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Start { service: String },
+    Stop { service: String },
+    Restart { service: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub status: Option<StatusReport>,
+}
+
+pub fn socket_path(cfg: &Config) -> PathBuf {
+    cfg.paths.run.join("control.sock")
+}
+
+pub fn remove_socket(cfg: &Config) {
+    let _ = std::fs::remove_file(socket_path(cfg));
+}
+
+/// Binds the socket (replacing a stale one: the state lock is ours) and serves it.
+pub fn serve(cfg: &Config, shared: Arc<Shared>) -> Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(cfg);
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, shared).await {
+                    tracing::debug!("control connection: {e:#}");
+                }
+            });
+        }
+    }))
+}
+
+async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .context("request timed out")??;
+    let resp = match serde_json::from_str::<Request>(line.trim()) {
+        Err(e) => Response {
+            ok: false,
+            message: format!("bad request: {e}"),
+            status: None,
+        },
+        Ok(Request::Status) => Response {
+            ok: true,
+            message: String::new(),
+            status: Some(shared.status()),
+        },
+        Ok(req) => {
+            let (verb, service) = match &req {
+                Request::Start { service } => ("start", service),
+                Request::Stop { service } => ("stop", service),
+                Request::Restart { service } => ("restart", service),
+                Request::Status => ("status", &String::new()),
+            };
+            match shared.command(verb, service).await {
+                Ok(m) => Response {
+                    ok: true,
+                    message: m,
+                    status: None,
+                },
+                Err(m) => Response {
+                    ok: false,
+                    message: m,
+                    status: None,
+                },
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&resp)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt;
+
+/// Sends one request to a running supervisor (blocking; for the CLI).
+pub fn request(cfg: &Config, req: &Request) -> Result<Response> {
+    use std::io::{BufRead, Write};
+    let path = socket_path(cfg);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "koprogo is not running (no answer on {}): start it with `koprogo run` or `systemctl start koprogo`",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(200)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer)?;
+    serde_json::from_str(answer.trim())
+        .with_context(|| format!("unreadable answer from {}: {answer:?}", path.display()))
+}

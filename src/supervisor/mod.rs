@@ -1,0 +1,300 @@
+//! `koprogo run`: the process-tree owner. Boots in DESIGN.md's order (config, dirs,
+//! privileges, logs, reaper, Postgres, API), reports state to systemd and the control
+//! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
+
+pub mod backoff;
+pub mod notify;
+pub mod privileges;
+pub mod reaper;
+pub mod service;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backend::ApiService;
+use crate::config::Config;
+use crate::logs::{LogPipe, LogSettings, LogStats};
+use crate::postgres::binaries::Binaries;
+use crate::postgres::{Db, PostgresService};
+use reaper::Reaper;
+use service::{Cmd, ServiceIo, ServiceSpec, Shutdown, Wiring};
+use state::{ServiceReport, ServiceState};
+
+/// After the services stopped, how long to wait for the last children to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// The control surface of one running service.
+pub struct ServiceHandle {
+    pub name: &'static str,
+    pub cmds: mpsc::Sender<Cmd>,
+    pub state: watch::Receiver<ServiceState>,
+}
+
+/// The supervisor's own hold on a service task: how to stop it and wait for it.
+struct Task {
+    name: &'static str,
+    stop: watch::Sender<Shutdown>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+/// What the control socket and the notifier read.
+pub struct Shared {
+    pub services: Vec<ServiceHandle>,
+    pub logs: Vec<(String, Arc<LogStats>)>,
+    pub started: Instant,
+    pub reaper: Reaper,
+    pub stopping: watch::Receiver<Shutdown>,
+}
+
+/// `koprogo status --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub all_ready: bool,
+    pub stopping: bool,
+    pub memory_bytes: Option<u64>,
+    pub orphans_reaped: u64,
+    pub services: Vec<ServiceReport>,
+    pub logs: BTreeMap<String, serde_json::Value>,
+}
+
+impl Shared {
+    pub fn status(&self) -> StatusReport {
+        let services: Vec<ServiceReport> = self
+            .services
+            .iter()
+            .map(|s| s.state.borrow().report())
+            .collect();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            all_ready: services.iter().all(|s| s.ready),
+            stopping: *self.stopping.borrow() != Shutdown::Running,
+            memory_bytes: state::process_memory(std::process::id() as i32),
+            orphans_reaped: self.reaper.orphans_reaped(),
+            services,
+            logs: self
+                .logs
+                .iter()
+                .map(|(name, stats)| {
+                    let v = serde_json::to_value(stats.snapshot()).unwrap_or_default();
+                    (name.clone(), v)
+                })
+                .collect(),
+        }
+    }
+
+    /// `start|stop|restart SERVICE` from the control socket.
+    pub async fn command(&self, verb: &str, service: &str) -> Result<String, String> {
+        let Some(h) = self.services.iter().find(|s| s.name == service) else {
+            let names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+            return Err(format!(
+                "no service {service:?}: choose one of {}",
+                names.join(", ")
+            ));
+        };
+        if *self.stopping.borrow() != Shutdown::Running {
+            return Err("koprogo is shutting down".into());
+        }
+        let (tx, rx) = oneshot::channel();
+        let cmd = match verb {
+            "start" => Cmd::Start(tx),
+            "stop" => Cmd::Stop(tx),
+            "restart" => Cmd::Restart(tx),
+            other => return Err(format!("unknown command {other:?}")),
+        };
+        h.cmds
+            .send(cmd)
+            .await
+            .map_err(|_| format!("{service} is not accepting commands"))?;
+        // A stop may take the API's whole drain time.
+        match tokio::time::timeout(Duration::from_secs(180), rx).await {
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(_)) => Err(format!("{service} dropped the command")),
+            Err(_) => Err(format!("{service}: no answer within 180 s")),
+        }
+    }
+}
+
+/// Everything `run` found before the runtime starts.
+pub struct Boot {
+    pub cfg: Arc<Config>,
+    pub bins: Binaries,
+    pub os_user: String,
+    /// The children's log pipes (postgres, api).
+    pub logs: Vec<Arc<LogPipe>>,
+    /// Counters of the supervisor's own log, whose pipe `main` owns.
+    pub own_log: Arc<LogStats>,
+    pub reaper: Reaper,
+    pub lock: std::fs::File,
+    pub started: Instant,
+}
+
+pub fn log_settings(cfg: &Config) -> LogSettings {
+    LogSettings {
+        dir: cfg.paths.logs.clone(),
+        max_size: cfg.logs.max_size,
+        rotate_daily: cfg.logs.rotate_daily,
+        keep_files: cfg.logs.keep_files,
+        max_age: cfg.logs.max_age,
+        compress: cfg.logs.compress,
+    }
+}
+
+/// The supervisor's main loop; returns the process exit code.
+pub async fn supervise(boot: Boot) -> Result<i32> {
+    let Boot {
+        cfg,
+        bins,
+        os_user,
+        logs,
+        own_log,
+        reaper,
+        lock,
+        started,
+    } = boot;
+    let secrets = crate::secrets::load_or_create(&cfg.paths.state)?;
+    let db = Db::new(cfg.clone());
+    let log_of = |name: &str| logs.iter().find(|l| l.service == name).cloned();
+    let (pg_log, api_log) = match (log_of("postgres"), log_of("api")) {
+        (Some(p), Some(a)) => (Arc::new(p.writer_fd()?), Arc::new(a.writer_fd()?)),
+        _ => anyhow::bail!("internal: log pipes missing"),
+    };
+    let (stopping_tx, stopping_rx) = watch::channel(Shutdown::Running);
+
+    let pg = Arc::new(PostgresService {
+        cfg: cfg.clone(),
+        bins,
+        os_user,
+        db: db.clone(),
+    });
+    let (pg_handle, pg_task, pg_ready) = launch(pg, &reaper, pg_log, None);
+    let api = Arc::new(ApiService {
+        cfg: cfg.clone(),
+        secrets,
+        db,
+    });
+    let (api_handle, api_task, _api_ready) = launch(api, &reaper, api_log, Some(pg_ready));
+    let tasks = vec![pg_task, api_task];
+    let shared = Arc::new(Shared {
+        services: vec![pg_handle, api_handle],
+        logs: std::iter::once(("koprogo".to_string(), own_log))
+            .chain(logs.iter().map(|l| (l.service.clone(), l.stats.clone())))
+            .collect(),
+        started,
+        reaper: reaper.clone(),
+        stopping: stopping_rx,
+    });
+
+    let control = crate::control::serve(&cfg, shared.clone())?;
+    let notifier = tokio::spawn(notify::report(shared.clone()));
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload yet (configuration changes need a restart)"),
+        }
+    }
+    let _ = stopping_tx.send(Shutdown::Graceful);
+    notify::stopping();
+
+    // A second signal while stopping means: stop now.
+    let stops: Vec<watch::Sender<Shutdown>> = tasks.iter().map(|t| t.stop.clone()).collect();
+    let hurry = tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: stopping now");
+        for s in &stops {
+            let _ = s.send(Shutdown::Now);
+        }
+    });
+
+    // Reverse start order: the API first, then Postgres.
+    for t in tasks.into_iter().rev() {
+        if *t.stop.borrow() == Shutdown::Running {
+            let _ = t.stop.send(Shutdown::Graceful);
+        }
+        let _ = t.join.await;
+        tracing::info!(service = t.name, "stopped");
+    }
+    let hurried = hurry.is_finished();
+    hurry.abort();
+    control.abort();
+    notifier.abort();
+    let deadline = Instant::now() + REAP_WAIT;
+    while reaper.live_children() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = reaper.live_children();
+    if left > 0 {
+        tracing::error!("{left} children still not reaped at exit");
+    }
+    crate::control::remove_socket(&cfg);
+    tracing::info!("koprogo stopped after {:.1?} of uptime", started.elapsed());
+    drop(shared);
+    for l in logs {
+        match Arc::try_unwrap(l) {
+            Ok(pipe) => {
+                let _ = pipe.close(Duration::from_secs(5));
+            }
+            Err(_) => tracing::warn!("a log pipe is still in use at exit"),
+        }
+    }
+    drop(lock);
+    Ok(if hurried || left > 0 { 1 } else { 0 })
+}
+
+/// Starts the task of one service; returns its handle and its readiness channel.
+fn launch<S: ServiceSpec>(
+    spec: Arc<S>,
+    reaper: &Reaper,
+    log: Arc<std::os::fd::OwnedFd>,
+    dep: Option<watch::Receiver<Option<u64>>>,
+) -> (ServiceHandle, Task, watch::Receiver<Option<u64>>) {
+    let name = spec.name();
+    let (cmd_tx, cmd_rx) = mpsc::channel(8);
+    let (state_tx, state_rx) = watch::channel(ServiceState::new(name));
+    let (ready_tx, ready_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(Shutdown::Running);
+    let wiring = Wiring {
+        io: ServiceIo {
+            reaper: reaper.clone(),
+            log,
+        },
+        cmds: cmd_rx,
+        state: state_tx,
+        dep,
+        ready: ready_tx,
+        shutdown: stop_rx,
+    };
+    let join = tokio::spawn(service::run(spec, wiring));
+    (
+        ServiceHandle {
+            name,
+            cmds: cmd_tx,
+            state: state_rx,
+        },
+        Task {
+            name,
+            stop: stop_tx,
+            join,
+        },
+        ready_rx,
+    )
+}

@@ -1,0 +1,90 @@
+//! Talking to systemd (READY, STATUS, STOPPING, WATCHDOG) when NOTIFY_SOCKET is set,
+//! and logging the moments that matter ("all ready"). Only reads service state.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sd_notify::NotifyState;
+
+use super::Shared;
+
+fn send(states: &[NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("sd_notify failed: {e}");
+    }
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Follows every service's state: STATUS on each change, READY=1 (once) and an
+/// "all ready" log line when every service is ready, watchdog pings meanwhile.
+pub async fn report(shared: Arc<Shared>) {
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut states: Vec<_> = shared.services.iter().map(|s| s.state.clone()).collect();
+    let mut told_ready = false;
+    let mut last = String::new();
+    loop {
+        let summary: Vec<String> = states
+            .iter()
+            .map(|s| {
+                let s = s.borrow();
+                format!(
+                    "{}: {}",
+                    s.name,
+                    serde_json::to_value(s.phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        let all_ready = states.iter().all(|s| s.borrow().ready());
+        let text = summary.join(", ");
+        if text != last {
+            send(&[NotifyState::Status(&text)]);
+            last = text;
+        }
+        if all_ready && !told_ready {
+            told_ready = true;
+            tracing::info!("all ready in {:.0?}", shared.started.elapsed());
+            send(&[NotifyState::Ready, NotifyState::Status("all ready")]);
+        }
+        let changed = futures_any(&mut states);
+        match watchdog {
+            Some(period) => {
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(period) => send(&[NotifyState::Watchdog]),
+                }
+            }
+            None => changed.await,
+        }
+    }
+}
+
+/// Resolves when any of the watched states changes; never, once all senders are gone
+/// (the services have stopped).
+async fn futures_any(states: &mut [tokio::sync::watch::Receiver<super::state::ServiceState>]) {
+    let mut waits: Vec<Option<_>> = states
+        .iter_mut()
+        .map(|s| Some(Box::pin(s.changed())))
+        .collect();
+    std::future::poll_fn(|cx| {
+        for slot in waits.iter_mut() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(Ok(())) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Ready(Err(_)) => *slot = None,
+                    std::task::Poll::Pending => {}
+                }
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -1,0 +1,201 @@
+//! Who the supervisor runs as, and the directories it owns. Started as root it
+//! creates and chowns its directories, then drops to the service user for good
+//! (PostgreSQL refuses root, and nothing else should run as root either). Started as
+//! an ordinary user it stays that user. Also holds the state lock that keeps two
+//! supervisors off one state directory.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::{Gid, Uid, User};
+
+use crate::config::Config;
+use crate::fsutil::ensure_dir;
+
+/// The identity the supervisor and every child run with.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+/// The service user `run` will drop to (root), or the current user.
+pub fn target_identity(cfg: &Config) -> Result<Identity> {
+    if Uid::effective().is_root() {
+        let u = User::from_name(&cfg.user)
+            .with_context(|| format!("cannot look up user {:?}", cfg.user))?
+            .with_context(|| {
+                format!(
+                    "{}: user = {:?}: no such user: create it (adduser --system --group --home {} {}) \
+                     or set `user` to an existing unprivileged account",
+                    cfg.file.display(),
+                    cfg.user,
+                    cfg.paths.state.display(),
+                    cfg.user
+                )
+            })?;
+        if u.uid.is_root() {
+            bail!(
+                "{}: user = {:?} is root: name an unprivileged account",
+                cfg.file.display(),
+                cfg.user
+            );
+        }
+        Ok(Identity {
+            name: u.name,
+            uid: u.uid,
+            gid: u.gid,
+        })
+    } else {
+        let uid = Uid::current();
+        let name = User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| uid.to_string());
+        Ok(Identity {
+            name,
+            uid,
+            gid: Gid::current(),
+        })
+    }
+}
+
+/// Creates state (0750), logs (0750) and run (0750) with their owner, then drops
+/// privileges if we are root. After this nothing runs as root.
+pub fn prepare_and_drop(cfg: &Config, who: &Identity) -> Result<()> {
+    let root = Uid::effective().is_root();
+    for dir in [&cfg.paths.state, &cfg.paths.logs, &cfg.paths.run] {
+        ensure_dir(dir, 0o750).with_context(|| format!("cannot create {}", dir.display()))?;
+        if root {
+            nix::unistd::chown(dir, Some(who.uid), Some(who.gid))
+                .with_context(|| format!("cannot chown {} to {}", dir.display(), who.name))?;
+        }
+    }
+    if root {
+        nix::unistd::setgroups(&[who.gid]).context("setgroups")?;
+        nix::unistd::setgid(who.gid).context("setgid")?;
+        nix::unistd::setuid(who.uid).context("setuid")?;
+        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+            bail!("dropping privileges failed: root could be regained");
+        }
+        tracing::info!("running as {} (uid {})", who.name, who.uid);
+    }
+    Ok(())
+}
+
+pub fn lock_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.paths.state.join("koprogo.lock")
+}
+
+/// Takes the exclusive state lock (held for the life of the returned file).
+pub fn lock_state(cfg: &Config) -> Result<File> {
+    let path = lock_path(cfg);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another koprogo (pid {}) is running on {}: stop it first (koprogo status shows it)",
+            holder.trim(),
+            cfg.paths.state.display()
+        );
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// Is a supervisor holding the state lock right now? (Never creates the file.)
+pub fn running_pid(cfg: &Config) -> Option<String> {
+    let path = lock_path(cfg);
+    let f = File::open(&path).ok()?;
+    // SAFETY: flock on a descriptor we own; a shared lock is released with `f`.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        None
+    } else {
+        Some(
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+/// Can `who` search (x) every existing ancestor of `path` and write the nearest
+/// existing one? Returns the first obstacle.
+pub fn reachable(path: &Path, who: &Identity) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut existing = path.to_path_buf();
+    while !existing.exists() {
+        if !existing.pop() {
+            break;
+        }
+    }
+    let allowed = |meta: &std::fs::Metadata, bit: u32| -> bool {
+        if who.uid.is_root() {
+            return true;
+        }
+        let mode = meta.mode();
+        if meta.uid() == who.uid.as_raw() {
+            mode & (bit << 6) != 0
+        } else if meta.gid() == who.gid.as_raw() {
+            mode & (bit << 3) != 0
+        } else {
+            mode & bit != 0
+        }
+    };
+    let mut anc = existing.clone();
+    loop {
+        if let Ok(meta) = std::fs::metadata(&anc) {
+            if !allowed(&meta, 0o1) {
+                return Err(format!(
+                    "user {} cannot enter {} (mode {:o}): chmod o+x it or choose another path",
+                    who.name,
+                    anc.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+        if !anc.pop() {
+            break;
+        }
+    }
+    if existing == path || Uid::effective().is_root() {
+        // An existing target dir is chowned by `run` when root; check write otherwise.
+        if !Uid::effective().is_root() {
+            if let Ok(meta) = std::fs::metadata(&existing) {
+                if !allowed(&meta, 0o2) {
+                    return Err(format!(
+                        "{} is not writable by {}",
+                        existing.display(),
+                        who.name
+                    ));
+                }
+            }
+        }
+    } else if let Ok(meta) = std::fs::metadata(&existing) {
+        if !allowed(&meta, 0o2) {
+            return Err(format!(
+                "cannot create {}: {} is not writable by {}",
+                path.display(),
+                existing.display(),
+                who.name
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,526 @@
+//! The life of one supervised service: wait for its dependency, prepare, spawn,
+//! gate on readiness, watch health, restart with back-off (never giving up), obey
+//! control commands, and stop with its own signals and grace. What a service *is*
+//! (its command, probes, stop signals) comes from a [`ServiceSpec`].
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, sleep_until, timeout};
+
+use super::backoff::Backoff;
+use super::reaper::{signal, ChildSpec, Exit, Reaper, Spawned};
+use super::state::{Phase, ServiceState};
+
+/// How often a ready service is probed, and how many failures in a row restart it.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const HEALTH_FAILURES: u32 = 3;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const READY_POLL: Duration = Duration::from_millis(100);
+/// After the last stop step (SIGKILL of the group), how long to wait for the reaper.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// One step of a stop: send `signal` (to the process group if `group`), wait `wait`.
+#[derive(Debug, Clone, Copy)]
+pub struct StopStep {
+    pub signal: Signal,
+    pub group: bool,
+    pub wait: Duration,
+}
+
+/// What the supervisor as a whole is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    Running,
+    /// Ordered, graceful stop.
+    Graceful,
+    /// A second signal: stop now.
+    Now,
+}
+
+/// What a service is. Implemented by the Postgres and API services.
+pub trait ServiceSpec: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Everything before a start (directories, initdb, config files); returns the command.
+    fn prepare(&self, io: &ServiceIo) -> impl Future<Output = Result<ChildSpec>> + Send;
+    /// One readiness / health probe.
+    fn probe(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Work after the first good probe and before dependents may start.
+    fn on_ready(&self) -> impl Future<Output = Result<()>> + Send;
+    fn start_timeout(&self) -> Duration;
+    /// Graceful stop steps; a SIGKILL of the group always follows.
+    fn stop_plan(&self) -> Vec<StopStep>;
+    /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
+    fn stop_now(&self) -> Vec<StopStep>;
+}
+
+/// What a service needs from the supervisor to run children.
+#[derive(Clone)]
+pub struct ServiceIo {
+    pub reaper: Reaper,
+    /// A write end of the service's log pipe.
+    pub log: Arc<OwnedFd>,
+}
+
+impl ServiceIo {
+    /// A new descriptor for a child's stdout/stderr.
+    pub fn log_fd(&self) -> Result<OwnedFd> {
+        Ok(self.log.try_clone()?)
+    }
+}
+
+/// A control command for one service.
+pub enum Cmd {
+    Start(oneshot::Sender<String>),
+    Stop(oneshot::Sender<String>),
+    Restart(oneshot::Sender<String>),
+}
+
+/// The channels a service task works with.
+pub struct Wiring {
+    pub io: ServiceIo,
+    pub cmds: mpsc::Receiver<Cmd>,
+    pub state: watch::Sender<ServiceState>,
+    /// Readiness generation of the service this one depends on (None = not ready).
+    pub dep: Option<watch::Receiver<Option<u64>>>,
+    /// Our own readiness generation, for dependents.
+    pub ready: watch::Sender<Option<u64>>,
+    pub shutdown: watch::Receiver<Shutdown>,
+}
+
+enum Event {
+    Exited(Exit),
+    Cmd(Cmd),
+    DepLost,
+    Shutdown(Shutdown),
+    Tick,
+}
+
+/// Runs the service until the supervisor shuts down.
+pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
+    let name = spec.name();
+    let mut want = true;
+    let mut backoff = Backoff::default();
+    let mut generation = 0u64;
+    let mut delay: Option<Duration> = None;
+    loop {
+        let stop = *w.shutdown.borrow();
+        if stop != Shutdown::Running {
+            w.state.send_modify(|s| s.set(Phase::Stopped, None));
+            return;
+        }
+        if !want {
+            w.state.send_modify(|s| s.set(Phase::Stopped, None));
+            match next_event(&mut w, None, None).await {
+                Event::Cmd(Cmd::Start(r)) | Event::Cmd(Cmd::Restart(r)) => {
+                    let _ = r.send(format!("{name}: starting"));
+                    want = true;
+                    delay = None;
+                }
+                Event::Cmd(Cmd::Stop(r)) => {
+                    let _ = r.send(format!("{name}: already stopped"));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        // Wait for the dependency to be ready.
+        if let Some(dep) = w.dep.as_ref() {
+            if dep.borrow().is_none() {
+                w.state.send_modify(|s| s.set(Phase::Waiting, None));
+                if let Some(e) = wait_dep(&mut w).await {
+                    handle_idle(name, e, &mut want, &mut delay);
+                }
+                continue;
+            }
+        }
+        if let Some(d) = delay.take() {
+            let until = Instant::now() + d;
+            w.state.send_modify(|s| {
+                s.set(Phase::Backoff, None);
+                s.next_start = Some(until);
+            });
+            tracing::warn!(service = name, "restarting in {:.0?}", d);
+            let ev = tokio::select! {
+                _ = sleep_until(until.into()) => None,
+                e = next_event(&mut w, None, None) => Some(e),
+            };
+            w.state.send_modify(|s| s.next_start = None);
+            if let Some(e) = ev {
+                handle_idle(name, e, &mut want, &mut delay);
+                continue;
+            }
+        }
+        let dep_gen = w.dep.as_ref().and_then(|d| *d.borrow());
+
+        w.state.send_modify(|s| s.set(Phase::Starting, None));
+        let child = match start(&*spec, &w.io).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(service = name, "cannot start: {e:#}");
+                w.state.send_modify(|s| {
+                    s.last_error = Some(format!("{e:#}"));
+                    s.failures += 1;
+                });
+                delay = Some(backoff.next_delay());
+                continue;
+            }
+        };
+        let Spawned {
+            pid,
+            exit: mut exit_rx,
+        } = child;
+        let started = Instant::now();
+        w.state.send_modify(|s| {
+            s.set(Phase::Starting, Some(pid));
+            s.started = Some(started);
+        });
+        tracing::info!(service = name, pid, "started");
+
+        // Readiness gate.
+        let deadline = started + spec.start_timeout();
+        let outcome = loop {
+            if Instant::now() >= deadline {
+                break Err(Event::Tick);
+            }
+            let probe = async {
+                match timeout(PROBE_TIMEOUT, spec.probe()).await {
+                    Ok(Ok(())) => match spec.on_ready().await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Some(e)),
+                    },
+                    Ok(Err(_)) | Err(_) => Err(None),
+                }
+            };
+            tokio::select! {
+                r = probe => match r {
+                    Ok(()) => break Ok(()),
+                    Err(Some(e)) => {
+                        // The server answers but our setup on it failed: restart it.
+                        w.state.send_modify(|s| s.last_error = Some(format!("{e:#}")));
+                        tracing::error!(service = name, "setup after start failed: {e:#}");
+                        break Err(Event::Tick);
+                    }
+                    Err(None) => {}
+                },
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+            }
+            tokio::select! {
+                _ = sleep(READY_POLL) => {}
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+            }
+        };
+        if let Err(ev) = outcome {
+            let timed_out = matches!(ev, Event::Tick);
+            if timed_out && w.state.borrow().last_error.is_none() {
+                let msg = format!(
+                    "not ready after {}s (start_timeout)",
+                    spec.start_timeout().as_secs()
+                );
+                tracing::error!(service = name, "{msg}");
+                w.state.send_modify(|s| s.last_error = Some(msg));
+            }
+            let ev = if timed_out { Event::Tick } else { ev };
+            if finish(
+                &*spec,
+                &mut w,
+                pid,
+                exit_rx,
+                ev,
+                &mut want,
+                &mut delay,
+                &mut backoff,
+                started,
+            )
+            .await
+            {
+                return;
+            }
+            continue;
+        }
+
+        generation += 1;
+        w.state.send_modify(|s| {
+            s.set(Phase::Ready, Some(pid));
+            s.last_error = None;
+            s.ready_since = Some(Instant::now());
+        });
+        let _ = w.ready.send(Some(generation));
+        tracing::info!(service = name, pid, "ready after {:.2?}", started.elapsed());
+
+        // Watch its health until something ends this run.
+        let mut failures = 0u32;
+        let ev = loop {
+            tokio::select! {
+                _ = sleep(HEALTH_INTERVAL) => {}
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => {
+                    match e {
+                        Event::Cmd(Cmd::Start(r)) => {
+                            let _ = r.send(format!("{name}: already running"));
+                            continue;
+                        }
+                        e => break e,
+                    }
+                }
+            }
+            let ok = matches!(timeout(PROBE_TIMEOUT, spec.probe()).await, Ok(Ok(())));
+            if ok {
+                if failures > 0 {
+                    w.state.send_modify(|s| s.set(Phase::Ready, Some(pid)));
+                }
+                failures = 0;
+                continue;
+            }
+            failures += 1;
+            tracing::warn!(
+                service = name,
+                "health check failed ({failures}/{HEALTH_FAILURES})"
+            );
+            w.state.send_modify(|s| s.set(Phase::Unhealthy, Some(pid)));
+            if failures >= HEALTH_FAILURES {
+                w.state.send_modify(|s| {
+                    s.last_error = Some(format!("{HEALTH_FAILURES} health checks failed in a row"))
+                });
+                break Event::Tick;
+            }
+        };
+        let _ = w.ready.send(None);
+        if finish(
+            &*spec,
+            &mut w,
+            pid,
+            exit_rx,
+            ev,
+            &mut want,
+            &mut delay,
+            &mut backoff,
+            started,
+        )
+        .await
+        {
+            return;
+        }
+    }
+}
+
+async fn start<S: ServiceSpec>(spec: &S, io: &ServiceIo) -> Result<Spawned> {
+    let cmd = spec.prepare(io).await?;
+    io.reaper.spawn(cmd, io.log_fd()?).await
+}
+
+/// Ends one run of the child after `ev`; returns true when the service task must return.
+#[allow(clippy::too_many_arguments)]
+async fn finish<S: ServiceSpec>(
+    spec: &S,
+    w: &mut Wiring,
+    pid: i32,
+    exit_rx: oneshot::Receiver<Exit>,
+    ev: Event,
+    want: &mut bool,
+    delay: &mut Option<Duration>,
+    backoff: &mut Backoff,
+    started: Instant,
+) -> bool {
+    let name = spec.name();
+    let _ = w.ready.send(None);
+    match ev {
+        Event::Exited(exit) => {
+            // Clear stragglers of its process group (e.g. backends of a killed postmaster).
+            signal(pid, Signal::SIGKILL, true);
+            let stable = started.elapsed() >= super::backoff::STABLE;
+            if stable {
+                backoff.reset();
+            }
+            tracing::error!(service = name, pid, "exited unexpectedly: {exit}");
+            w.state.send_modify(|s| {
+                s.last_exit = Some(exit.to_string());
+                s.restarts += 1;
+                s.failures += 1;
+                s.set(Phase::Backoff, None);
+            });
+            *delay = Some(backoff.next_delay());
+            false
+        }
+        Event::Tick => {
+            // Not ready in time, or unhealthy: stop it and retry after a back-off.
+            stop_child(spec, w, pid, exit_rx, false).await;
+            w.state.send_modify(|s| {
+                s.restarts += 1;
+                s.failures += 1;
+            });
+            *delay = Some(backoff.next_delay());
+            false
+        }
+        Event::DepLost => {
+            tracing::info!(
+                service = name,
+                "dependency restarted: stopping, will start again when it is ready"
+            );
+            stop_child(spec, w, pid, exit_rx, false).await;
+            w.state.send_modify(|s| s.restarts += 1);
+            false
+        }
+        Event::Cmd(Cmd::Stop(r)) => {
+            stop_child(spec, w, pid, exit_rx, false).await;
+            *want = false;
+            let _ = r.send(format!("{name}: stopped"));
+            false
+        }
+        Event::Cmd(Cmd::Restart(r)) => {
+            stop_child(spec, w, pid, exit_rx, false).await;
+            w.state.send_modify(|s| s.restarts += 1);
+            backoff.reset();
+            let _ = r.send(format!("{name}: restarting"));
+            false
+        }
+        Event::Cmd(Cmd::Start(r)) => {
+            let _ = r.send(format!("{name}: already running"));
+            false
+        }
+        Event::Shutdown(mode) => {
+            stop_child(spec, w, pid, exit_rx, mode == Shutdown::Now).await;
+            w.state.send_modify(|s| s.set(Phase::Stopped, None));
+            true
+        }
+    }
+}
+
+/// Handles an event that arrived while no child runs; the caller loops and re-reads
+/// the shutdown state.
+fn handle_idle(name: &str, e: Event, want: &mut bool, delay: &mut Option<Duration>) {
+    match e {
+        Event::Cmd(Cmd::Stop(r)) => {
+            *want = false;
+            let _ = r.send(format!("{name}: stopped"));
+        }
+        Event::Cmd(Cmd::Start(r)) | Event::Cmd(Cmd::Restart(r)) => {
+            *delay = None;
+            let _ = r.send(format!("{name}: starting"));
+        }
+        _ => {}
+    }
+}
+
+async fn wait_dep(w: &mut Wiring) -> Option<Event> {
+    let Some(mut dep) = w.dep.clone() else {
+        return None;
+    };
+    tokio::select! {
+        r = dep.wait_for(|g| g.is_some()) => { let _ = r; None }
+        e = next_event(w, None, None) => Some(e),
+    }
+}
+
+/// The next thing that happens to a service: its child's exit, a command, the loss
+/// of its dependency (`dep_gen` is the generation it started against), or shutdown.
+async fn next_event(
+    w: &mut Wiring,
+    exit: Option<&mut oneshot::Receiver<Exit>>,
+    dep_gen: Option<u64>,
+) -> Event {
+    let mut dep = w.dep.clone();
+    let dep_lost = async {
+        match (dep.as_mut(), dep_gen) {
+            (Some(d), Some(g)) => {
+                let _ = d.wait_for(|now| *now != Some(g)).await;
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    let exited = async {
+        match exit {
+            Some(rx) => match rx.await {
+                Ok(e) => e,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let mut shutdown = w.shutdown.clone();
+    tokio::select! {
+        biased;
+        e = exited => Event::Exited(e),
+        r = shutdown.wait_for(|s| *s != Shutdown::Running) => {
+            Event::Shutdown(r.map(|s| *s).unwrap_or(Shutdown::Now))
+        }
+        Some(c) = w.cmds.recv() => Event::Cmd(c),
+        _ = dep_lost => Event::DepLost,
+    }
+}
+
+/// Stops the child with the spec's plan; a "stop now" arriving meanwhile skips to
+/// the end. Always ends with SIGKILL of the process group.
+async fn stop_child<S: ServiceSpec>(
+    spec: &S,
+    w: &mut Wiring,
+    pid: i32,
+    mut exit_rx: oneshot::Receiver<Exit>,
+    now: bool,
+) {
+    let name = spec.name();
+    w.state.send_modify(|s| s.set(Phase::Stopping, Some(pid)));
+    let mut shutdown = w.shutdown.clone();
+    let mut steps = if now {
+        spec.stop_now()
+    } else {
+        spec.stop_plan()
+    };
+    let mut hurried = now;
+    let mut i = 0;
+    let exit = loop {
+        let Some(step) = steps.get(i).copied() else {
+            break None;
+        };
+        i += 1;
+        tracing::info!(service = name, pid, "sending {}", step.signal);
+        signal(pid, step.signal, step.group);
+        let hurry = async {
+            if hurried {
+                std::future::pending::<()>().await
+            }
+            let _ = shutdown.wait_for(|s| *s == Shutdown::Now).await;
+        };
+        tokio::select! {
+            r = &mut exit_rx => break r.ok(),
+            _ = sleep(step.wait) => {
+                tracing::warn!(service = name, pid, "still running {:.0?} after {}", step.wait, step.signal);
+            }
+            _ = hurry => {
+                hurried = true;
+                steps = spec.stop_now();
+                i = 0;
+            }
+        }
+    };
+    let exit = match exit {
+        Some(e) => Some(e),
+        None => {
+            tracing::warn!(service = name, pid, "sending SIGKILL to the process group");
+            signal(pid, Signal::SIGKILL, true);
+            timeout(KILL_WAIT, &mut exit_rx)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+        }
+    };
+    // Whatever the main process left in its group goes too.
+    signal(pid, Signal::SIGKILL, true);
+    match exit {
+        Some(e) => {
+            tracing::info!(service = name, pid, "stopped ({e})");
+            w.state.send_modify(|s| {
+                s.last_exit = Some(e.to_string());
+                s.set(Phase::Stopped, None);
+            });
+        }
+        None => {
+            tracing::error!(service = name, pid, "did not exit even after SIGKILL");
+            w.state.send_modify(|s| s.set(Phase::Stopped, None));
+        }
+    }
+}

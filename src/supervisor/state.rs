@@ -1,0 +1,154 @@
+//! What a service is doing right now, and the status report built from it (the
+//! shape `koprogo status --json` prints). Service tasks write their state into a
+//! watch channel; status, sd_notify and later the proxy only read it.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Not running, by command or during shutdown.
+    Stopped,
+    /// Waiting for the service it depends on.
+    Waiting,
+    /// Spawned, not yet ready.
+    Starting,
+    Ready,
+    /// Ready before, failing health checks now.
+    Unhealthy,
+    /// Failed; waiting before the next attempt.
+    Backoff,
+    Stopping,
+}
+
+/// Live state of one service, owned by its task.
+#[derive(Debug, Clone)]
+pub struct ServiceState {
+    pub name: &'static str,
+    pub phase: Phase,
+    pub pid: Option<i32>,
+    pub restarts: u64,
+    /// Failed starts and crashes since boot (what back-off counts).
+    pub failures: u64,
+    pub started: Option<Instant>,
+    pub ready_since: Option<Instant>,
+    pub next_start: Option<Instant>,
+    pub last_exit: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl ServiceState {
+    pub fn new(name: &'static str) -> ServiceState {
+        ServiceState {
+            name,
+            phase: Phase::Stopped,
+            pid: None,
+            restarts: 0,
+            failures: 0,
+            started: None,
+            ready_since: None,
+            next_start: None,
+            last_exit: None,
+            last_error: None,
+        }
+    }
+
+    pub fn set(&mut self, phase: Phase, pid: Option<i32>) {
+        self.phase = phase;
+        self.pid = pid;
+        if pid.is_none() {
+            self.started = None;
+            self.ready_since = None;
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// The row `koprogo status` shows.
+    pub fn report(&self) -> ServiceReport {
+        let now = Instant::now();
+        ServiceReport {
+            name: self.name.to_string(),
+            state: self.phase,
+            pid: self.pid,
+            ready: self.ready(),
+            restarts: self.restarts,
+            failures: self.failures,
+            uptime_secs: self.started.map(|s| now.duration_since(s).as_secs()),
+            memory_bytes: self.pid.and_then(group_memory),
+            next_start_in_secs: self
+                .next_start
+                .map(|t| t.saturating_duration_since(now).as_secs_f64()),
+            last_exit: self.last_exit.clone(),
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// One row of `koprogo status --json`'s `services`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceReport {
+    pub name: String,
+    pub state: Phase,
+    pub pid: Option<i32>,
+    pub ready: bool,
+    pub restarts: u64,
+    pub failures: u64,
+    pub uptime_secs: Option<u64>,
+    /// Proportional set size of the service's whole process group.
+    pub memory_bytes: Option<u64>,
+    pub next_start_in_secs: Option<f64>,
+    pub last_exit: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Memory of every process in the process group led by `pgid`: PSS where the kernel
+/// gives it (shared buffers counted once across Postgres backends), RSS otherwise.
+pub fn group_memory(pgid: i32) -> Option<u64> {
+    let mut total = 0u64;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if process_group(pid) != Some(pgid) {
+            continue;
+        }
+        if let Some(m) = process_memory(pid) {
+            total += m;
+            found = true;
+        }
+    }
+    found.then_some(total)
+}
+
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(2)?.parse().ok()
+}
+
+/// PSS (or RSS) of one process, in bytes.
+pub fn process_memory(pid: i32) -> Option<u64> {
+    let read = |file: &str, key: &str| -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        let kb: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    read("smaps_rollup", "Pss:").or_else(|| read("status", "VmRSS:"))
+}
