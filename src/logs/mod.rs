@@ -2,10 +2,12 @@
 //! under `<logs>`. This file holds the shared types (settings and counters) and the
 //! public surface; the work is split into:
 //!
-//! - `pipe.rs`   — [`LogPipe`]: the pipe, its capture thread, line splitting, [`PipeWriter`];
+//! - `pipe.rs`   — [`LogPipe`]: the pipe, its `log-<service>` capture thread, line
+//!   splitting, [`PipeWriter`];
 //! - `writer.rs` — the current `<service>.log`: timestamps, buffering, size/daily rotation,
 //!   disk-error handling (drop and count, never block);
-//! - `rotate.rs` — rotated file names, background compression, retention;
+//! - `rotate.rs` — rotated file names, and the `logz-<service>` background thread:
+//!   compression, retention;
 //! - `read.rs`   — [`tail`], [`follow`], [`services`] for `koprogo logs`.
 //!
 //! Invariant ("Logs lose nothing", DESIGN.md): rotation is rename + reopen, every line goes

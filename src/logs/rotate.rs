@@ -20,8 +20,9 @@ use std::time::{Duration, SystemTime};
 pub(crate) enum Job {
     /// At start: delete stale `.gz.tmp`, compress leftovers, apply retention.
     Startup,
-    /// A file was just rotated to this path: compress it, apply retention.
-    Rotated(PathBuf),
+    /// A file was just rotated: compress it (and any earlier file whose compression
+    /// failed), apply retention.
+    Rotated,
 }
 
 /// The time part of a rotated name; orders rotated files oldest first.
@@ -257,10 +258,9 @@ pub(crate) fn apply_retention(
     Ok(report)
 }
 
-/// At start: removes stale `.gz.tmp` files, finishes interrupted compressions (a `.gz`
-/// exists: it was renamed into place only when complete, so the plain copy goes) and
-/// compresses leftover plain rotated files when `compress` is set.
-fn startup(settings: &LogSettings, service: &str, stats: &LogStats) -> io::Result<()> {
+/// At start: removes stale `.gz.tmp` files (a compression interrupted by a crash; the
+/// background thread is the only compressor and it is not running yet).
+fn remove_stale_tmp(settings: &LogSettings, service: &str, stats: &LogStats) -> io::Result<()> {
     for (_, kind, path) in list(&settings.dir, service)? {
         if kind == Kind::GzTmp {
             if let Err(e) = fs::remove_file(&path) {
@@ -268,13 +268,22 @@ fn startup(settings: &LogSettings, service: &str, stats: &LogStats) -> io::Resul
             }
         }
     }
+    Ok(())
+}
+
+/// Brings every rotated file of `service` to its final form: where a `.gz` exists next to
+/// the plain file (it is renamed into place only when complete) the plain copy goes; with
+/// `compress`, plain files are compressed, oldest first. Run at start and after each
+/// rotation, so a compression that failed (say, on a full disk) is retried later.
+fn catch_up(settings: &LogSettings, service: &str, stats: &LogStats) -> io::Result<()> {
     for group in rotated(&settings.dir, service)? {
         match (&group.plain, &group.gz) {
-            (Some(plain), Some(_)) => {
-                if let Err(e) = fs::remove_file(plain) {
-                    stats.set_error(format!("deleting {}: {e}", plain.display()));
+            (Some(plain), Some(_)) => match fs::remove_file(plain) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    stats.set_error(format!("deleting {}: {e}", plain.display()))
                 }
-            }
+                _ => {}
+            },
             (Some(plain), None) if settings.compress => compress_reporting(plain, stats),
             _ => {}
         }
@@ -299,20 +308,16 @@ pub(crate) fn run_worker(
     jobs: Receiver<Job>,
 ) {
     for job in jobs {
-        match job {
-            Job::Startup => {
-                if let Err(e) = startup(&settings, &service, &stats) {
-                    stats.set_error(format!(
-                        "scanning {} for old logs of {service}: {e}",
-                        settings.dir.display()
-                    ));
-                }
-            }
-            Job::Rotated(path) => {
-                if settings.compress {
-                    compress_reporting(&path, &stats);
-                }
-            }
+        let scanned = match job {
+            Job::Startup => remove_stale_tmp(&settings, &service, &stats)
+                .and_then(|()| catch_up(&settings, &service, &stats)),
+            Job::Rotated => catch_up(&settings, &service, &stats),
+        };
+        if let Err(e) = scanned {
+            stats.set_error(format!(
+                "scanning {} for old logs of {service}: {e}",
+                settings.dir.display()
+            ));
         }
         match apply_retention(
             &settings.dir,

@@ -369,7 +369,7 @@ impl LogFile {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
                 // The receiver is gone only if the background thread died; the rotated
                 // file is then compressed at the next start.
-                let _ = self.jobs.send(Job::Rotated(target));
+                let _ = self.jobs.send(Job::Rotated);
             }
             // Someone deleted the current file: start a new one, nothing to rotate.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

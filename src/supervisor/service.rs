@@ -407,9 +407,7 @@ fn handle_idle(name: &str, e: Event, want: &mut bool, delay: &mut Option<Duratio
 }
 
 async fn wait_dep(w: &mut Wiring) -> Option<Event> {
-    let Some(mut dep) = w.dep.clone() else {
-        return None;
-    };
+    let mut dep = w.dep.clone()?;
     tokio::select! {
         r = dep.wait_for(|g| g.is_some()) => { let _ = r; None }
         e = next_event(w, None, None) => Some(e),

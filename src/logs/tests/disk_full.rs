@@ -67,6 +67,7 @@ fn full_disk_drops_and_counts_lines_without_blocking() {
         s.lines_written + s.lines_dropped == total
     }));
     let snap = stats.snapshot();
+    eprintln!("while full: {snap:?}");
     assert!(snap.lines_dropped > 0, "{snap:?}");
     assert!(snap.disk_full, "{snap:?}");
     let error = snap.last_error.clone().unwrap_or_default();
