@@ -465,3 +465,133 @@ fn log_rotation_under_load_keeps_every_line_once() {
         .all(|l| l.len() > 24 && l.as_bytes()[4] == b'-' && &l[23..24] == "Z"));
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+fn environ(pid: i32) -> Vec<(String, String)> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    raw.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn status_field(pid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l[key.len()..].trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn sd_notify_protocol_and_clean_children() {
+    let mut a = Appliance::new("");
+    let sock_path = a.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut cmd = a.cmd();
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("LISTEN_FDS", "3")
+        .env("SECRET_FROM_PARENT", "must-not-leak");
+    a.start_with(cmd);
+    let st = a.wait_ready();
+    let mut msgs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline
+        && !(msgs.iter().any(|m: &String| m.contains("READY=1"))
+            && msgs.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("STATUS=")), "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("WATCHDOG=1")), "{msgs:?}");
+
+    for svc in ["postgres", "api"] {
+        let pid = Appliance::service(&st, svc).pid.expect("pid");
+        let env = environ(pid);
+        for (k, _) in &env {
+            assert!(
+                ![
+                    "NOTIFY_SOCKET",
+                    "WATCHDOG_USEC",
+                    "WATCHDOG_PID",
+                    "LISTEN_FDS",
+                    "LISTEN_PID",
+                    "SECRET_FROM_PARENT"
+                ]
+                .contains(&k.as_str()),
+                "{svc} inherited {k}"
+            );
+        }
+        // Its own process group, a working directory we chose, no ambient caps.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let pgrp: i32 = stat[stat.rfind(')').expect(")") + 2..]
+            .split(' ')
+            .nth(2)
+            .expect("pgrp")
+            .parse()
+            .expect("num");
+        assert_eq!(pgrp, pid, "{svc} must lead its own process group");
+        assert_eq!(
+            status_field(pid, "CapAmb:"),
+            "0000000000000000",
+            "{svc} ambient caps"
+        );
+        if common::is_root() {
+            let uid = status_field(pid, "Uid:");
+            assert!(!uid.starts_with("0\t"), "{svc} runs as root: {uid}");
+        }
+        let stdin = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("fd 0");
+        assert_eq!(stdin, std::path::Path::new("/dev/null"), "{svc} stdin");
+    }
+    let api = Appliance::service(&st, "api").pid.expect("api pid");
+    let cwd = std::fs::read_link(format!("/proc/{api}/cwd")).expect("cwd");
+    assert_eq!(cwd, a.path("state/api"));
+    let env: std::collections::HashMap<_, _> = environ(api).into_iter().collect();
+    assert_eq!(
+        env.get("ENABLE_RATE_LIMITING").map(String::as_str),
+        Some("false")
+    );
+    assert_eq!(env.get("NO_COLOR").map(String::as_str), Some("1"));
+    assert_eq!(
+        env.get("SERVER_HOST").map(String::as_str),
+        Some("127.0.0.1")
+    );
+    assert!(env
+        .get("DATABASE_URL")
+        .is_some_and(|u| u.contains("host=") && u.contains(&a.path("run").display().to_string())));
+    assert!(env
+        .get("UPLOAD_DIR")
+        .is_some_and(|u| u.starts_with(&a.path("state").display().to_string())));
+    assert!(env
+        .get("TMPDIR")
+        .is_some_and(|u| u.starts_with(&a.path("state").display().to_string())));
+    assert!(env
+        .get("CORS_ALLOWED_ORIGINS")
+        .is_some_and(|u| u.starts_with("https://localhost")));
+
+    // STOPPING=1 on shutdown.
+    let pid = nix::unistd::Pid::from_raw(a.pid());
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stopping = false;
+    while Instant::now() < deadline && !stopping {
+        if let Ok(n) = sock.recv(&mut buf) {
+            stopping = String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert_eq!(a.wait_exit(Duration::from_secs(60)), 0);
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
