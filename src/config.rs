@@ -58,6 +58,8 @@ pub struct Config {
     #[serde(default)]
     pub proxy: Proxy,
     #[serde(default)]
+    pub tls: Tls,
+    #[serde(default)]
     pub logs: Logs,
     /// The file this was read from (not a key).
     #[serde(skip)]
@@ -160,6 +162,100 @@ pub struct Proxy {
     /// HTTPS listeners.
     #[serde(default = "default_https")]
     pub https: Vec<SocketAddr>,
+    /// The frontend: an Astro `dist/` directory.
+    #[serde(default = "default_frontend")]
+    pub frontend: PathBuf,
+    /// Body limit for API requests that are not uploads (JSON, forms).
+    #[serde(default = "default_max_body", deserialize_with = "de_size")]
+    pub max_body: u64,
+    /// Body limit for uploads (multipart/form-data or application/octet-stream bodies).
+    #[serde(default = "default_max_upload", deserialize_with = "de_size")]
+    pub max_upload: u64,
+    /// Time a client gets to send its request headers (slowloris guard).
+    #[serde(default = "default_header_timeout", deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Per-client-IP request rate (token bucket average, per second); 0 = no limit.
+    #[serde(default = "default_rate")]
+    pub rate: u32,
+    /// Token bucket size.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Open connections allowed per client IP; 0 = no limit.
+    #[serde(default = "default_max_conns_per_ip")]
+    pub max_conns_per_ip: u32,
+    /// How long an API request waits for the API server during a restart.
+    #[serde(default = "default_backend_wait", deserialize_with = "de_duration")]
+    pub backend_wait: Duration,
+    /// Strict-Transport-Security max-age; 0 disables the header.
+    #[serde(default = "default_hsts", deserialize_with = "de_duration")]
+    pub hsts: Duration,
+}
+
+/// How the HTTPS certificate is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Let's Encrypt or another ACME CA (a local-CA certificate until the first arrives).
+    Acme,
+    /// The appliance's own local root CA (offices without internet).
+    Internal,
+    /// Operator-provided certificate and key files, reloaded when they change.
+    Files,
+    /// No HTTPS at all (behind another TLS terminator only).
+    Off,
+}
+
+/// Which ACME challenge to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcmeChallenge {
+    Http01,
+    TlsAlpn01,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// `mode` as written; absent = "acme" when `acme_email` is set, else "internal".
+    #[serde(default, rename = "mode")]
+    mode_setting: Option<TlsMode>,
+    /// The effective mode (filled in after parsing).
+    #[serde(skip, default = "default_tls_mode")]
+    pub mode: TlsMode,
+    /// Contact address for the ACME account (required for mode = "acme").
+    #[serde(default)]
+    pub acme_email: Option<String>,
+    #[serde(default = "default_acme_directory")]
+    pub acme_directory: String,
+    /// PEM file of the root to trust for the ACME directory (an office CA, Pebble);
+    /// empty = the public web roots.
+    #[serde(default)]
+    pub acme_ca_root: Option<PathBuf>,
+    #[serde(default = "default_acme_challenge")]
+    pub acme_challenge: AcmeChallenge,
+    /// For mode = "files": PEM certificate chain and private key.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            mode_setting: None,
+            mode: default_tls_mode(),
+            acme_email: None,
+            acme_directory: default_acme_directory(),
+            acme_ca_root: None,
+            acme_challenge: default_acme_challenge(),
+            cert: None,
+            key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +354,45 @@ fn default_https() -> Vec<SocketAddr> {
         .parse()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 443)))]
 }
+fn default_frontend() -> PathBuf {
+    "/usr/share/koprogo/frontend".into()
+}
+fn default_max_body() -> u64 {
+    1 << 20
+}
+fn default_max_upload() -> u64 {
+    50 << 20
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_rate() -> u32 {
+    500
+}
+fn default_burst() -> u32 {
+    1000
+}
+fn default_max_conns_per_ip() -> u32 {
+    256
+}
+fn default_backend_wait() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_hsts() -> Duration {
+    Duration::from_secs(365 * 86400)
+}
+fn default_tls_mode() -> TlsMode {
+    TlsMode::Internal
+}
+fn default_acme_directory() -> String {
+    "https://acme-v02.api.letsencrypt.org/directory".into()
+}
+fn default_acme_challenge() -> AcmeChallenge {
+    AcmeChallenge::TlsAlpn01
+}
 fn default_log_max_size() -> u64 {
     10 * 1024 * 1024
 }
@@ -315,6 +450,16 @@ impl Default for Proxy {
         Proxy {
             http: default_http(),
             https: default_https(),
+            frontend: default_frontend(),
+            max_body: default_max_body(),
+            max_upload: default_max_upload(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            rate: default_rate(),
+            burst: default_burst(),
+            max_conns_per_ip: default_max_conns_per_ip(),
+            backend_wait: default_backend_wait(),
+            hsts: default_hsts(),
         }
     }
 }
@@ -368,6 +513,11 @@ impl Config {
                 e.to_string().trim_end().replace('\n', "\n  ")
             ))
         })?;
+        cfg.tls.mode = cfg.tls.mode_setting.unwrap_or(if cfg.tls.acme_email.is_some() {
+            TlsMode::Acme
+        } else {
+            TlsMode::Internal
+        });
         let file = absolute(file);
         let base = file
             .parent()
@@ -379,11 +529,20 @@ impl Config {
             &mut cfg.paths.logs,
             &mut cfg.paths.run,
             &mut cfg.backend.command,
+            &mut cfg.proxy.frontend,
         ] {
             resolve(p, &base);
         }
-        if let Some(b) = cfg.postgres.bin_dir.as_mut() {
-            resolve(b, &base);
+        for p in [
+            cfg.postgres.bin_dir.as_mut(),
+            cfg.tls.acme_ca_root.as_mut(),
+            cfg.tls.cert.as_mut(),
+            cfg.tls.key.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p, &base);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -491,6 +650,52 @@ impl Config {
                     ));
                 }
             }
+        }
+        match self.tls.mode {
+            TlsMode::Acme => {
+                let email = self.tls.acme_email.as_deref().unwrap_or("");
+                if !email.contains('@') {
+                    return Err(self.err(
+                        "tls.acme_email",
+                        &format!("{email:?}"),
+                        "mode = \"acme\" needs a contact address, e.g. acme_email = \"syndic@example.be\"",
+                    ));
+                }
+                if !self.tls.acme_directory.starts_with("https://") {
+                    return Err(self.err(
+                        "tls.acme_directory",
+                        &format!("{:?}", self.tls.acme_directory),
+                        "must be an https:// URL",
+                    ));
+                }
+                if self.domain == "localhost" {
+                    return Err(self.err(
+                        "domain",
+                        &"\"localhost\"",
+                        "an ACME CA cannot issue for localhost: set the site's public name or use tls.mode = \"internal\"",
+                    ));
+                }
+            }
+            TlsMode::Files => {
+                if self.tls.cert.is_none() || self.tls.key.is_none() {
+                    return Err(self.err(
+                        "tls.cert",
+                        &"(missing)",
+                        "mode = \"files\" needs tls.cert and tls.key (PEM files)",
+                    ));
+                }
+            }
+            TlsMode::Internal | TlsMode::Off => {}
+        }
+        if self.proxy.burst < self.proxy.rate.min(1) {
+            return Err(self.err("proxy.burst", &self.proxy.burst, "must be at least 1 when proxy.rate is set"));
+        }
+        if self.proxy.max_upload < self.proxy.max_body {
+            return Err(self.err(
+                "proxy.max_upload",
+                &self.proxy.max_upload,
+                "must be at least proxy.max_body",
+            ));
         }
         if self.logs.max_size < 64 * 1024 {
             return Err(self.err("logs.max_size", &self.logs.max_size, "use at least 64KiB"));
