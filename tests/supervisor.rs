@@ -595,3 +595,33 @@ fn sd_notify_protocol_and_clean_children() {
     assert_eq!(a.wait_exit(Duration::from_secs(60)), 0);
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+#[test]
+fn api_not_ready_in_time_is_restarted_with_backoff() {
+    // The demo backend sleeps 5 s before listening; start_timeout is 2 s.
+    let mut a = Appliance::new("[backend.env]\nDEMO_START_DELAY_MS = \"5000\"\n");
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    std::fs::write(
+        &a.config,
+        text.replace("start_timeout = \"30s\"", "start_timeout = \"2s\""),
+    )
+    .expect("write");
+    a.start();
+    let st = a.wait_for(Duration::from_secs(30), "two failed starts", |s| {
+        Appliance::service(s, "api").failures >= 2
+    });
+    let api = Appliance::service(&st, "api");
+    assert!(!api.ready);
+    assert!(
+        api.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not ready after 2s")),
+        "{api:?}"
+    );
+    assert!(
+        Appliance::service(&st, "postgres").ready,
+        "postgres unaffected"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

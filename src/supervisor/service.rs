@@ -183,6 +183,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
         tracing::info!(service = name, pid, "started");
 
         // Readiness gate.
+        let mut setup_failed = false;
         let deadline = started + spec.start_timeout();
         let outcome = loop {
             if Instant::now() >= deadline {
@@ -204,6 +205,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                         // The server answers but our setup on it failed: restart it.
                         w.state.send_modify(|s| s.last_error = Some(format!("{e:#}")));
                         tracing::error!(service = name, "setup after start failed: {e:#}");
+                        setup_failed = true;
                         break Err(Event::Tick);
                     }
                     Err(None) => {}
@@ -217,7 +219,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
         };
         if let Err(ev) = outcome {
             let timed_out = matches!(ev, Event::Tick);
-            if timed_out && w.state.borrow().last_error.is_none() {
+            if timed_out && !setup_failed {
                 let msg = format!(
                     "not ready after {}s (start_timeout)",
                     spec.start_timeout().as_secs()
@@ -225,7 +227,6 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 tracing::error!(service = name, "{msg}");
                 w.state.send_modify(|s| s.last_error = Some(msg));
             }
-            let ev = if timed_out { Event::Tick } else { ev };
             if finish(
                 &*spec,
                 &mut w,

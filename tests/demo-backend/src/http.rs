@@ -53,6 +53,7 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<RespBody> {
             json!({"service": "koprogo-api", "status": "ok"}),
         ),
         (&Method::GET, "/api/v1/echo") => echo(&req),
+        (&Method::GET, "/api/v1/ws") => websocket_echo(req),
         (&Method::GET, "/metrics") => {
             let n = state.requests.load(Ordering::Relaxed);
             let mut r = Response::new(full(format!("demo_requests_total {n}\n")));
@@ -256,4 +257,42 @@ impl Body for Sse {
         let event = format!("data: tick {}\n\n", self.n);
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
     }
+}
+
+/// `GET /api/v1/ws`: a WebSocket that echoes every text or binary message.
+fn websocket_echo(mut req: Request<Incoming>) -> Response<RespBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "not a websocket request"}),
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(up),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
+            if matches!(msg, Message::Close(_)) || (echo && ws.send(msg).await.is_err()) {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(full(String::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    h.insert("connection", HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
 }

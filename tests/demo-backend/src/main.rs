@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -177,10 +177,11 @@ async fn serve(listener: TcpListener, state: Arc<http::State>, signals: [Signal;
                 Ok((stream, _peer)) => {
                     let state = state.clone();
                     let service = service_fn(move |req| http::handle(state.clone(), req));
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service);
+                    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+                    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
