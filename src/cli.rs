@@ -58,11 +58,38 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
+    /// The local certificate authority (offices without internet).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// The HTTPS certificate: what is served, when it renews.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// A psql shell on the private cluster (extra arguments go to psql).
     Psql {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Write the local root CA certificate (PEM) to FILE, or stdout, for importing on office PCs.
+    Export { file: Option<PathBuf> },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Names, issuer, expiry, next renewal and last error of the served certificate.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Renew (or order) the certificate now.
+    Renew,
 }
 
 pub fn main() -> ExitCode {
@@ -87,6 +114,15 @@ pub fn main() -> ExitCode {
             follow,
             lines,
         } => show_logs(&cfg, service, follow, lines),
+        Command::Ca {
+            command: CaCommand::Export { file },
+        } => ca_export(&cfg, file),
+        Command::Cert {
+            command: CertCommand::Status { json },
+        } => cert_status(&cfg, json),
+        Command::Cert {
+            command: CertCommand::Renew,
+        } => command(&cfg, Request::CertRenew),
         Command::Psql { args } => psql(&cfg, args),
     }
 }
@@ -123,6 +159,14 @@ fn run(cfg: Config) -> ExitCode {
         return ExitCode::from(1);
     };
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    // Ports 80/443 are bound while we may still be root.
+    let listeners = match crate::proxy::server::bind(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = privileges::prepare_and_drop(&cfg, &who) {
         eprintln!("koprogo: {e:#}");
         return ExitCode::from(1);
@@ -136,7 +180,7 @@ fn run(cfg: Config) -> ExitCode {
     };
     let settings = supervisor::log_settings(&cfg);
     let mut pipes = Vec::new();
-    for name in ["koprogo", "postgres", "api"] {
+    for name in ["koprogo", "postgres", "api", "access"] {
         match LogPipe::start(name, &settings) {
             Ok(p) => pipes.push(p),
             Err(e) => {
@@ -149,6 +193,8 @@ fn run(cfg: Config) -> ExitCode {
         }
     }
     let own = pipes.remove(0);
+    let access_pipe = pipes.pop();
+    let access = access_pipe.as_ref().and_then(|p| p.make_writer().ok());
     let own_file = match own.make_writer() {
         Ok(w) => Arc::new(RwLock::new(Some(w))),
         Err(e) => {
@@ -194,6 +240,8 @@ fn run(cfg: Config) -> ExitCode {
         reaper,
         lock,
         started,
+        listeners,
+        access,
     };
     let code = match runtime.block_on(supervisor::supervise(boot)) {
         Ok(c) => c,
@@ -208,6 +256,9 @@ fn run(cfg: Config) -> ExitCode {
         *w = None;
     }
     let _ = own.close(Duration::from_secs(5));
+    if let Some(p) = access_pipe {
+        let _ = p.close(Duration::from_secs(5));
+    }
     ExitCode::from(code as u8)
 }
 
@@ -492,4 +543,102 @@ fn psql(cfg: &Config, args: Vec<String>) -> ExitCode {
         .exec();
     eprintln!("koprogo: cannot run {}: {err}", psql.display());
     ExitCode::from(1)
+}
+
+fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
+    let pem = match crate::tls::export_root(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    // Run as root before the first boot, the CA files must still belong to the service user.
+    if nix::unistd::Uid::effective().is_root() {
+        if let Ok(who) = privileges::target_identity(cfg) {
+            chown_tree(&cfg.paths.state.join("tls"), &who);
+        }
+    }
+    match file {
+        None => {
+            print!("{pem}");
+            ExitCode::SUCCESS
+        }
+        Some(f) => match crate::fsutil::write_atomic(&f, pem.as_bytes(), 0o644) {
+            Ok(()) => {
+                eprintln!(
+                    "koprogo: wrote the local root CA to {} (import it as a trusted root on the office PCs)",
+                    f.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("koprogo: cannot write {}: {e}", f.display());
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn chown_tree(dir: &std::path::Path, who: &privileges::Identity) {
+    let _ = nix::unistd::chown(dir, Some(who.uid), Some(who.gid));
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                chown_tree(&p, who);
+            } else {
+                let _ = nix::unistd::chown(&p, Some(who.uid), Some(who.gid));
+            }
+        }
+    }
+}
+
+fn cert_status(cfg: &Config, json: bool) -> ExitCode {
+    let (st, live) = match control::request(cfg, &Request::Status) {
+        Ok(r) => match r.status {
+            Some(s) => (s.tls, true),
+            None => {
+                eprintln!("koprogo: {}", r.message);
+                return ExitCode::from(1);
+            }
+        },
+        Err(_) => match crate::tls::status_from_disk(cfg) {
+            Ok(s) => (s, false),
+            Err(e) => {
+                eprintln!("koprogo: {e:#}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    if json {
+        match serde_json::to_string_pretty(&st) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("koprogo: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        println!("mode          {}", st.mode);
+        println!("source        {}", st.source);
+        println!("names         {}", st.names.join(", "));
+        println!("issuer        {}", st.issuer);
+        println!("valid from    {}", dash(&st.not_before));
+        println!("expires       {}", dash(&st.not_after));
+        println!("next renewal  {}", dash(&st.next_renewal));
+        if let Some(e) = &st.last_error {
+            println!("last error    {e}");
+            println!("retry at      {}", dash(&st.retry_at));
+        }
+        if !live {
+            println!("(koprogo is not running: read from disk)");
+        }
+    }
+    if st.last_error.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

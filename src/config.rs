@@ -513,11 +513,14 @@ impl Config {
                 e.to_string().trim_end().replace('\n', "\n  ")
             ))
         })?;
-        cfg.tls.mode = cfg.tls.mode_setting.unwrap_or(if cfg.tls.acme_email.is_some() {
-            TlsMode::Acme
-        } else {
-            TlsMode::Internal
-        });
+        cfg.tls.mode = cfg
+            .tls
+            .mode_setting
+            .unwrap_or(if cfg.tls.acme_email.is_some() {
+                TlsMode::Acme
+            } else {
+                TlsMode::Internal
+            });
         let file = absolute(file);
         let base = file
             .parent()
@@ -688,7 +691,11 @@ impl Config {
             TlsMode::Internal | TlsMode::Off => {}
         }
         if self.proxy.burst < self.proxy.rate.min(1) {
-            return Err(self.err("proxy.burst", &self.proxy.burst, "must be at least 1 when proxy.rate is set"));
+            return Err(self.err(
+                "proxy.burst",
+                &self.proxy.burst,
+                "must be at least 1 when proxy.rate is set",
+            ));
         }
         if self.proxy.max_upload < self.proxy.max_body {
             return Err(self.err(

@@ -21,9 +21,17 @@ const MAX_REQUEST: usize = 4096;
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Start { service: String },
-    Stop { service: String },
-    Restart { service: String },
+    Start {
+        service: String,
+    },
+    Stop {
+        service: String,
+    },
+    Restart {
+        service: String,
+    },
+    /// `koprogo cert renew`: renew (or order) the certificate now.
+    CertRenew,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +89,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
             message: format!("bad request: {e}"),
             status: None,
         },
+        Ok(Request::CertRenew) => {
+            shared.tls.renew_now();
+            Response {
+                ok: true,
+                message: "certificate renewal started: follow it with `koprogo cert status`".into(),
+                status: None,
+            }
+        }
         Ok(Request::Status) => Response {
             ok: true,
             message: String::new(),
@@ -91,7 +107,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 Request::Start { service } => ("start", service),
                 Request::Stop { service } => ("stop", service),
                 Request::Restart { service } => ("restart", service),
-                Request::Status => ("status", &String::new()),
+                Request::Status | Request::CertRenew => ("status", &String::new()),
             };
             match shared.command(verb, service).await {
                 Ok(m) => Response {

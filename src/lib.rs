@@ -9,5 +9,7 @@ pub mod control;
 pub mod fsutil;
 pub mod logs;
 pub mod postgres;
+pub mod proxy;
 pub mod secrets;
 pub mod supervisor;
+pub mod tls;

@@ -23,6 +23,10 @@ use crate::config::Config;
 use crate::logs::{LogPipe, LogSettings, LogStats};
 use crate::postgres::binaries::Binaries;
 use crate::postgres::{Db, PostgresService};
+use crate::proxy::server::Listeners;
+use crate::proxy::stats::{ProxySnapshot, ProxyStats};
+use crate::proxy::Proxy;
+use crate::tls::{CertStatus, Tls};
 use reaper::Reaper;
 use service::{Cmd, ServiceIo, ServiceSpec, Shutdown, Wiring};
 use state::{ServiceReport, ServiceState};
@@ -51,6 +55,9 @@ pub struct Shared {
     pub started: Instant,
     pub reaper: Reaper,
     pub stopping: watch::Receiver<Shutdown>,
+    pub tls: Arc<Tls>,
+    pub proxy: Arc<ProxyStats>,
+    pub frontend_installed: bool,
 }
 
 /// `koprogo status --json`.
@@ -65,6 +72,10 @@ pub struct StatusReport {
     pub orphans_reaped: u64,
     pub services: Vec<ServiceReport>,
     pub logs: BTreeMap<String, serde_json::Value>,
+    pub tls: CertStatus,
+    pub proxy: ProxySnapshot,
+    /// The frontend directory holds an index.html.
+    pub frontend_installed: bool,
 }
 
 impl Shared {
@@ -83,6 +94,9 @@ impl Shared {
             memory_bytes: state::process_memory(std::process::id() as i32),
             orphans_reaped: self.reaper.orphans_reaped(),
             services,
+            tls: self.tls.status(),
+            proxy: self.proxy.snapshot(),
+            frontend_installed: self.frontend_installed,
             logs: self
                 .logs
                 .iter()
@@ -138,6 +152,10 @@ pub struct Boot {
     pub reaper: Reaper,
     pub lock: std::fs::File,
     pub started: Instant,
+    /// Proxy sockets, bound before privileges were dropped.
+    pub listeners: Listeners,
+    /// Where the access log goes.
+    pub access: Option<crate::logs::PipeWriter>,
 }
 
 pub fn log_settings(cfg: &Config) -> LogSettings {
@@ -162,6 +180,8 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         reaper,
         lock,
         started,
+        listeners,
+        access,
     } = boot;
     let secrets = crate::secrets::load_or_create(&cfg.paths.state)?;
     let db = Db::new(cfg.clone());
@@ -186,6 +206,26 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     });
     let (api_handle, api_task, _api_ready) = launch(api, &reaper, api_log, Some(pg_ready));
     let tasks = vec![pg_task, api_task];
+
+    // The front door answers from the first second (maintenance until the API is ready).
+    let tls = Tls::load(&cfg)?;
+    let tls_task = tokio::spawn(tls.clone().maintain());
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        tls.clone(),
+        api_handle.state.clone(),
+        access,
+    ));
+    let frontend_installed = proxy.files.installed();
+    if !frontend_installed {
+        tracing::warn!(
+            "the frontend is not installed ({} has no index.html): pages get the maintenance answer",
+            cfg.proxy.frontend.display()
+        );
+    }
+    let (proxy_stop, proxy_stop_rx) = watch::channel(false);
+    let proxy_stats = proxy.stats.clone();
+    let proxy_task = tokio::spawn(crate::proxy::server::serve(proxy, listeners, proxy_stop_rx));
     let shared = Arc::new(Shared {
         services: vec![pg_handle, api_handle],
         logs: std::iter::once(("koprogo".to_string(), own_log))
@@ -194,6 +234,9 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         started,
         reaper: reaper.clone(),
         stopping: stopping_rx,
+        tls,
+        proxy: proxy_stats,
+        frontend_installed,
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
@@ -225,7 +268,13 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         }
     });
 
-    // Reverse start order: the API first, then Postgres.
+    // Stop accepting and drain the proxy (bounded), then the API, then Postgres.
+    let _ = proxy_stop.send(true);
+    let drain = crate::proxy::server::DRAIN + Duration::from_secs(1);
+    if tokio::time::timeout(drain, proxy_task).await.is_err() {
+        tracing::warn!("proxy: drain took longer than {drain:?}");
+    }
+    tls_task.abort();
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);

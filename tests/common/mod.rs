@@ -4,6 +4,8 @@
 //! of its tree survives.
 #![allow(dead_code)]
 
+pub mod https;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -466,4 +468,16 @@ pub fn all_log_lines(dir: &Path, service: &str) -> Vec<String> {
         lines.extend(text.lines().map(String::from));
     }
     lines
+}
+
+/// Sends `raw` over plain TCP to 127.0.0.1:`port` and reads until close (bounded).
+pub fn http_raw(port: u16, raw: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(raw.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -1,0 +1,321 @@
+//! Listeners and connections: bound before privileges are dropped, then served
+//! with hyper (HTTP/1.1 and HTTP/2 by ALPN) over tokio-rustls. Guards: TLS
+//! handshake and request-header timeouts (slowloris), an idle timeout, a cap on
+//! connections per client IP. Stop = no new connections, then a bounded drain.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::limits::ConnLimiter;
+use super::Proxy;
+use crate::config::{Config, TlsMode};
+use crate::tls::ACME_TLS_ALPN;
+
+/// Bound on draining open connections at stop.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// Sockets bound at boot (as root if need be), served later.
+pub struct Listeners {
+    pub http: Vec<(SocketAddr, std::net::TcpListener)>,
+    pub https: Vec<(SocketAddr, std::net::TcpListener)>,
+}
+
+/// Binds every configured listener; an error names the key and the address.
+pub fn bind(cfg: &Config) -> Result<Listeners> {
+    let one = |key: &str, addr: SocketAddr| -> Result<(SocketAddr, std::net::TcpListener)> {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("{}: {key} = {addr}: cannot listen", cfg.file.display()))?;
+        l.set_nonblocking(true)?;
+        Ok((l.local_addr()?, l))
+    };
+    let http = cfg
+        .proxy
+        .http
+        .iter()
+        .map(|a| one("proxy.http", *a))
+        .collect::<Result<Vec<_>>>()?;
+    let https = if cfg.tls.mode == TlsMode::Off {
+        Vec::new()
+    } else {
+        cfg.proxy
+            .https
+            .iter()
+            .map(|a| one("proxy.https", *a))
+            .collect::<Result<Vec<_>>>()?
+    };
+    Ok(Listeners { http, https })
+}
+
+/// Serves every listener until `stop` turns true, then drains (bounded).
+pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Receiver<bool>) {
+    let conns = ConnLimiter::new(proxy.cfg.proxy.max_conns_per_ip);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.cfg.proxy.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(250);
+    let builder = Arc::new(builder);
+    let acceptor = tokio_rustls::TlsAcceptor::from(proxy.tls.server_config());
+    let plain_site = proxy.cfg.tls.mode == TlsMode::Off;
+
+    let mut loops = Vec::new();
+    for (secure, (addr, l)) in listeners
+        .http
+        .into_iter()
+        .map(|l| (false, l))
+        .chain(listeners.https.into_iter().map(|l| (true, l)))
+    {
+        let listener = match TcpListener::from_std(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("proxy: cannot use listener {addr}: {e}");
+                continue;
+            }
+        };
+        tracing::info!(
+            "proxy: listening on {addr} ({})",
+            if secure { "https" } else { "http" }
+        );
+        let (proxy, conns, builder, acceptor, mut stop) = (
+            proxy.clone(),
+            conns.clone(),
+            builder.clone(),
+            acceptor.clone(),
+            stop.clone(),
+        );
+        loops.push(tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!("proxy: accept on {addr}: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    _ = stopped(&mut stop) => break,
+                };
+                let ip = canonical(peer.ip());
+                let Some(slot) = conns.acquire(ip) else {
+                    continue; // over the per-IP cap: dropped at once
+                };
+                let _ = tcp.set_nodelay(true);
+                let (proxy, builder, acceptor, stop) = (
+                    proxy.clone(),
+                    builder.clone(),
+                    acceptor.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let stats = proxy.stats.clone();
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    stats.open_connections.fetch_add(1, Ordering::Relaxed);
+                    if secure {
+                        connection_tls(proxy, builder, acceptor, tcp, ip, stop).await;
+                    } else {
+                        let site = plain_site;
+                        let idle = proxy.cfg.proxy.idle_timeout;
+                        let p = proxy.clone();
+                        let svc = service_fn(move |req| {
+                            let p = p.clone();
+                            async move {
+                                Ok::<_, Infallible>(if site {
+                                    p.handle_site(req, ip, false).await
+                                } else {
+                                    p.handle_http(req, ip).await
+                                })
+                            }
+                        });
+                        run_conn(&builder, stop, tcp, svc, idle).await;
+                    }
+                    stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }));
+    }
+    stopped(&mut stop).await;
+    for l in &loops {
+        l.abort();
+    }
+    // Each connection saw the same signal and is finishing its requests.
+    let deadline = Instant::now() + DRAIN;
+    while proxy.stats.open_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = proxy.stats.open_connections.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!("proxy: {left} connections still open after {DRAIN:?}: closing them");
+    }
+}
+
+async fn connection_tls(
+    proxy: Arc<Proxy>,
+    builder: Arc<Builder<TokioExecutor>>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    ip: IpAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let stats = proxy.stats.clone();
+    let tls = match tokio::time::timeout(proxy.cfg.proxy.header_timeout, acceptor.accept(tcp)).await
+    {
+        Ok(Ok(s)) => s,
+        _ => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        return; // a TLS-ALPN-01 validation: the handshake was the whole answer
+    }
+    let idle = proxy.cfg.proxy.idle_timeout;
+    let p = proxy.clone();
+    let svc = service_fn(move |req| {
+        let p = p.clone();
+        async move { Ok::<_, Infallible>(p.handle_site(req, ip, true).await) }
+    });
+    run_conn(&builder, stop, tls, svc, idle).await;
+}
+
+async fn run_conn<IO, S>(
+    builder: &Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+    io: IO,
+    svc: S,
+    idle: Duration,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<super::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let last = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let io = IdleIo {
+        inner: io,
+        last: last.clone(),
+        start,
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = stopped(&mut stop), if !stopping => {
+                // Finish the requests in flight, take no new ones.
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(idle) => {
+                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    return; // idle: drop the connection
+                }
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack listeners) as plain IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// An I/O stream that remembers when it last moved a byte.
+struct IdleIo<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<T> IdleIo<T> {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,1060 @@
+//! The frontend: KoproGo's static Astro build (`dist/`) served from disk.
+//!
+//! What [`StaticFiles::serve`] does with one `GET`/`HEAD` request:
+//!
+//! * **Special paths**: `/health` answers `200 healthy`; `/config.js` answers the
+//!   appliance-generated [`StaticOptions::config_js`] (so the frontend talks to the
+//!   same origin), whatever the build holds under that name.
+//! * **Lookup**: `/` and `/x/` → `x/index.html`; `/x` → the file `x`, else
+//!   `x/index.html` when `x` is a directory, else `x.html` when `x` has no extension.
+//! * **Fallback** (the old nginx `try_files … /index.html`): an unknown path gets
+//!   `/index.html` with status 200, except under `/_astro/` or when the last segment
+//!   has an extension other than `.html`/`.htm` — a missing asset is a plain 404,
+//!   never HTML. Hidden segments (`.x`, except `.well-known`) are always 404.
+//! * **Validators**: a strong `ETag` `"<mtime secs hex>.<mtime nanos hex>-<size hex>"`
+//!   of the file actually sent (a precompressed sibling gets its own, suffixed `-br`
+//!   or `-gz`); gzip made on the fly gets the weak `W/"<identity tag>-gzip"`.
+//!   `If-None-Match` (weak comparison, lists, `*`) and, only without it,
+//!   `If-Modified-Since` give 304. `Last-Modified` is the file's mtime.
+//! * **Ranges**: one `bytes=a-b`, `a-` or `-n` range → 206 with `Content-Range`;
+//!   unsatisfiable → 416 with `Content-Range: bytes */len`; several ranges or a
+//!   malformed header → the whole file (200). `If-Range` (strong etag or exact date)
+//!   that does not match → the whole file. A request with `Range` is always answered
+//!   in the identity encoding.
+//! * **Compression**: `<file>.br` then `<file>.gz` when they exist and the client
+//!   accepts them; else compressible types of at least [`StaticOptions::gzip_min`]
+//!   bytes (and at most 8 MiB) are gzipped on the fly at [`StaticOptions::gzip_level`]
+//!   on the blocking pool, results of up to 1 MiB kept in a 4 MiB LRU keyed by
+//!   path + mtime + size. `Vary: Accept-Encoding` on compressible types and on
+//!   anything sent encoded.
+//! * **Cache-Control**: HTML, `/config.js`, `service-worker.js`/`sw.js`,
+//!   `*.webmanifest` and `manifest.json` → `no-cache`; `/_astro/*` →
+//!   `public, max-age=31536000, immutable`; anything else `public, max-age=3600`.
+//! * **Bodies**: files up to 64 KiB (after range) are read in one go, larger ones are
+//!   streamed from disk; `HEAD` sends the same headers with no body.
+//! * **Path safety**: the raw path is split on `/` first and each segment decoded
+//!   exactly once; a bad escape, a decoded `/`, `\`, NUL or other control byte, `.` or
+//!   `..`, or non-UTF-8 gives 400; a path over 4 KiB gives 414. Every file is
+//!   canonicalized and must lie under the canonical root (symlinks inside the tree are
+//!   fine, symlinks out of it are 404 with no fallback), and must be a regular file
+//!   (opened non-blocking, so a FIFO cannot hang a worker; anything else is 404).
+//!   The query string is ignored.
+//!
+//! Security headers (nosniff, frame options…) are added by the proxy, not here.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fs::{File, Metadata};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode};
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
+
+use crate::proxy::Body;
+
+#[cfg(test)]
+mod tests;
+
+/// Longest request path (raw, before decoding) we look at; longer ones get 414.
+const MAX_PATH: usize = 4096;
+/// Bodies up to this size are read whole on the blocking pool; larger ones stream.
+const SMALL_BODY: u64 = 64 * 1024;
+/// Chunk size of streamed bodies.
+const STREAM_CHUNK: usize = 64 * 1024;
+/// Files larger than this are never gzipped on the fly (served identity instead).
+const GZIP_MAX: u64 = 8 * 1024 * 1024;
+/// Total bytes of on-the-fly gzip results kept in memory.
+const GZ_CACHE_BUDGET: usize = 4 * 1024 * 1024;
+/// Largest single gzip result kept in the cache.
+const GZ_CACHE_MAX_ENTRY: usize = 1024 * 1024;
+
+const NO_CACHE: &str = "no-cache";
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+const ONE_HOUR: &str = "public, max-age=3600";
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+const JAVASCRIPT: &str = "application/javascript; charset=utf-8";
+
+/// Tunables of [`StaticFiles`].
+#[derive(Debug, Clone)]
+pub struct StaticOptions {
+    /// Smallest file (bytes) compressed on the fly; nginx's `gzip_min_length` (1000).
+    pub gzip_min: u64,
+    /// flate2 level for on-the-fly gzip, 0-9 (6, as nginx was configured).
+    pub gzip_level: u32,
+    /// Body of `/config.js`, generated by the appliance.
+    pub config_js: String,
+}
+
+impl Default for StaticOptions {
+    fn default() -> Self {
+        StaticOptions {
+            gzip_min: 1000,
+            gzip_level: 6,
+            config_js: String::new(),
+        }
+    }
+}
+
+/// The static frontend server. Cheap to clone (shared state behind an `Arc`).
+#[derive(Clone)]
+pub struct StaticFiles {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    gzip_min: u64,
+    gzip_level: u32,
+    config_js: Bytes,
+    config_etag: HeaderValue,
+    /// Last canonical form of `root`; refreshed when a candidate falls outside it
+    /// (the root may be a symlink swapped to a new release).
+    root_canon: Mutex<Option<PathBuf>>,
+    gz_cache: Mutex<GzCache>,
+}
+
+impl std::fmt::Debug for StaticFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticFiles")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaticFiles {
+    /// A server for the Astro build at `root` (which need not exist yet).
+    pub fn new(root: PathBuf, opts: StaticOptions) -> StaticFiles {
+        let config_js = Bytes::from(opts.config_js);
+        let config_etag = header_value(format!("\"cfg-{:016x}\"", fnv1a(&config_js)));
+        StaticFiles {
+            inner: Arc::new(Inner {
+                root,
+                gzip_min: opts.gzip_min,
+                gzip_level: opts.gzip_level.min(9),
+                config_js,
+                config_etag,
+                root_canon: Mutex::new(None),
+                gz_cache: Mutex::new(GzCache::default()),
+            }),
+        }
+    }
+
+    /// True when root exists and holds index.html (for status/check).
+    pub fn installed(&self) -> bool {
+        self.inner.root.join("index.html").is_file()
+    }
+
+    /// Serves one request (GET or HEAD; anything else 405 with Allow). Never reads
+    /// outside `root`.
+    pub async fn serve(&self, req: &Parts) -> Response<Body> {
+        let head = req.method == Method::HEAD;
+        if req.method != Method::GET && !head {
+            let mut resp = text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed\n",
+                false,
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
+        }
+        let raw = req.uri.path();
+        if raw.len() > MAX_PATH {
+            return text_response(StatusCode::URI_TOO_LONG, "URI Too Long\n", head);
+        }
+        let (segs, trailing) = match parse_path(raw) {
+            Ok(p) => p,
+            Err(StatusCode::NOT_FOUND) => return not_found(head),
+            Err(status) => return text_response(status, "Bad Request\n", head),
+        };
+        if !trailing && segs.len() == 1 {
+            match segs[0].as_str() {
+                "health" => return health(head),
+                "config.js" => return self.config_js(req, head),
+                _ => {}
+            }
+        }
+        let info = ReqInfo::new(req, segs, trailing, head);
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.plan(&info)).await {
+            Ok(plan) => plan.into_response(),
+            Err(e) => {
+                tracing::warn!("static file task failed: {e}");
+                text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal Server Error\n",
+                    head,
+                )
+            }
+        }
+    }
+
+    fn config_js(&self, req: &Parts, head: bool) -> Response<Body> {
+        let inner = &self.inner;
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(JAVASCRIPT));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
+        h.insert(header::ETAG, inner.config_etag.clone());
+        let etag = inner.config_etag.to_str().unwrap_or_default();
+        let status = match joined(&req.headers, &header::IF_NONE_MATCH) {
+            Some(inm) if etag_list_matches(&inm, etag) => StatusCode::NOT_MODIFIED,
+            _ => StatusCode::OK,
+        };
+        let body = if status == StatusCode::OK {
+            h.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(inner.config_js.len()),
+            );
+            if head {
+                BodySpec::Empty
+            } else {
+                BodySpec::Bytes(inner.config_js.clone())
+            }
+        } else {
+            BodySpec::Empty
+        };
+        Plan {
+            status,
+            headers: h,
+            body,
+        }
+        .into_response()
+    }
+}
+
+/// What the blocking part needs to know about the request.
+struct ReqInfo {
+    segs: Vec<String>,
+    trailing: bool,
+    head: bool,
+    accept_br: bool,
+    accept_gzip: bool,
+    if_none_match: Option<String>,
+    if_modified_since: Option<String>,
+    range: Option<String>,
+    if_range: Option<String>,
+}
+
+impl ReqInfo {
+    fn new(req: &Parts, segs: Vec<String>, trailing: bool, head: bool) -> ReqInfo {
+        let h = &req.headers;
+        let (accept_br, accept_gzip) = joined(h, &header::ACCEPT_ENCODING)
+            .map(|v| accepted_encodings(&v))
+            .unwrap_or((false, false));
+        let first =
+            |name: &HeaderName| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        ReqInfo {
+            segs,
+            trailing,
+            head,
+            accept_br,
+            accept_gzip,
+            if_none_match: joined(h, &header::IF_NONE_MATCH),
+            if_modified_since: first(&header::IF_MODIFIED_SINCE),
+            range: first(&header::RANGE),
+            if_range: first(&header::IF_RANGE),
+        }
+    }
+}
+
+/// The encoding of the representation sent.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Encoding {
+    Identity,
+    Br,
+    Gzip,
+}
+
+/// A regular file found under the root, already open.
+struct Found {
+    /// The path as looked up (not canonical): its name decides the type.
+    path: PathBuf,
+    /// Canonical path, the key of the gzip cache.
+    canon: PathBuf,
+    file: File,
+    meta: Metadata,
+}
+
+enum Lookup {
+    File(Box<Found>),
+    Dir,
+    Missing,
+    /// Exists but resolves outside the root, or is not a regular file/directory:
+    /// a plain 404, never the SPA fallback.
+    Forbidden,
+}
+
+enum BodySpec {
+    Empty,
+    Bytes(Bytes),
+    /// An open file already positioned at the first byte to send.
+    File {
+        file: File,
+        len: u64,
+    },
+}
+
+/// A response computed on the blocking pool, turned into a hyper response outside.
+struct Plan {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: BodySpec,
+}
+
+impl Plan {
+    fn into_response(self) -> Response<Body> {
+        let body = match self.body {
+            BodySpec::Empty => empty_body(),
+            BodySpec::Bytes(b) => full_body(b),
+            BodySpec::File { file, len } => {
+                let reader = tokio::fs::File::from_std(file).take(len);
+                StreamBody::new(
+                    ReaderStream::with_capacity(reader, STREAM_CHUNK).map_ok(Frame::data),
+                )
+                .boxed_unsync()
+            }
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        resp
+    }
+}
+
+impl Inner {
+    /// Everything that touches the disk, run on the blocking pool.
+    fn plan(&self, req: &ReqInfo) -> Plan {
+        let found = match self.find(req) {
+            Some(f) => f,
+            None => return plan_text(StatusCode::NOT_FOUND, "Not Found\n", req.head),
+        };
+        let name = found
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let ext = extension(&name);
+        let (ctype, compressible) = content_type(&ext);
+        let cache_control = if ctype.starts_with("text/html") {
+            NO_CACHE
+        } else if req.segs.first().is_some_and(|s| s == "_astro") {
+            IMMUTABLE
+        } else if matches!(
+            name.as_str(),
+            "service-worker.js" | "sw.js" | "manifest.json"
+        ) || ext == "webmanifest"
+        {
+            NO_CACHE
+        } else {
+            ONE_HOUR
+        };
+
+        // Choose the representation. A Range request is always served identity.
+        let ranged = req.range.is_some();
+        let mut encoding = Encoding::Identity;
+        let mut sent = None;
+        if !ranged && req.accept_br {
+            sent = self.variant(&found.path, ".br").map(|f| (Encoding::Br, f));
+        }
+        if sent.is_none() && !ranged && req.accept_gzip {
+            sent = self
+                .variant(&found.path, ".gz")
+                .map(|f| (Encoding::Gzip, f));
+        }
+        let on_the_fly = sent.is_none()
+            && !ranged
+            && req.accept_gzip
+            && compressible
+            && found.meta.len() >= self.gzip_min
+            && found.meta.len() <= GZIP_MAX;
+        let (etag, mut file, meta) = match sent {
+            Some((enc, v)) => {
+                encoding = enc;
+                let suffix = if enc == Encoding::Br { "-br" } else { "-gz" };
+                (strong_etag(&v.meta, suffix), v.file, v.meta)
+            }
+            None if on_the_fly => {
+                encoding = Encoding::Gzip;
+                let tag = strong_etag(&found.meta, "");
+                let inner = tag.trim_matches('"');
+                (format!("W/\"{inner}-gzip\""), found.file, found.meta)
+            }
+            None => (strong_etag(&found.meta, ""), found.file, found.meta),
+        };
+        let modified = meta.modified().ok().and_then(|t| Some((t, http_date(t)?)));
+        let mtime = modified.as_ref().map(|(t, _)| *t);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(cache_control),
+        );
+        h.insert(header::ETAG, header_value(etag.clone()));
+        if let Some((_, date)) = modified {
+            h.insert(header::LAST_MODIFIED, header_value(date));
+        }
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if compressible || encoding != Encoding::Identity {
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
+        match encoding {
+            Encoding::Identity => {}
+            Encoding::Br => {
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+            }
+            Encoding::Gzip => {
+                h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+        }
+
+        // Conditional requests.
+        let not_modified = match (&req.if_none_match, &req.if_modified_since) {
+            (Some(inm), _) => etag_list_matches(inm, &etag),
+            (None, Some(ims)) => match (httpdate::parse_http_date(ims), mtime) {
+                (Ok(since), Some(m)) => truncate_secs(m) <= since,
+                _ => false,
+            },
+            (None, None) => false,
+        };
+        if not_modified {
+            return Plan {
+                status: StatusCode::NOT_MODIFIED,
+                headers: h,
+                body: BodySpec::Empty,
+            };
+        }
+
+        // On-the-fly gzip: whole body in memory.
+        if on_the_fly {
+            let gz = match self.gzip(&found.canon, &mut file, &meta) {
+                Ok(gz) => gz,
+                Err(e) => {
+                    tracing::warn!("gzip of {} failed: {e}", found.path.display());
+                    return plan_text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal Server Error\n",
+                        req.head,
+                    );
+                }
+            };
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(gz.len()));
+            let body = if req.head {
+                BodySpec::Empty
+            } else {
+                BodySpec::Bytes(gz)
+            };
+            return Plan {
+                status: StatusCode::OK,
+                headers: h,
+                body,
+            };
+        }
+
+        // Ranges (identity only).
+        let len = meta.len();
+        let mut status = StatusCode::OK;
+        let (mut start, mut count) = (0, len);
+        let range_applies = match (&req.range, &req.if_range) {
+            (Some(_), Some(ir)) => if_range_matches(ir, &etag, mtime),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if range_applies && encoding == Encoding::Identity {
+            match req.range.as_deref().map(|r| parse_range(r, len)) {
+                Some(RangeSpec::Satisfiable(a, b)) => {
+                    status = StatusCode::PARTIAL_CONTENT;
+                    start = a;
+                    count = b - a + 1;
+                    h.insert(
+                        header::CONTENT_RANGE,
+                        header_value(format!("bytes {a}-{b}/{len}")),
+                    );
+                }
+                Some(RangeSpec::Unsatisfiable) => {
+                    h.remove(header::CONTENT_TYPE);
+                    h.insert(
+                        header::CONTENT_RANGE,
+                        header_value(format!("bytes */{len}")),
+                    );
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+                    return Plan {
+                        status: StatusCode::RANGE_NOT_SATISFIABLE,
+                        headers: h,
+                        body: BodySpec::Empty,
+                    };
+                }
+                Some(RangeSpec::Ignore) | None => {}
+            }
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+        if req.head || count == 0 {
+            return Plan {
+                status,
+                headers: h,
+                body: BodySpec::Empty,
+            };
+        }
+        let body = match read_body(&mut file, start, count) {
+            Ok(Some(b)) => BodySpec::Bytes(b),
+            Ok(None) => BodySpec::File { file, len: count },
+            Err(e) => {
+                tracing::warn!("reading {} failed: {e}", found.path.display());
+                return plan_text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal Server Error\n",
+                    req.head,
+                );
+            }
+        };
+        Plan {
+            status,
+            headers: h,
+            body,
+        }
+    }
+
+    /// The file for the request, the SPA fallback, or `None` (404).
+    fn find(&self, req: &ReqInfo) -> Option<Found> {
+        let mut rel = PathBuf::new();
+        for s in &req.segs {
+            rel.push(s);
+        }
+        let base = self.root.join(&rel);
+        if req.segs.is_empty() || req.trailing {
+            if let Lookup::File(f) = self.open_checked(&base.join("index.html")) {
+                return Some(*f);
+            }
+        } else {
+            match self.open_checked(&base) {
+                Lookup::File(f) => return Some(*f),
+                Lookup::Dir => {
+                    if let Lookup::File(f) = self.open_checked(&base.join("index.html")) {
+                        return Some(*f);
+                    }
+                }
+                Lookup::Missing => {}
+                Lookup::Forbidden => return None,
+            }
+            let last = req.segs.last().map(String::as_str).unwrap_or_default();
+            if extension(last).is_empty() {
+                if let Lookup::File(f) =
+                    self.open_checked(&base.with_file_name(format!("{last}.html")))
+                {
+                    return Some(*f);
+                }
+            }
+        }
+        // SPA fallback, but never for assets.
+        let last = req.segs.last().map(String::as_str).unwrap_or_default();
+        let ext = extension(last);
+        let asset = req.segs.first().is_some_and(|s| s == "_astro")
+            || !(ext.is_empty() || ext == "html" || ext == "htm");
+        if asset {
+            return None;
+        }
+        match self.open_checked(&self.root.join("index.html")) {
+            Lookup::File(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// A precompressed sibling `<path><suffix>`, if it is a regular file in the tree.
+    fn variant(&self, path: &Path, suffix: &str) -> Option<Found> {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match self.open_checked(Path::new(&p)) {
+            Lookup::File(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// Opens `path` only if it resolves (symlinks followed) to something under the
+    /// canonical root.
+    fn open_checked(&self, path: &Path) -> Lookup {
+        let canon = match std::fs::canonicalize(path) {
+            Ok(c) => c,
+            Err(_) => return Lookup::Missing,
+        };
+        if !self.under_root(&canon) {
+            return Lookup::Forbidden;
+        }
+        // O_NONBLOCK: opening a FIFO must not wait for a writer.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&canon)
+        {
+            Ok(f) => f,
+            Err(_) => return Lookup::Missing,
+        };
+        match file.metadata() {
+            Ok(m) if m.is_file() => Lookup::File(Box::new(Found {
+                path: path.to_path_buf(),
+                canon,
+                file,
+                meta: m,
+            })),
+            Ok(m) if m.is_dir() => Lookup::Dir,
+            Ok(_) => Lookup::Forbidden,
+            Err(_) => Lookup::Missing,
+        }
+    }
+
+    fn under_root(&self, canon: &Path) -> bool {
+        let lock = || match self.root_canon.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if lock().as_ref().is_some_and(|root| canon.starts_with(root)) {
+            return true;
+        }
+        // Not under the cached root: the root may have moved; look again (outside
+        // the lock, it is a few syscalls).
+        let fresh = std::fs::canonicalize(&self.root).ok();
+        let ok = fresh.as_ref().is_some_and(|root| canon.starts_with(root));
+        *lock() = fresh;
+        ok
+    }
+
+    /// The gzip of a file, from the cache or made now.
+    fn gzip(&self, canon: &Path, file: &mut File, meta: &Metadata) -> std::io::Result<Bytes> {
+        let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
+        if let Some(b) = self.cache().get(canon, mtime, meta.len()) {
+            return Ok(b);
+        }
+        let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        file.read_to_end(&mut data)?;
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(data.len() / 3 + 64),
+            flate2::Compression::new(self.gzip_level),
+        );
+        enc.write_all(&data)?;
+        let gz = Bytes::from(enc.finish()?);
+        self.cache()
+            .insert(canon.to_path_buf(), mtime, meta.len(), gz.clone());
+        Ok(gz)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, GzCache> {
+        match self.gz_cache.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// Reads `count` bytes from `start` when small enough to hold in memory (`Some`),
+/// else positions the file at `start` for streaming (`None`).
+fn read_body(file: &mut File, start: u64, count: u64) -> std::io::Result<Option<Bytes>> {
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))?;
+    }
+    if count > SMALL_BODY {
+        return Ok(None);
+    }
+    let mut buf = vec![0; usize::try_from(count).unwrap_or(0)];
+    file.read_exact(&mut buf)?;
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// Bounded LRU of on-the-fly gzip results.
+#[derive(Default)]
+struct GzCache {
+    map: HashMap<PathBuf, GzEntry>,
+    total: usize,
+    tick: u64,
+}
+
+struct GzEntry {
+    mtime: SystemTime,
+    len: u64,
+    data: Bytes,
+    used: u64,
+}
+
+impl GzCache {
+    fn get(&mut self, path: &Path, mtime: SystemTime, len: u64) -> Option<Bytes> {
+        self.tick += 1;
+        let tick = self.tick;
+        let e = self.map.get_mut(path)?;
+        if e.mtime != mtime || e.len != len {
+            return None;
+        }
+        e.used = tick;
+        Some(e.data.clone())
+    }
+
+    fn insert(&mut self, path: PathBuf, mtime: SystemTime, len: u64, data: Bytes) {
+        if data.len() > GZ_CACHE_MAX_ENTRY {
+            return;
+        }
+        if let Some(old) = self.map.remove(&path) {
+            self.total -= old.data.len();
+        }
+        while self.total + data.len() > GZ_CACHE_BUDGET {
+            let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(old) = self.map.remove(&oldest) {
+                self.total -= old.data.len();
+            }
+        }
+        self.tick += 1;
+        self.total += data.len();
+        self.map.insert(
+            path,
+            GzEntry {
+                mtime,
+                len,
+                data,
+                used: self.tick,
+            },
+        );
+    }
+}
+
+/// Splits and decodes the raw request path: `(segments, trailing slash)`.
+/// Errors: 400 for anything unsafe or malformed, 404 for hidden segments.
+fn parse_path(raw: &str) -> Result<(Vec<String>, bool), StatusCode> {
+    let rest = raw.strip_prefix('/').ok_or(StatusCode::BAD_REQUEST)?;
+    let mut segs = Vec::new();
+    for part in rest.split('/') {
+        if part.is_empty() {
+            continue;
+        }
+        let seg = decode_segment(part)?;
+        if seg == "." || seg == ".." {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if seg.starts_with('.') && seg != ".well-known" {
+            return Err(StatusCode::NOT_FOUND);
+        }
+        segs.push(seg);
+    }
+    let trailing = raw.ends_with('/') && !segs.is_empty();
+    Ok((segs, trailing))
+}
+
+/// Percent-decodes one path segment, exactly once.
+fn decode_segment(raw: &str) -> Result<String, StatusCode> {
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            let hi = b.get(i + 1).and_then(|&x| hex_digit(x));
+            let lo = b.get(i + 2).and_then(|&x| hex_digit(x));
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(StatusCode::BAD_REQUEST),
+            }
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    if out
+        .iter()
+        .any(|&c| c < 0x20 || c == 0x7f || c == b'/' || c == b'\\')
+    {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    String::from_utf8(out).map_err(|_| StatusCode::BAD_REQUEST)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Lower-case extension of a file name (`""` for none or for dotfiles).
+fn extension(name: &str) -> String {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default()
+}
+
+/// Content-Type and whether it is worth compressing.
+fn content_type(ext: &str) -> (&'static str, bool) {
+    match ext {
+        "html" | "htm" => ("text/html; charset=utf-8", true),
+        "css" => ("text/css; charset=utf-8", true),
+        "js" | "mjs" | "cjs" => (JAVASCRIPT, true),
+        "json" | "map" => ("application/json", true),
+        "webmanifest" => ("application/manifest+json", true),
+        "svg" => ("image/svg+xml", true),
+        "txt" => (TEXT_PLAIN, true),
+        "xml" => ("text/xml; charset=utf-8", true),
+        "csv" => ("text/csv; charset=utf-8", true),
+        "md" => ("text/markdown; charset=utf-8", true),
+        "png" => ("image/png", false),
+        "jpg" | "jpeg" => ("image/jpeg", false),
+        "gif" => ("image/gif", false),
+        "webp" => ("image/webp", false),
+        "avif" => ("image/avif", false),
+        "ico" => ("image/x-icon", false),
+        "woff" => ("font/woff", false),
+        "woff2" => ("font/woff2", false),
+        "ttf" => ("font/ttf", false),
+        "otf" => ("font/otf", false),
+        "pdf" => ("application/pdf", false),
+        "wasm" => ("application/wasm", false),
+        "gz" => ("application/gzip", false),
+        "mp4" => ("video/mp4", false),
+        "webm" => ("video/webm", false),
+        _ => ("application/octet-stream", false),
+    }
+}
+
+/// Which of br and gzip the client accepts (q > 0, explicitly or through `*`).
+fn accepted_encodings(header: &str) -> (bool, bool) {
+    let (mut br, mut gzip, mut star) = (None, None, None);
+    for item in header.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let mut q = 1.0_f32;
+        for p in parts {
+            if let Some((k, v)) = p.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = v.trim().parse().unwrap_or(0.0);
+                }
+            }
+        }
+        match coding.as_str() {
+            "br" => br = Some(q),
+            "gzip" | "x-gzip" => gzip = Some(q),
+            "*" => star = Some(q),
+            _ => {}
+        }
+    }
+    let ok = |q: Option<f32>| q.or(star).is_some_and(|q| q > 0.0);
+    (ok(br), ok(gzip))
+}
+
+/// All values of a header joined with `, ` (None when absent or not ASCII).
+fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in h.get_all(name) {
+        let s = v.to_str().ok()?;
+        match out.as_mut() {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(s);
+            }
+            None => out = Some(s.to_owned()),
+        }
+    }
+    out
+}
+
+/// `"<mtime secs hex>.<mtime nanos hex>-<size hex><suffix>"`.
+fn strong_etag(meta: &Metadata, suffix: &str) -> String {
+    let d = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or(Duration::ZERO);
+    format!(
+        "\"{:x}.{:x}-{:x}{suffix}\"",
+        d.as_secs(),
+        d.subsec_nanos(),
+        meta.len()
+    )
+}
+
+/// Weak comparison of `etag` against an If-None-Match list (or `*`).
+fn etag_list_matches(list: &str, etag: &str) -> bool {
+    let ours = opaque(etag);
+    let mut rest = list.trim();
+    while !rest.is_empty() {
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+        if rest.is_empty() {
+            break;
+        }
+        if rest.starts_with('*') {
+            return true;
+        }
+        let body = rest.strip_prefix("W/").unwrap_or(rest);
+        let Some(body) = body.strip_prefix('"') else {
+            return false; // malformed list: no match
+        };
+        let Some(end) = body.find('"') else {
+            return false;
+        };
+        if &body[..end] == ours {
+            return true;
+        }
+        rest = &body[end + 1..];
+    }
+    false
+}
+
+/// The opaque part of an entity tag (without `W/` and quotes).
+fn opaque(etag: &str) -> &str {
+    etag.strip_prefix("W/").unwrap_or(etag).trim_matches('"')
+}
+
+/// If-Range: a strong etag equal to ours, or exactly our Last-Modified date.
+fn if_range_matches(value: &str, etag: &str, mtime: Option<SystemTime>) -> bool {
+    let v = value.trim();
+    if v.starts_with("W/") {
+        return false;
+    }
+    if v.starts_with('"') {
+        return !etag.starts_with("W/") && v == etag;
+    }
+    match (httpdate::parse_http_date(v), mtime) {
+        (Ok(d), Some(m)) => d == truncate_secs(m),
+        _ => false,
+    }
+}
+
+/// An HTTP date, for times httpdate can represent (1970 to 9999; it panics on others).
+fn http_date(t: SystemTime) -> Option<String> {
+    let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    (secs < 253_402_300_800).then(|| httpdate::fmt_http_date(t))
+}
+
+fn truncate_secs(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// Inclusive first and last byte.
+    Satisfiable(u64, u64),
+    Unsatisfiable,
+    /// Malformed, not bytes, or several ranges: send the whole file.
+    Ignore,
+}
+
+/// Parses a `Range` header for a body of `len` bytes (one range only).
+fn parse_range(value: &str, len: u64) -> RangeSpec {
+    let v = value.trim();
+    let Some((unit, spec)) = v.split_once('=') else {
+        return RangeSpec::Ignore;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Ignore;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    if a.is_empty() {
+        // Suffix range: the last n bytes.
+        let Some(n) = num(b) else {
+            return RangeSpec::Ignore;
+        };
+        if n == 0 || len == 0 {
+            return RangeSpec::Unsatisfiable;
+        }
+        return RangeSpec::Satisfiable(len.saturating_sub(n), len - 1);
+    }
+    let Some(first) = num(a) else {
+        return RangeSpec::Ignore;
+    };
+    let last = if b.is_empty() {
+        None
+    } else {
+        match num(b) {
+            Some(l) if l >= first => Some(l),
+            _ => return RangeSpec::Ignore,
+        }
+    };
+    if first >= len {
+        return RangeSpec::Unsatisfiable;
+    }
+    let last = last.map_or(len - 1, |l| l.min(len - 1));
+    RangeSpec::Satisfiable(first, last)
+}
+
+/// 64-bit FNV-1a, for the `/config.js` etag (stable across runs and builds).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn header_value(s: String) -> HeaderValue {
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn full_body(b: Bytes) -> Body {
+    Full::new(b)
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn empty_body() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn plan_text(status: StatusCode, text: &'static str, head: bool) -> Plan {
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    let body = if head {
+        BodySpec::Empty
+    } else {
+        BodySpec::Bytes(Bytes::from_static(text.as_bytes()))
+    };
+    Plan {
+        status,
+        headers: h,
+        body,
+    }
+}
+
+fn text_response(status: StatusCode, text: &'static str, head: bool) -> Response<Body> {
+    plan_text(status, text, head).into_response()
+}
+
+fn not_found(head: bool) -> Response<Body> {
+    text_response(StatusCode::NOT_FOUND, "Not Found\n", head)
+}
+
+fn health(head: bool) -> Response<Body> {
+    let mut resp = text_response(StatusCode::OK, "healthy\n", head);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,214 @@
+//! Forwarding to the API server: pooled keep-alive HTTP/1.1 connections on
+//! loopback, the forwarding headers (X-Forwarded-For REPLACED by the real client
+//! address), hop-by-hop headers removed, bodies streamed both ways (SSE included),
+//! WebSocket upgrades spliced, body limits enforced (413).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::{json_error, Body};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    port: u16,
+}
+
+/// Why forwarding failed before a response came back.
+pub enum Failure {
+    /// Nothing was sent: the API server was not listening (safe to retry).
+    Connect,
+    /// The request body passed the limit.
+    TooLarge,
+    Other(String),
+}
+
+impl Upstream {
+    pub fn new(port: u16) -> Upstream {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(http);
+        Upstream { client, port }
+    }
+
+    /// Forwards `req` from `client_ip`; `limit` caps the request body.
+    pub async fn forward<B>(
+        &self,
+        mut req: Request<B>,
+        client_ip: IpAddr,
+        limit: u64,
+    ) -> Result<Response<Body>, Failure>
+    where
+        B: hyper::body::Body<Data = hyper::body::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(Failure::TooLarge);
+        }
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match format!("http://127.0.0.1:{}{path}", self.port).parse() {
+            Ok(u) => u,
+            Err(e) => return Err(Failure::Other(format!("bad path: {e}"))),
+        };
+        // The API sees HTTP/1.1 whatever the client spoke.
+        parts.version = hyper::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let h = &mut parts.headers;
+        h.remove("forwarded");
+        h.remove("x-real-ip");
+        let ip = HeaderValue::from_str(&client_ip.to_string())
+            .map_err(|e| Failure::Other(e.to_string()))?;
+        h.insert(HeaderName::from_static("x-forwarded-for"), ip.clone());
+        h.insert(HeaderName::from_static("x-real-ip"), ip);
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            h.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+            h.insert(header::HOST, v);
+        }
+        if upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+
+        let over = Arc::new(AtomicBool::new(false));
+        let flag = over.clone();
+        let body: Body = Limited::new(body, limit as usize)
+            .map_err(move |e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                std::io::Error::other(e)
+            })
+            .boxed_unsync();
+        let resp = match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                if over.load(Ordering::Relaxed) {
+                    return Err(Failure::TooLarge);
+                }
+                if e.is_connect() {
+                    return Err(Failure::Connect);
+                }
+                return Err(Failure::Other(error_chain(&e)));
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_up), true) = (client_upgrade, upgrade) else {
+                return Ok(json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "unexpected 101 from the API server",
+                ));
+            };
+            let upstream_resp = Response::from_parts(parts.clone(), body);
+            tokio::spawn(async move {
+                let (Ok(c), Ok(u)) = (client_up.await, hyper::upgrade::on(upstream_resp).await)
+                else {
+                    return;
+                };
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            });
+            return Ok(Response::from_parts(
+                parts,
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            ));
+        }
+        strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(std::io::Error::other).boxed_unsync(),
+        ))
+    }
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.get(header::UPGRADE).is_some()
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty() && t != "upgrade")
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}

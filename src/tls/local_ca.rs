@@ -1,0 +1,423 @@
+//! The appliance's own certificate authority (rcgen, ECDSA P-256): a persistent root
+//! (`<state>/tls/ca/root.crt` + `root.key`, 10 years, "KoproGo local CA (<domain>)")
+//! that office PCs can import, and a leaf for the domain, the aliases, `localhost`,
+//! 127.0.0.1, ::1 and this box's own addresses (from /proc/net), valid 90 days at
+//! most and never past the root. The leaf lives in `<state>/tls/local/leaf.pem` (key
+//! and certificate in one file, so a crash cannot pair a new key with an old
+//! certificate); a restart reuses it while it still chains to the root, covers the
+//! names and has more than a third of its lifetime left.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use chrono::{DateTime, Utc};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::RootCertStore;
+
+use super::certinfo::{Cert, CertInfo};
+use super::TlsPaths;
+use crate::config::Config;
+use crate::fsutil::{ensure_dir, write_atomic};
+
+/// Validity of a new root.
+const ROOT_VALIDITY_DAYS: i64 = 3650;
+/// A root with less than this left is replaced (its leaves could not live long).
+const ROOT_MIN_REMAINING_DAYS: i64 = 30;
+
+/// The loaded root: its certificate and signing key.
+pub(crate) struct LocalCa {
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    pub info: CertInfo,
+    key: KeyPair,
+}
+
+impl LocalCa {
+    fn issuer(&self) -> anyhow::Result<Issuer<'static, &KeyPair>> {
+        Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+            .map_err(|e| anyhow!("local CA certificate unusable for signing: {e}"))
+    }
+
+    fn usable(&self, now: DateTime<Utc>) -> bool {
+        self.info.not_after - now > chrono::Duration::days(ROOT_MIN_REMAINING_DAYS)
+    }
+}
+
+/// Why the stored root cannot be used.
+#[derive(Debug)]
+pub(crate) enum RootError {
+    /// Cannot be read (permissions, I/O): never replaced automatically.
+    Io(anyhow::Error),
+    /// Present but unusable (corrupt, half-written, key mismatch): replaced.
+    Invalid(anyhow::Error),
+}
+
+impl From<RootError> for anyhow::Error {
+    fn from(e: RootError) -> anyhow::Error {
+        match e {
+            RootError::Io(e) | RootError::Invalid(e) => e,
+        }
+    }
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, RootError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(RootError::Invalid(anyhow!(
+            "{}: not text: {e}",
+            path.display()
+        ))),
+        Err(e) => Err(RootError::Io(
+            anyhow::Error::new(e).context(format!("{}: cannot read", path.display())),
+        )),
+    }
+}
+
+/// Reads the root from disk without creating anything: `Ok(None)` when it does not
+/// exist yet.
+pub(crate) fn read_root(paths: &TlsPaths) -> Result<Option<LocalCa>, RootError> {
+    let (cert_pem, key_pem) = match (read_opt(&paths.root_crt)?, read_opt(&paths.root_key)?) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (None, Some(_)) => {
+            return Err(RootError::Invalid(anyhow!(
+                "{} is missing",
+                paths.root_crt.display()
+            )))
+        }
+        (Some(_), None) => {
+            return Err(RootError::Invalid(anyhow!(
+                "{} is missing",
+                paths.root_key.display()
+            )))
+        }
+    };
+    let invalid = |e: anyhow::Error| RootError::Invalid(e);
+    let cert = Cert::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())
+        .with_context(|| format!("{}", paths.root_crt.display()))
+        .map_err(invalid)?;
+    let key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| invalid(anyhow!("{}: unusable key: {e}", paths.root_key.display())))?;
+    let cert_der = cert
+        .leaf_der()
+        .cloned()
+        .ok_or_else(|| invalid(anyhow!("{}: no certificate", paths.root_crt.display())))?;
+    Ok(Some(LocalCa {
+        cert_pem,
+        cert_der,
+        info: cert.info,
+        key,
+    }))
+}
+
+/// The root, created (or replaced when unusable: corrupt, expired or about to expire)
+/// under an exclusive lock so `koprogo ca export` and the supervisor cannot race.
+pub(crate) fn load_or_create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
+    ensure_dir(&paths.ca_dir, 0o700)
+        .with_context(|| format!("creating {}", paths.ca_dir.display()))?;
+    let _lock = lock(&paths.ca_dir.join(".lock"))?;
+    let now = Utc::now();
+    match read_root(paths) {
+        Ok(Some(ca)) if ca.usable(now) => return Ok(ca),
+        Ok(Some(ca)) => {
+            tracing::warn!(
+                not_after = %ca.info.not_after,
+                "local root CA expires soon or has expired: creating a new one; \
+                 office PCs must import the new root (koprogo ca export)"
+            );
+            set_aside(&paths.root_crt);
+            set_aside(&paths.root_key);
+        }
+        Ok(None) => {}
+        Err(RootError::Io(e)) => return Err(e),
+        Err(RootError::Invalid(e)) => {
+            tracing::warn!(
+                "local root CA unusable ({e:#}): the files are kept as *.bad-<time> and a \
+                 new root is created; office PCs must import it (koprogo ca export)"
+            );
+            set_aside(&paths.root_crt);
+            set_aside(&paths.root_key);
+        }
+    }
+    create_root(paths, domain)
+}
+
+fn create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
+    let key = new_key()?;
+    let now = Utc::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("KoproGo local CA ({domain})"));
+    dn.push(DnType::OrganizationName, "KoproGo appliance");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = asn1(now - chrono::Duration::days(1))?.to_datetime();
+    params.not_after = asn1(now + chrono::Duration::days(ROOT_VALIDITY_DAYS))?.to_datetime();
+    params.serial_number = Some(random_serial());
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| anyhow!("creating the local root CA: {e}"))?;
+    // Key first: a crash before the certificate is written leaves a root that
+    // read_root rejects and the next start replaces, never a certificate without key.
+    write_atomic(&paths.root_key, key.serialize_pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", paths.root_key.display()))?;
+    write_atomic(&paths.root_crt, cert.pem().as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", paths.root_crt.display()))?;
+    tracing::info!(path = %paths.root_crt.display(), "created the local root CA");
+    read_root(paths)?.ok_or_else(|| anyhow!("the local root CA vanished after creation"))
+}
+
+/// Root and a servable leaf: the stored one when still good, else a new one.
+pub(crate) fn prepare(
+    paths: &TlsPaths,
+    cfg: &Config,
+    tuning: &super::TlsTuning,
+) -> anyhow::Result<(LocalCa, Cert)> {
+    ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
+    let root = load_or_create_root(paths, &cfg.domain)?;
+    let names = leaf_names(cfg);
+    let leaf = match reusable_leaf(paths, &root, &names) {
+        Some(l) => l,
+        None => issue_leaf(paths, &root, &names, tuning.local_leaf_validity)?,
+    };
+    Ok((root, leaf))
+}
+
+/// The names a local-CA leaf covers: domain, aliases, localhost, loopback and the
+/// box's own addresses, lowercase, without duplicates, in that order.
+pub(crate) fn leaf_names(cfg: &Config) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    let fixed = [cfg.domain.clone()]
+        .into_iter()
+        .chain(cfg.aliases.iter().cloned())
+        .chain(["localhost".to_string()])
+        .chain(["127.0.0.1".to_string(), "::1".to_string()])
+        .chain(box_addresses().into_iter().map(|ip| ip.to_string()));
+    for n in fixed {
+        let n = n.trim_end_matches('.').to_ascii_lowercase();
+        let key = n
+            .parse::<IpAddr>()
+            .map(|ip| ip.to_string())
+            .unwrap_or(n.clone());
+        if !n.is_empty() && seen.insert(key) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// Reads the stored leaf: `Ok(None)` when there is none.
+pub(crate) fn read_leaf(paths: &TlsPaths) -> anyhow::Result<Option<Cert>> {
+    let pem = match std::fs::read(&paths.leaf) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}", paths.leaf.display())),
+    };
+    Cert::from_pem(&pem, &pem)
+        .map(Some)
+        .with_context(|| format!("{}", paths.leaf.display()))
+}
+
+/// The stored leaf if it can still be served as is: it parses, chains to `ca`, covers
+/// `names` and is not due for renewal. Says why in the log when it cannot.
+pub(crate) fn reusable_leaf(paths: &TlsPaths, ca: &LocalCa, names: &[String]) -> Option<Cert> {
+    let leaf = match read_leaf(paths) {
+        Ok(Some(l)) => l,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!("stored local-CA leaf ignored: {e:#}");
+            return None;
+        }
+    };
+    if let Err(e) = chains_to(ca, &leaf, names.first().map(String::as_str)) {
+        tracing::info!("stored local-CA leaf not reused: {e:#}");
+        return None;
+    }
+    if !leaf.info.covers_all(names) {
+        tracing::info!("stored local-CA leaf does not cover every name: issuing a new one");
+        return None;
+    }
+    if Utc::now() >= leaf.info.renew_at() {
+        return None;
+    }
+    Some(leaf)
+}
+
+/// Issues and stores a new leaf for `names` (the first one is the subject CN), valid
+/// for `validity` but never past the root.
+pub(crate) fn issue_leaf(
+    paths: &TlsPaths,
+    ca: &LocalCa,
+    names: &[String],
+    validity: Duration,
+) -> anyhow::Result<Cert> {
+    let key = new_key()?;
+    let now = Utc::now();
+    let validity = chrono::Duration::from_std(validity).unwrap_or(chrono::Duration::days(90));
+    // Back-date a little against clock skew between this box and its clients.
+    let backdate = (validity / 10).min(chrono::Duration::hours(1));
+    let not_after = (now + validity).min(ca.info.not_after);
+    let mut params = CertificateParams::new(names.to_vec())
+        .map_err(|e| anyhow!("local-CA leaf names {names:?}: {e}"))?;
+    let mut dn = DistinguishedName::new();
+    if let Some(first) = names.first() {
+        dn.push(DnType::CommonName, first.clone());
+    }
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = asn1(now - backdate)?.to_datetime();
+    params.not_after = asn1(not_after)?.to_datetime();
+    params.serial_number = Some(random_serial());
+    let cert = params
+        .signed_by(&key, &ca.issuer()?)
+        .map_err(|e| anyhow!("signing the local-CA leaf: {e}"))?;
+    let file = format!("{}{}", key.serialize_pem(), cert.pem());
+    ensure_dir(&paths.local_dir, 0o700)
+        .with_context(|| format!("creating {}", paths.local_dir.display()))?;
+    write_atomic(&paths.leaf, file.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", paths.leaf.display()))?;
+    let leaf = Cert::from_pem(file.as_bytes(), file.as_bytes())?;
+    tracing::info!(
+        serial = %leaf.info.serial,
+        not_after = %leaf.info.not_after,
+        "issued a local-CA certificate for {}",
+        names.join(", ")
+    );
+    Ok(leaf)
+}
+
+/// Verifies, as a TLS client trusting only `ca` would, that `leaf` is valid for `name`.
+pub(crate) fn chains_to(ca: &LocalCa, leaf: &Cert, name: Option<&str>) -> anyhow::Result<()> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.cert_der.clone())
+        .map_err(|e| anyhow!("local root CA: {e}"))?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| anyhow!("verifier: {e}"))?;
+    let name = ServerName::try_from(name.unwrap_or("localhost").to_string())
+        .map_err(|e| anyhow!("server name: {e}"))?;
+    let chain = &leaf.certified.cert;
+    let (end, rest) = chain
+        .split_first()
+        .ok_or_else(|| anyhow!("empty certificate chain"))?;
+    verifier
+        .verify_server_cert(end, rest, &name, &[], UnixTime::now())
+        .map_err(|e| anyhow!("does not verify against the local root CA: {e}"))?;
+    Ok(())
+}
+
+/// This box's unicast addresses (not loopback-only /8 entries nor IPv6 link-local):
+/// IPv4 from /proc/net/fib_trie ("/32 host LOCAL"), IPv6 from /proc/net/if_inet6.
+pub(crate) fn box_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Ok(trie) = std::fs::read_to_string("/proc/net/fib_trie") {
+        let mut last: Option<IpAddr> = None;
+        for line in trie.lines() {
+            let t = line.trim();
+            if let Some(addr) = t.strip_prefix("|-- ") {
+                last = addr.trim().parse().ok();
+            } else if t.starts_with("/32 host LOCAL") {
+                if let Some(ip) = last.take() {
+                    if !out.contains(&ip) {
+                        out.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(v6) = std::fs::read_to_string("/proc/net/if_inet6") {
+        for line in v6.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(hex), Some(_idx), Some(_plen), Some(scope)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            // Scope 0x20 is link-local: useless in a certificate without a zone.
+            if scope == "20" || hex.len() != 32 {
+                continue;
+            }
+            let mut bytes = [0u8; 16];
+            let ok = (0..16).all(|i| {
+                hex.get(2 * i..2 * i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    .map(|b| bytes[i] = b)
+                    .is_some()
+            });
+            if ok {
+                let ip = IpAddr::from(bytes);
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn new_key() -> anyhow::Result<KeyPair> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| anyhow!("generating an ECDSA P-256 key: {e}"))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b: [u8; 16] = rand::random();
+    b[0] = (b[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&b)
+}
+
+/// chrono → x509-parser's ASN.1 time, whose `to_datetime()` is the `time` type rcgen
+/// wants (so no direct dependency on the `time` crate is needed).
+fn asn1(t: DateTime<Utc>) -> anyhow::Result<x509_parser::time::ASN1Time> {
+    x509_parser::time::ASN1Time::from_timestamp(t.timestamp())
+        .map_err(|e| anyhow!("date {t} out of range: {e}"))
+}
+
+fn set_aside(path: &Path) {
+    if path.exists() {
+        let to = path.with_extension(format!(
+            "{}.bad-{}",
+            path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+            Utc::now().timestamp()
+        ));
+        if let Err(e) = std::fs::rename(path, &to) {
+            tracing::warn!("cannot move {} aside: {e}", path.display());
+        }
+    }
+}
+
+fn lock(path: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking {}: {e}", path.display()))
+}

@@ -1,0 +1,621 @@
+//! Certificates for the HTTPS front door: one store with hot swap behind a rustls
+//! resolver, filled according to `tls.mode`:
+//! - `acme`: a CA-signed certificate from an ACME CA (instant-acme), HTTP-01 or
+//!   TLS-ALPN-01, renewed when a third of its lifetime remains (or per ARI); until the
+//!   first one arrives, the local-CA leaf is served;
+//! - `internal`: a leaf from the appliance's own persistent root CA (rcgen);
+//! - `files`: the operator's PEM files, reloaded when they change;
+//! - `off`: no HTTPS listener, but a valid configuration (the local-CA leaf) anyway.
+//!
+//! State lives in `<state>/tls/` (directories 0700, keys 0600, every write atomic).
+//! A certificate problem never takes the site down: [`Tls::load`] needs no network and
+//! always yields something to serve (except unusable operator files with nothing good
+//! yet, which is a clear error naming the file); [`Tls::maintain`] keeps the current
+//! certificate on any failure, records it in [`CertStatus`] and retries with back-off.
+
+mod acme;
+mod certinfo;
+mod files;
+mod local_ca;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::{Config, TlsMode};
+use crate::fsutil::ensure_dir;
+use certinfo::{rfc3339, rfc3339_ms, Cert, Source};
+use files::{FilePair, Stamp};
+use local_ca::LocalCa;
+use store::{CertStore, Entry};
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Timing of the background work; [`Default`] is production, tests shorten it.
+#[derive(Clone, Debug)]
+pub struct TlsTuning {
+    /// First wait after a failed attempt (doubles each time).
+    pub retry_min: Duration,
+    /// Longest wait between attempts.
+    pub retry_max: Duration,
+    /// Even with nothing due, look again this often (clock jumps, ARI, changed IPs).
+    pub check_period: Duration,
+    /// How often `files` mode looks at the files' modification times.
+    pub files_poll: Duration,
+    /// Bound on one whole ACME attempt (account, order, validation, download).
+    pub acme_timeout: Duration,
+    /// Validity of local-CA leaves (bounded by the root's own).
+    pub local_leaf_validity: Duration,
+}
+
+impl Default for TlsTuning {
+    fn default() -> Self {
+        TlsTuning {
+            retry_min: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            check_period: Duration::from_secs(3600),
+            files_poll: Duration::from_secs(10),
+            acme_timeout: Duration::from_secs(300),
+            local_leaf_validity: Duration::from_secs(90 * 86400),
+        }
+    }
+}
+
+/// What `koprogo cert status` shows. Times are RFC 3339, UTC.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CertStatus {
+    /// `acme`, `internal`, `files` or `off`.
+    pub mode: String,
+    /// Names of the certificate served by default.
+    pub names: Vec<String>,
+    pub issuer: String,
+    pub not_before: Option<String>,
+    pub not_after: Option<String>,
+    /// When the next renewal (or, while failing, the next attempt) is planned.
+    pub next_renewal: Option<String>,
+    /// `acme`, `local-ca`, `files`, or `none` (nothing on disk yet).
+    pub source: String,
+    pub last_error: Option<String>,
+    pub last_attempt: Option<String>,
+    pub retry_at: Option<String>,
+    /// ACME orders placed since this process started.
+    pub orders: u64,
+}
+
+/// Where the files are, under `<state>/tls/`.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsPaths {
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub root_crt: PathBuf,
+    pub root_key: PathBuf,
+    pub local_dir: PathBuf,
+    pub leaf: PathBuf,
+    pub acme_dir: PathBuf,
+    pub account: PathBuf,
+    pub acme_cert: PathBuf,
+}
+
+impl TlsPaths {
+    pub(crate) fn new(state: &Path) -> TlsPaths {
+        let dir = state.join("tls");
+        let ca_dir = dir.join("ca");
+        let local_dir = dir.join("local");
+        let acme_dir = dir.join("acme");
+        TlsPaths {
+            root_crt: ca_dir.join("root.crt"),
+            root_key: ca_dir.join("root.key"),
+            leaf: local_dir.join("leaf.pem"),
+            account: acme_dir.join("account.json"),
+            acme_cert: acme_dir.join("certificate.json"),
+            dir,
+            ca_dir,
+            local_dir,
+            acme_dir,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Progress {
+    last_error: Option<String>,
+    last_attempt: Option<DateTime<Utc>>,
+    retry_at: Option<DateTime<Utc>>,
+    next_renewal: Option<DateTime<Utc>>,
+}
+
+/// The certificate side of the proxy. Create with [`Tls::load`], run
+/// [`Tls::maintain`] in a task, hand [`Tls::server_config`] to the listeners.
+pub struct Tls {
+    cfg: Config,
+    tuning: TlsTuning,
+    paths: TlsPaths,
+    store: Arc<CertStore>,
+    server_config: Arc<rustls::ServerConfig>,
+    progress: Mutex<Progress>,
+    http01: Mutex<HashMap<String, String>>,
+    orders: AtomicU64,
+    force: AtomicBool,
+    wake: Notify,
+    ca: Mutex<Option<LocalCa>>,
+    files_seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
+}
+
+impl Tls {
+    /// Loads or creates what the mode needs so a certificate can be served at once
+    /// (local CA + leaf, stored ACME certificate, operator files); never touches the
+    /// network. State under `<state>/tls/` (directories 0700, keys 0600, atomic writes).
+    pub fn load(cfg: &Config) -> anyhow::Result<Arc<Tls>> {
+        Tls::load_with(cfg, TlsTuning::default())
+    }
+
+    /// Same with tuning for tests (retry back-off, renewal check period, files poll period).
+    pub fn load_with(cfg: &Config, tuning: TlsTuning) -> anyhow::Result<Arc<Tls>> {
+        let paths = TlsPaths::new(&cfg.paths.state);
+        let mut progress = Progress::default();
+        let mut files_seen = (None, None);
+        let mut ca = None;
+        let (primary, local) = match cfg.tls.mode {
+            TlsMode::Files => {
+                let pair = FilePair::from_config(cfg)?;
+                files_seen = pair.stamp();
+                let cert = pair.load()?;
+                if let Some(w) = pair.expiry_warning(&cert) {
+                    tracing::warn!("{w}");
+                    progress.last_error = Some(w);
+                }
+                (Entry::new(cert, Source::Files, None), None)
+            }
+            TlsMode::Internal | TlsMode::Off => {
+                let (root, leaf) = local_ca::prepare(&paths, cfg, &tuning)?;
+                ca = Some(root);
+                let local = Entry::new(leaf, Source::LocalCa, None);
+                (local.clone(), Some(local))
+            }
+            TlsMode::Acme => {
+                let stored = acme::load_stored(&paths);
+                match (local_ca::prepare(&paths, cfg, &tuning), stored) {
+                    (Ok((root, leaf)), stored) => {
+                        ca = Some(root);
+                        let local = Entry::new(leaf, Source::LocalCa, None);
+                        (stored.unwrap_or_else(|| local.clone()), Some(local))
+                    }
+                    // The stored ACME certificate is enough to serve the site.
+                    (Err(e), Some(stored)) => {
+                        tracing::warn!(
+                            "local CA unavailable ({e:#}); serving the ACME certificate"
+                        );
+                        (stored, None)
+                    }
+                    (Err(e), None) => return Err(e),
+                }
+            }
+        };
+        let store = Arc::new(CertStore::new(primary, local));
+        let server_config = server_config(store.clone())?;
+        let tls = Tls {
+            cfg: cfg.clone(),
+            tuning,
+            paths,
+            store,
+            server_config,
+            progress: Mutex::new(progress),
+            http01: Mutex::new(HashMap::new()),
+            orders: AtomicU64::new(0),
+            force: AtomicBool::new(false),
+            wake: Notify::new(),
+            ca: Mutex::new(ca),
+            files_seen: Mutex::new(files_seen),
+        };
+        let next = match cfg.tls.mode {
+            TlsMode::Acme => Some(acme::due(&tls, None, Utc::now())),
+            TlsMode::Internal | TlsMode::Off => tls.store.local().map(|l| l.cert.info.renew_at()),
+            TlsMode::Files => None,
+        };
+        tls.progress_lock().next_renewal = next;
+        let primary = tls.store.primary();
+        tracing::info!(
+            mode = mode_name(cfg.tls.mode),
+            source = primary.source.name(),
+            serial = %primary.cert.info.serial,
+            not_after = %rfc3339(primary.cert.info.not_after),
+            "TLS certificate ready for {}",
+            primary.cert.info.names.join(", ")
+        );
+        Ok(Arc::new(tls))
+    }
+
+    /// Background work until dropped: ACME first issuance and renewal, local-CA leaf
+    /// renewal, files reload.
+    pub async fn maintain(self: Arc<Self>) {
+        match self.cfg.tls.mode {
+            TlsMode::Files => self.files_loop().await,
+            TlsMode::Acme => self.acme_loop().await,
+            TlsMode::Internal | TlsMode::Off => self.local_loop().await,
+        }
+    }
+
+    /// rustls ServerConfig: TLS 1.2 and 1.3 only, ALPN `h2`, `http/1.1`, `acme-tls/1`,
+    /// certificate chosen per handshake by the hot-swapping resolver (a handshake that
+    /// negotiates `acme-tls/1` is a validation: close the connection after it).
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config.clone()
+    }
+
+    /// For the port-80 listener: key authorization for
+    /// `/.well-known/acme-challenge/<token>`, if an HTTP-01 challenge is pending.
+    pub fn http01_key_authorization(&self, token: &str) -> Option<String> {
+        self.http01_lock().get(token).cloned()
+    }
+
+    /// What is served and how its renewal goes.
+    pub fn status(&self) -> CertStatus {
+        let primary = self.store.primary();
+        let p = self.progress_lock();
+        let mut st = status_of(self.cfg.tls.mode, Some(&primary));
+        st.next_renewal = p.next_renewal.map(rfc3339);
+        st.last_error = p.last_error.clone();
+        st.last_attempt = p.last_attempt.map(rfc3339_ms);
+        st.retry_at = p.retry_at.map(rfc3339_ms);
+        st.orders = self.orders.load(Ordering::Relaxed);
+        st
+    }
+
+    /// Wakes [`Tls::maintain`] to renew (or order, or reload) now, even during back-off.
+    pub fn renew_now(&self) {
+        self.force.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn progress_lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn http01_lock(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.http01.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn sleep_until(&self, at: DateTime<Utc>) {
+        let d = (at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(50));
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.wake.notified() => {}
+        }
+    }
+
+    fn check_later(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono::Duration::from_std(self.tuning.check_period)
+            .unwrap_or(chrono::Duration::hours(1))
+    }
+
+    /// Renews the local-CA leaf when it is due, no longer covers every name (a new
+    /// address) or `force`; returns when to look again.
+    fn local_tick(&self, force: bool, backoff: &mut Backoff) -> DateTime<Utc> {
+        let now = Utc::now();
+        let names = local_ca::leaf_names(&self.cfg);
+        let due = match self.store.local() {
+            Some(e) if e.cert.info.covers_all(&names) => e.cert.info.renew_at(),
+            _ => now,
+        };
+        if !force && due > now {
+            return due;
+        }
+        match self.renew_local(&names) {
+            Ok(leaf) => {
+                backoff.reset();
+                if self.cfg.tls.mode != TlsMode::Acme {
+                    let mut p = self.progress_lock();
+                    p.last_error = None;
+                    p.retry_at = None;
+                    p.last_attempt = Some(now);
+                }
+                let next = leaf.info.renew_at();
+                self.store
+                    .set_local(Entry::new(leaf, Source::LocalCa, None));
+                next
+            }
+            Err(e) => {
+                let wait = backoff.next();
+                tracing::warn!("local-CA certificate renewal failed: {e:#}; retrying in {wait:?}");
+                if self.cfg.tls.mode != TlsMode::Acme {
+                    let mut p = self.progress_lock();
+                    p.last_error = Some(format!("{e:#}"));
+                    p.last_attempt = Some(now);
+                    p.retry_at = Some(now + chrono_dur(wait));
+                }
+                now + chrono_dur(wait)
+            }
+        }
+    }
+
+    fn renew_local(&self, names: &[String]) -> anyhow::Result<Cert> {
+        let mut ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let usable = ca
+            .as_ref()
+            .is_some_and(|c| c.info.not_after - Utc::now() > chrono::Duration::days(30));
+        if !usable {
+            *ca = Some(local_ca::load_or_create_root(
+                &self.paths,
+                &self.cfg.domain,
+            )?);
+        }
+        let root = ca
+            .as_ref()
+            .ok_or_else(|| anyhow!("local root CA unavailable"))?;
+        local_ca::issue_leaf(&self.paths, root, names, self.tuning.local_leaf_validity)
+    }
+
+    async fn local_loop(&self) {
+        let mut backoff = Backoff::new(&self.tuning);
+        loop {
+            let force = self.force.swap(false, Ordering::SeqCst);
+            let next = self.local_tick(force, &mut backoff);
+            let now = Utc::now();
+            self.progress_lock().next_renewal = Some(next);
+            self.sleep_until(next.min(self.check_later(now))).await;
+        }
+    }
+
+    async fn acme_loop(&self) {
+        let mut rt = acme::Runtime::default();
+        let mut backoff = Backoff::new(&self.tuning);
+        let mut local_backoff = Backoff::new(&self.tuning);
+        // An operator's `cert renew` stays wanted until an order succeeds.
+        let mut wanted = false;
+        loop {
+            let forced = self.force.swap(false, Ordering::SeqCst);
+            wanted |= forced;
+            let local_next = self.local_tick(false, &mut local_backoff);
+            let now = Utc::now();
+            acme::refresh_ari(self, &mut rt, now).await;
+            let due = acme::due(self, Some(&rt), now);
+            let retry_at = self.progress_lock().retry_at;
+            let may_retry = retry_at.is_none_or(|r| r <= now);
+            if forced || ((wanted || due <= now) && may_retry) {
+                self.progress_lock().last_attempt = Some(now);
+                let attempt = self.acme_attempt(&mut rt).await;
+                match attempt {
+                    Ok(()) => {
+                        wanted = false;
+                        backoff.reset();
+                        let mut p = self.progress_lock();
+                        p.last_error = None;
+                        p.retry_at = None;
+                    }
+                    Err(e) => {
+                        let wait = backoff.next();
+                        let at = Utc::now() + chrono_dur(wait);
+                        tracing::warn!(
+                            "ACME certificate attempt failed: {e:#}; keeping the current \
+                             certificate, next attempt in {wait:?}"
+                        );
+                        let mut p = self.progress_lock();
+                        p.last_error = Some(format!("{e:#}"));
+                        p.retry_at = Some(at);
+                        p.next_renewal = Some(at);
+                    }
+                }
+                continue;
+            }
+            let next = if wanted || due <= now {
+                retry_at.unwrap_or(now)
+            } else {
+                due
+            };
+            self.progress_lock().next_renewal = Some(next);
+            self.sleep_until(next.min(local_next).min(self.check_later(now)))
+                .await;
+        }
+    }
+
+    /// One bounded ACME attempt; a certificate that is due at once counts as a failure
+    /// (ordering again right away would loop against the CA's rate limits).
+    async fn acme_attempt(&self, rt: &mut acme::Runtime) -> anyhow::Result<()> {
+        let limit = self.tuning.acme_timeout;
+        tokio::time::timeout(limit, acme::obtain(self, rt))
+            .await
+            .map_err(|_| anyhow!("the ACME CA did not complete the order within {limit:?}"))??;
+        let now = Utc::now();
+        if acme::due(self, Some(rt), now) <= now {
+            return Err(anyhow!(
+                "the ACME CA issued a certificate that is already due for renewal"
+            ));
+        }
+        Ok(())
+    }
+
+    async fn files_loop(&self) {
+        let Ok(pair) = FilePair::from_config(&self.cfg) else {
+            return;
+        };
+        loop {
+            self.sleep_until(Utc::now() + chrono_dur(self.tuning.files_poll))
+                .await;
+            let forced = self.force.swap(false, Ordering::SeqCst);
+            let stamp = pair.stamp();
+            {
+                let mut seen = self.files_seen.lock().unwrap_or_else(|e| e.into_inner());
+                if *seen == stamp && !forced {
+                    continue;
+                }
+                *seen = stamp;
+            }
+            let now = Utc::now();
+            let loaded = pair.load();
+            let mut p = self.progress_lock();
+            p.last_attempt = Some(now);
+            match loaded {
+                Ok(cert) => {
+                    let warning = pair.expiry_warning(&cert);
+                    tracing::info!(
+                        serial = %cert.info.serial,
+                        not_after = %rfc3339(cert.info.not_after),
+                        "reloaded tls.cert {} and tls.key {}",
+                        pair.cert.display(),
+                        pair.key.display()
+                    );
+                    if let Some(w) = &warning {
+                        tracing::warn!("{w}");
+                    }
+                    self.store
+                        .set_primary(Entry::new(cert, Source::Files, None));
+                    p.last_error = warning;
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}; keeping the previous certificate");
+                    p.last_error = Some(format!("{e:#}; the previous certificate is still served"));
+                }
+            }
+        }
+    }
+}
+
+/// `koprogo ca export`: PEM of the local root CA (created if it does not exist yet).
+pub fn export_root(cfg: &Config) -> anyhow::Result<String> {
+    let paths = TlsPaths::new(&cfg.paths.state);
+    ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
+    Ok(local_ca::load_or_create_root(&paths, &cfg.domain)?.cert_pem)
+}
+
+/// Offline view for `koprogo cert status` when the supervisor is not running: what is
+/// on disk (nothing is created; problems are reported in `last_error`).
+pub fn status_from_disk(cfg: &Config) -> anyhow::Result<CertStatus> {
+    let paths = TlsPaths::new(&cfg.paths.state);
+    let mode = cfg.tls.mode;
+    let mut error = None;
+    let mut next_renewal = None;
+    let entry = match mode {
+        TlsMode::Files => match FilePair::from_config(cfg).and_then(|p| {
+            let c = p.load()?;
+            Ok((p.expiry_warning(&c), c))
+        }) {
+            Ok((warning, cert)) => {
+                error = warning;
+                Some(Entry::new(cert, Source::Files, None))
+            }
+            Err(e) => {
+                error = Some(format!("{e:#}"));
+                None
+            }
+        },
+        TlsMode::Acme | TlsMode::Internal | TlsMode::Off => {
+            let stored = if mode == TlsMode::Acme {
+                acme::read_stored(&paths).unwrap_or_else(|e| {
+                    error = Some(format!("{e:#}"));
+                    None
+                })
+            } else {
+                None
+            };
+            let chosen = stored.or_else(|| match local_ca::read_leaf(&paths) {
+                Ok(l) => l.map(|c| Entry::new(c, Source::LocalCa, None)),
+                Err(e) => {
+                    error.get_or_insert(format!("{e:#}"));
+                    None
+                }
+            });
+            next_renewal = chosen.as_ref().map(|e| {
+                let stale = mode == TlsMode::Acme
+                    && (e.source != Source::Acme
+                        || e.directory.as_deref() != Some(cfg.tls.acme_directory.as_str()));
+                if stale {
+                    Utc::now()
+                } else {
+                    e.cert.info.renew_at()
+                }
+            });
+            chosen
+        }
+    };
+    let mut st = status_of(mode, entry.as_ref());
+    st.last_error = error;
+    st.next_renewal = next_renewal.map(rfc3339);
+    Ok(st)
+}
+
+fn status_of(mode: TlsMode, entry: Option<&Arc<Entry>>) -> CertStatus {
+    CertStatus {
+        mode: mode_name(mode).into(),
+        names: entry.map(|e| e.cert.info.names.clone()).unwrap_or_default(),
+        issuer: entry
+            .map(|e| e.cert.info.issuer.clone())
+            .unwrap_or_default(),
+        not_before: entry.map(|e| rfc3339(e.cert.info.not_before)),
+        not_after: entry.map(|e| rfc3339(e.cert.info.not_after)),
+        next_renewal: None,
+        source: entry.map_or("none", |e| e.source.name()).into(),
+        last_error: None,
+        last_attempt: None,
+        retry_at: None,
+        orders: 0,
+    }
+}
+
+fn mode_name(mode: TlsMode) -> &'static str {
+    match mode {
+        TlsMode::Acme => "acme",
+        TlsMode::Internal => "internal",
+        TlsMode::Files => "files",
+        TlsMode::Off => "off",
+    }
+}
+
+fn server_config(store: Arc<CertStore>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    match rustls::crypto::ring::Ticketer::new() {
+        Ok(t) => sc.ticketer = t,
+        Err(e) => tracing::warn!("TLS session tickets disabled: {e}"),
+    }
+    Ok(Arc::new(sc))
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::hours(1))
+}
+
+/// Exponential back-off: `retry_min` doubling up to `retry_max`.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(t: &TlsTuning) -> Backoff {
+        Backoff {
+            min: t.retry_min,
+            max: t.retry_max.max(t.retry_min),
+            next: t.retry_min,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
