@@ -10,6 +10,9 @@ KOPROGO_NEEDS=(
   "/usr/lib/postgresql/15/bin/psql:postgresql-client-15"
   "unshare:util-linux"
   "mount:mount"
+  "/usr/bin/chromium:chromium"
+  "certutil:libnss3-tools"
+  "pebble:pebble"
 )
 
 koprogo_missing_packages() {
@@ -36,8 +39,12 @@ koprogo_install_deps() {
     [[ -e /etc/postgresql-common/createcluster.d/koprogo.conf ]] ||
       echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/koprogo.conf
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # Packages with a service (nginx, caddy, …) must not start it behind our back.
+    local policy=/usr/sbin/policy-rc.d created=0
+    if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi
     # shellcheck disable=SC2086
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    if [[ $created -eq 1 ]]; then rm -f "$policy"; fi
   fi
   if [[ $(id -u) -eq 0 ]] && ! getent passwd koprogo >/dev/null; then
     adduser --system --group --home /var/lib/koprogo --no-create-home \
