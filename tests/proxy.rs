@@ -309,7 +309,7 @@ fn forwarded_headers_websocket_sse_and_limits() {
 
 #[test]
 fn rate_limit_slowloris_and_maintenance() {
-    let mut a = site("rate = 5\nburst = 5\nheader_timeout = \"2s\"\nbackend_wait = \"2s\"\n");
+    let mut a = site("rate = 5\nburst = 5\nheader_timeout = \"2s\"\nbackend_wait = \"2s\"\nmax_conns_per_ip = 3\n");
     a.start();
     a.wait_ready();
     let (_, https) = ports(&a);
