@@ -18,7 +18,7 @@ use crate::postgres::cluster::{APP_DB, APP_ROLE};
 use crate::postgres::Db;
 use crate::secrets::{self, Secrets};
 use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::supervisor::service::{NotInstalled, ServiceIo, ServiceSpec, StopStep};
 
 pub struct ApiService {
     pub cfg: Arc<Config>,
@@ -121,11 +121,12 @@ impl ServiceSpec for ApiService {
         ensure_dir(&d.tmp, 0o700).with_context(|| format!("cannot create {}", d.tmp.display()))?;
         let cmd = &self.cfg.backend.command;
         if !cmd.is_file() {
-            bail!(
-                "{}: backend.command = {}: no such file: install koprogo-api or fix the path",
-                self.cfg.file.display(),
-                cmd.display()
-            );
+            return Err(NotInstalled(format!(
+                "the KoproGo application is not installed: {} (backend.command in {}) does not exist",
+                cmd.display(),
+                self.cfg.file.display()
+            ))
+            .into());
         }
         Ok(ChildSpec {
             program: cmd.clone(),

@@ -18,11 +18,26 @@ pub struct Preflight {
     pub problems: Vec<String>,
     /// Things found fine, for `check`'s report.
     pub notes: Vec<String>,
+    /// Worth saying, not stopping `run` (e.g. the application is not installed yet).
+    pub warnings: Vec<String>,
 }
 
 /// Runs every check. Creates and changes nothing.
 pub fn preflight(cfg: &Config) -> Preflight {
     let mut p = Preflight::default();
+    let frontend = cfg.proxy.frontend.join("index.html");
+    if frontend.is_file() {
+        p.notes
+            .push(format!("frontend in {}", cfg.proxy.frontend.display()));
+    } else {
+        p.warnings.push(format!(
+            "the KoproGo frontend is not installed: {} has no index.html (proxy.frontend in {})",
+            cfg.proxy.frontend.display(),
+            cfg.file.display()
+        ));
+    }
+    p.notes
+        .push(format!("TLS mode {:?}", cfg.tls.mode).to_lowercase());
     match binaries::find(cfg) {
         Ok(b) => {
             p.notes.push(format!(
@@ -66,9 +81,9 @@ pub fn preflight(cfg: &Config) -> Preflight {
                 }
             }
         }
-        _ => p.problems.push(format!(
-            "{}: backend.command = {}: no such file: the KoproGo application is not installed \
-             (install koprogo-api there or fix the path)",
+        _ => p.warnings.push(format!(
+            "the KoproGo application is not installed: {}: backend.command = {} does not exist \
+             (the appliance runs and serves its maintenance page until it appears)",
             cfg.file.display(),
             cmd.display()
         )),

@@ -133,6 +133,9 @@ fn check(cfg: &Config) -> ExitCode {
     for n in &p.notes {
         println!("ok: {n}");
     }
+    for w in &p.warnings {
+        println!("warning: {w}");
+    }
     for e in &p.problems {
         println!("error: {e}");
     }

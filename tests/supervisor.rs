@@ -625,3 +625,33 @@ fn api_not_ready_in_time_is_restarted_with_backoff() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+#[test]
+fn runs_without_the_application_and_starts_it_once_installed() {
+    let mut a = Appliance::new("");
+    let bin = a.path("demo-backend");
+    let parked = a.path("demo-backend.parked");
+    std::fs::rename(&bin, &parked).expect("park the API binary");
+    a.start();
+    let st = a.wait_for(
+        Duration::from_secs(30),
+        "api not installed, postgres ready",
+        |s| {
+            Appliance::service(s, "api").state == koprogo::supervisor::state::Phase::NotInstalled
+                && Appliance::service(s, "postgres").ready
+        },
+    );
+    let api = Appliance::service(&st, "api");
+    assert!(api.last_error.unwrap_or_default().contains("not installed"));
+    assert_eq!(api.failures, 0, "a missing program is not a crash loop");
+    let (code, out, _) = a.cli(&["status"]);
+    assert_eq!(code, 1, "not everything is ready:\n{out}");
+    assert!(out.contains("not-installed"), "{out}");
+    // The package brings it: it starts without a restart of the appliance.
+    std::fs::rename(&parked, &bin).expect("install");
+    a.wait_for(Duration::from_secs(30), "api ready once installed", |s| {
+        s.all_ready
+    });
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

@@ -25,6 +25,20 @@ const READY_POLL: Duration = Duration::from_millis(100);
 /// After the last stop step (SIGKILL of the group), how long to wait for the reaper.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// How often a service whose program is missing looks for it again.
+const NOT_INSTALLED_POLL: Duration = Duration::from_secs(5);
+
+/// `prepare` error meaning: the program is not installed (not a crash).
+#[derive(Debug)]
+pub struct NotInstalled(pub String);
+
+impl std::fmt::Display for NotInstalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NotInstalled {}
+
 /// One step of a stop: send `signal` (to the process group if `group`), wait `wait`.
 #[derive(Debug, Clone, Copy)]
 pub struct StopStep {
@@ -161,6 +175,22 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
         w.state.send_modify(|s| s.set(Phase::Starting, None));
         let child = match start(&*spec, &w.io).await {
             Ok(c) => c,
+            Err(e) if e.is::<NotInstalled>() => {
+                // Not a failure: nothing to run yet. Look again now and then (a
+                // package may install it), or at once on `start`/`restart`.
+                if w.state.borrow().phase != Phase::NotInstalled {
+                    tracing::warn!(service = name, "{e:#}");
+                }
+                w.state.send_modify(|s| {
+                    s.set(Phase::NotInstalled, None);
+                    s.last_error = Some(format!("{e:#}"));
+                });
+                tokio::select! {
+                    _ = sleep(NOT_INSTALLED_POLL) => {}
+                    e = next_event(&mut w, None, None) => handle_idle(name, e, &mut want, &mut delay),
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::error!(service = name, "cannot start: {e:#}");
                 w.state.send_modify(|s| {

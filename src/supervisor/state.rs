@@ -20,6 +20,9 @@ pub enum Phase {
     Unhealthy,
     /// Failed; waiting before the next attempt.
     Backoff,
+    /// Its program is not installed (the appliance runs without it).
+    #[serde(rename = "not-installed")]
+    NotInstalled,
     Stopping,
 }
 
