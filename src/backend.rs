@@ -143,6 +143,16 @@ impl ServiceSpec for ApiService {
     }
 
     async fn on_ready(&self) -> Result<()> {
+        // KoproGo resets admin@koprogo.com to "admin123" at every start: close it.
+        let pw = self.secrets.get(secrets::ADMIN_PASSWORD);
+        match crate::admin::secure_superadmin(&self.db, pw).await {
+            Ok(true) => tracing::info!(
+                "replaced the default password of {} (koprogo admin-password shows the new one)",
+                crate::admin::ADMIN_EMAIL
+            ),
+            Ok(false) => tracing::debug!("no superadmin account to secure"),
+            Err(e) => return Err(e.context("securing the superadmin account")),
+        }
         Ok(())
     }
 

@@ -68,6 +68,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// KoproGo-specific: print (or --reset) the superadmin password of admin@koprogo.com.
+    AdminPassword {
+        /// Generate a new one and apply it now (koprogo must be running).
+        #[arg(long)]
+        reset: bool,
+    },
     /// A psql shell on the private cluster (extra arguments go to psql).
     Psql {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -123,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Cert {
             command: CertCommand::Renew,
         } => command(&cfg, Request::CertRenew),
+        Command::AdminPassword { reset } => admin_password(&cfg, reset),
         Command::Psql { args } => psql(&cfg, args),
     }
 }
@@ -643,5 +650,41 @@ fn cert_status(cfg: &Config, json: bool) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn admin_password(cfg: &Config, reset: bool) -> ExitCode {
+    if reset {
+        return match control::request(cfg, &Request::AdminPasswordReset) {
+            Ok(r) if r.ok => {
+                println!("{}", r.message);
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                eprintln!("koprogo: {}", r.message);
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("koprogo: {e:#}");
+                ExitCode::from(3)
+            }
+        };
+    }
+    match crate::secrets::read_value(&cfg.paths.state, crate::secrets::ADMIN_PASSWORD) {
+        Ok(Some(pw)) => {
+            println!("{pw}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!(
+                "koprogo: no superadmin password yet in {}: start koprogo once to generate it",
+                crate::secrets::path(&cfg.paths.state).display()
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }

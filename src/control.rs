@@ -32,6 +32,8 @@ pub enum Request {
     },
     /// `koprogo cert renew`: renew (or order) the certificate now.
     CertRenew,
+    /// `koprogo admin-password --reset`: a new superadmin password, applied now.
+    AdminPasswordReset,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,6 +99,18 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 status: None,
             }
         }
+        Ok(Request::AdminPasswordReset) => match shared.reset_admin_password().await {
+            Ok(pw) => Response {
+                ok: true,
+                message: pw,
+                status: None,
+            },
+            Err(e) => Response {
+                ok: false,
+                message: format!("{e:#}"),
+                status: None,
+            },
+        },
         Ok(Request::Status) => Response {
             ok: true,
             message: String::new(),
@@ -107,7 +121,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 Request::Start { service } => ("start", service),
                 Request::Stop { service } => ("stop", service),
                 Request::Restart { service } => ("restart", service),
-                Request::Status | Request::CertRenew => ("status", &String::new()),
+                Request::Status | Request::CertRenew | Request::AdminPasswordReset => {
+                    ("status", &String::new())
+                }
             };
             match shared.command(verb, service).await {
                 Ok(m) => Response {

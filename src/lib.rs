@@ -1,6 +1,7 @@
 //! KoproGo appliance library: everything `koprogo` does, one module per part of the
 //! process tree (see ../shared/DESIGN.md). `main.rs` only calls [`cli::main`].
 
+pub mod admin;
 pub mod backend;
 pub mod check;
 pub mod cli;

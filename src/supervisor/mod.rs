@@ -58,6 +58,8 @@ pub struct Shared {
     pub tls: Arc<Tls>,
     pub proxy: Arc<ProxyStats>,
     pub frontend_installed: bool,
+    pub cfg: Arc<Config>,
+    pub db: Db,
 }
 
 /// `koprogo status --json`.
@@ -106,6 +108,14 @@ impl Shared {
                 })
                 .collect(),
         }
+    }
+
+    /// A new superadmin password: kept in the secrets, applied to the database now.
+    pub async fn reset_admin_password(&self) -> Result<String> {
+        let pw = crate::secrets::reset_admin_password(&self.cfg.paths.state)?;
+        crate::admin::secure_superadmin(&self.db, &pw).await?;
+        tracing::info!("superadmin password reset by command");
+        Ok(pw)
     }
 
     /// `start|stop|restart SERVICE` from the control socket.
@@ -185,6 +195,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     } = boot;
     let secrets = crate::secrets::load_or_create(&cfg.paths.state)?;
     let db = Db::new(cfg.clone());
+    let db_shared = db.clone();
     let log_of = |name: &str| logs.iter().find(|l| l.service == name).cloned();
     let (pg_log, api_log) = match (log_of("postgres"), log_of("api")) {
         (Some(p), Some(a)) => (Arc::new(p.writer_fd()?), Arc::new(a.writer_fd()?)),
@@ -237,6 +248,8 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         tls,
         proxy: proxy_stats,
         frontend_installed,
+        cfg: cfg.clone(),
+        db: db_shared,
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
