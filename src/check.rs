@@ -118,7 +118,8 @@ pub fn preflight(cfg: &Config) -> Preflight {
         let addrs = [("backend.port", backend)]
             .into_iter()
             .chain(cfg.proxy.http.iter().map(|a| ("proxy.http", *a)))
-            .chain(cfg.proxy.https.iter().map(|a| ("proxy.https", *a)));
+            .chain(cfg.proxy.https.iter().map(|a| ("proxy.https", *a)))
+            .chain(cfg.metrics.enabled.then_some(("metrics.listen", cfg.metrics.listen)));
         for (key, addr) in addrs {
             if let Err(e) = TcpListener::bind(addr) {
                 let fix = match e.kind() {

@@ -61,6 +61,8 @@ pub struct Config {
     pub tls: Tls,
     #[serde(default)]
     pub logs: Logs,
+    #[serde(default)]
+    pub metrics: Metrics,
     /// The file this was read from (not a key).
     #[serde(skip)]
     pub file: PathBuf,
@@ -210,9 +212,10 @@ pub enum TlsMode {
 
 /// Which ACME challenge to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum AcmeChallenge {
+    #[serde(rename = "http-01", alias = "http01")]
     Http01,
+    #[serde(rename = "tls-alpn-01", alias = "tls-alpn01")]
     TlsAlpn01,
 }
 
@@ -256,6 +259,29 @@ impl Default for Tls {
             key: None,
         }
     }
+}
+
+/// The Prometheus endpoint: loopback only (scrape through a local agent or a tunnel).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enabled: true,
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9187))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -704,6 +730,14 @@ impl Config {
                 "must be at least proxy.max_body",
             ));
         }
+        if self.metrics.enabled && !self.metrics.listen.ip().is_loopback() {
+            return Err(self.err(
+                "metrics.listen",
+                &self.metrics.listen,
+                "metrics have no authentication and must stay on loopback (127.0.0.1 or [::1]); \
+                 scrape them through a local agent or an SSH tunnel",
+            ));
+        }
         if self.logs.max_size < 64 * 1024 {
             return Err(self.err("logs.max_size", &self.logs.max_size, "use at least 64KiB"));
         }
@@ -873,6 +907,15 @@ mod tests {
     fn managed_env_is_refused() {
         let e = parse("[backend.env]\nJWT_SECRET = \"x\"\n").expect_err("managed");
         assert!(e.0.contains("backend.env.JWT_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn acme_challenge_uses_the_acme_names() {
+        let c = parse("[tls]\nacme_challenge = \"http-01\"\n").expect("http-01");
+        assert_eq!(c.tls.acme_challenge, AcmeChallenge::Http01);
+        let c = parse("[tls]\nacme_challenge = \"tls-alpn-01\"\n").expect("tls-alpn-01");
+        assert_eq!(c.tls.acme_challenge, AcmeChallenge::TlsAlpn01);
+        assert!(parse("[tls]\nacme_challenge = \"dns-01\"\n").is_err());
     }
 
     #[test]

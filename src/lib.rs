@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod fsutil;
 pub mod logs;
+pub mod metrics;
 pub mod postgres;
 pub mod proxy;
 pub mod secrets;

@@ -253,6 +253,25 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
+    let metrics = if cfg.metrics.enabled {
+        let l = std::net::TcpListener::bind(cfg.metrics.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .with_context(|| {
+                format!(
+                    "{}: metrics.listen = {}: cannot listen",
+                    cfg.file.display(),
+                    cfg.metrics.listen
+                )
+            })?;
+        tracing::info!("metrics on http://{}/metrics", cfg.metrics.listen);
+        Some(tokio::spawn(crate::metrics::serve(
+            l,
+            shared.clone(),
+            proxy_stop.subscribe(),
+        )))
+    } else {
+        None
+    };
     let notifier = tokio::spawn(notify::report(shared.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -299,6 +318,9 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     hurry.abort();
     control.abort();
     notifier.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let deadline = Instant::now() + REAP_WAIT;
     while reaper.live_children() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -164,33 +164,34 @@ pub(crate) async fn refresh_ari(tls: &Tls, rt: &mut Runtime, now: DateTime<Utc>)
     {
         return;
     }
-    let same = rt.ari.serial.as_deref() == Some(entry.cert.info.serial.as_str());
-    if same && rt.ari.next_fetch.is_some_and(|t| t > now) {
+    let serial = entry.cert.info.serial.clone();
+    if rt.ari.serial.as_deref() != Some(serial.as_str()) {
+        rt.ari.serial = Some(serial);
+        rt.ari.due = None;
+        rt.ari.next_fetch = None;
+    }
+    if rt.ari.next_fetch.is_some_and(|t| t > now) {
         return;
     }
-    let later = now + chrono::Duration::from_std(tls.tuning.check_period).unwrap_or_default();
+    rt.ari.next_fetch =
+        Some(now + chrono::Duration::from_std(tls.tuning.check_period).unwrap_or_default());
     let Some(id) = entry
         .cert
         .leaf_der()
         .and_then(|d| CertificateIdentifier::try_from(d).ok())
     else {
         // No Authority Key Identifier: ARI cannot name this certificate.
-        rt.ari.serial = Some(entry.cert.info.serial.clone());
-        rt.ari.due = None;
-        rt.ari.next_fetch = Some(later);
         return;
     };
-    let account = match account(tls, rt).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::debug!("renewal information not asked: {e:#}");
-            rt.ari.next_fetch = Some(later);
-            return;
-        }
-    };
-    let asked = tokio::time::timeout(Duration::from_secs(30), account.renewal_info(&id)).await;
+    // Bounded as a whole: a CA that accepts connections but never answers must not
+    // stall the maintenance loop.
+    let asked = tokio::time::timeout(Duration::from_secs(30), async {
+        let account = account(tls, rt).await?;
+        Ok::<_, anyhow::Error>(account.renewal_info(&id).await)
+    })
+    .await;
     match asked {
-        Ok(Ok((info, retry_after))) => {
+        Ok(Ok(Ok((info, retry_after)))) => {
             let start = info.suggested_window.start.unix_timestamp();
             let end = info.suggested_window.end.unix_timestamp().max(start);
             let pick = rand::thread_rng().gen_range(start..=end);
@@ -202,25 +203,19 @@ pub(crate) async fn refresh_ari(tls: &Tls, rt: &mut Runtime, now: DateTime<Utc>)
                 "ACME renewal information: renewal planned at {}",
                 due.map(rfc3339).unwrap_or_default()
             );
-            rt.ari.serial = Some(entry.cert.info.serial.clone());
             rt.ari.due = due;
             rt.ari.next_fetch =
                 Some(now + chrono::Duration::from_std(retry).unwrap_or(chrono::Duration::hours(6)));
         }
-        Ok(Err(instant_acme::Error::Unsupported(_))) => {
+        Ok(Ok(Err(instant_acme::Error::Unsupported(_)))) => {
             tracing::info!(
                 "the ACME CA offers no renewal information: renewing when a third of the lifetime remains"
             );
             rt.ari.unsupported = true;
         }
-        Ok(Err(e)) => {
-            tracing::debug!("renewal information unavailable: {e}");
-            rt.ari.next_fetch = Some(later);
-        }
-        Err(_) => {
-            tracing::debug!("renewal information: the CA did not answer in time");
-            rt.ari.next_fetch = Some(later);
-        }
+        Ok(Ok(Err(e))) => tracing::debug!("renewal information unavailable: {e}"),
+        Ok(Err(e)) => tracing::debug!("renewal information not asked: {e:#}"),
+        Err(_) => tracing::debug!("renewal information: the CA did not answer in time"),
     }
 }
 
@@ -622,6 +617,52 @@ mod tests {
             reverse_name(v6),
             "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
         );
+    }
+
+    #[test]
+    fn renewal_follows_ari_when_known_and_the_third_rule_otherwise() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = "https://127.0.0.1:9/dir";
+        let cfg = crate::tls::tests::config(
+            d.path(),
+            &format!("mode = \"acme\"\nacme_email = \"a@b.be\"\nacme_directory = \"{dir}\""),
+        );
+        let (c, k) =
+            crate::tls::tests::self_signed(&["syndic.example.be", "www.syndic.example.be"], 60);
+        let stored = StoredCert {
+            directory: dir.into(),
+            names: vec![],
+            obtained: String::new(),
+            certificate: c,
+            private_key: k,
+        };
+        let paths = TlsPaths::new(&cfg.paths.state);
+        write_book(&paths, &AccountBook::default()).expect("acme dir");
+        std::fs::write(&paths.acme_cert, serde_json::to_vec(&stored).expect("json"))
+            .expect("write");
+        let tls = Tls::load(&cfg).expect("load");
+        let info = tls.store.primary().cert.info.clone();
+        let now = Utc::now();
+        assert_eq!(due(&tls, None, now), info.renew_at());
+        let mut rt = Runtime::default();
+        rt.ari.serial = Some(info.serial.clone());
+        rt.ari.due = Some(now + chrono::Duration::days(1));
+        assert_eq!(due(&tls, Some(&rt), now), now + chrono::Duration::days(1));
+        rt.ari.due = Some(info.not_after);
+        assert_eq!(
+            due(&tls, Some(&rt), now),
+            info.not_after - info.lifetime() / 10,
+            "never later than a tenth of the lifetime before expiry"
+        );
+        rt.ari.serial = Some("other".into());
+        assert_eq!(due(&tls, Some(&rt), now), info.renew_at());
+        // Another directory (staging → production): due now.
+        let other = crate::tls::tests::config(
+            d.path(),
+            "mode = \"acme\"\nacme_email = \"a@b.be\"\nacme_directory = \"https://127.0.0.1:9/other\"",
+        );
+        let tls = Tls::load(&other).expect("load");
+        assert_eq!(due(&tls, None, now), now);
     }
 
     #[test]

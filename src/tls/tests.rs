@@ -22,7 +22,7 @@ use crate::config::Config;
 const DOMAIN: &str = "syndic.example.be";
 const ALIAS: &str = "www.syndic.example.be";
 
-fn config(dir: &Path, tls: &str) -> Config {
+pub(super) fn config(dir: &Path, tls: &str) -> Config {
     let text = format!(
         "domain = \"{DOMAIN}\"\naliases = [\"{ALIAS}\"]\n[paths]\nstate = \"{}\"\n[tls]\n{tls}\n",
         dir.join("state").display()
@@ -423,7 +423,7 @@ async fn acme_failure_keeps_serving_and_backs_off() {
     task.abort();
 }
 
-fn self_signed(names: &[&str], days: i64) -> (String, String) {
+pub(super) fn self_signed(names: &[&str], days: i64) -> (String, String) {
     let key = rcgen::KeyPair::generate().expect("key");
     let mut params =
         rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())

@@ -52,6 +52,7 @@ pub struct Appliance {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub backend_port: u16,
+    pub metrics_port: u16,
     pub child: Option<Child>,
     /// Every pid seen in `status`, checked at the end.
     seen: Vec<i32>,
@@ -87,6 +88,7 @@ impl Appliance {
         };
         let backend_port = free_port();
         let (http, https) = (free_port(), free_port());
+        let metrics_port = free_port();
         let mut text = format!(
             r#"domain = "localhost"
 user = "koprogo"
@@ -110,6 +112,9 @@ stop_timeout = "35s"
 pool_max = 4
 pool_min = 1
 
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
 [proxy]
 http = ["127.0.0.1:{http}"]
 https = ["127.0.0.1:{https}"]
@@ -123,6 +128,7 @@ https = ["127.0.0.1:{https}"]
             dir,
             config,
             backend_port,
+            metrics_port,
             child: None,
             seen: Vec::new(),
         }

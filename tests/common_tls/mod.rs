@@ -63,16 +63,17 @@ pub fn pebble_available() -> bool {
     Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists()
 }
 
-/// A loopback port free for TCP (and UDP when `udp`), released for the caller.
+/// A loopback port free for TCP (and UDP when `udp`), released for the caller. Taken
+/// below the kernel's ephemeral range (32768+), so the outgoing connections and `:0`
+/// listeners of parallel tests cannot grab it before Pebble binds it (again, after
+/// a restart).
 pub fn free_port(udp: bool) -> u16 {
-    for _ in 0..100 {
-        let Ok(l) = StdTcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(port) = l.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        if !udp || UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    use rand::Rng;
+    for _ in 0..1000 {
+        let port: u16 = rand::thread_rng().gen_range(20000..32000);
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok()
+            && (!udp || UdpSocket::bind(("127.0.0.1", port)).is_ok())
+        {
             return port;
         }
     }
@@ -166,8 +167,21 @@ impl Pebble {
             .trim_end_matches("/dir")
             .parse()
             .expect("listen addr");
-        wait_tcp(listen, "pebble");
-        wait_tcp(self.management, "pebble management");
+        for addr in [listen, self.management] {
+            let start = Instant::now();
+            while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                let exited = self
+                    .pebble
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                assert!(
+                    exited.is_none() && start.elapsed() < Duration::from_secs(15),
+                    "pebble is not listening on {addr} (exit: {exited:?}); its log:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Stops Pebble (the fake DNS stays).
