@@ -409,3 +409,54 @@ fn a_request_waits_through_an_api_restart() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+#[test]
+fn ipv6_and_ipv4_listeners_serve_the_same_site() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let mut a = site("");
+    let v6 = common::free_port();
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    let https = a.cfg().proxy.https[0].port();
+    let text = text.replace(
+        &format!("https = [\"127.0.0.1:{https}\"]"),
+        &format!("https = [\"127.0.0.1:{https}\", \"[::1]:{v6}\"]"),
+    );
+    std::fs::write(&a.config, text).expect("write");
+    a.start();
+    a.wait_ready();
+    let pem = root_pem(&a);
+    let c = Client::new(&pem, &[b"http/1.1"]);
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("::1", v6))
+            .await
+            .expect("connect [::1]");
+        let name =
+            tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(c.config.clone())
+            .connect(name, tcp)
+            .await
+            .expect("TLS over IPv6 with the local CA");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("h1");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/api/v1/echo")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = send.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["headers"]["x-forwarded-for"], "::1", "{v}");
+        let r = c.get(https, "/").await.expect("IPv4 too");
+        assert_eq!(r.status, 200);
+    });
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
