@@ -22,7 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::supervisor::state::{Phase, ServiceState};
+use crate::supervisor::state::ServiceState;
 use crate::tls::Tls;
 use limits::RateLimiter;
 use static_files::{StaticFiles, StaticOptions};
@@ -217,9 +217,9 @@ impl Proxy {
     /// Waits (bounded) for the API server to be ready; false if it is not.
     async fn wait_api(&self, limit: Duration) -> bool {
         let mut rx = self.api.clone();
-        if rx.borrow().phase == Phase::Stopped && rx.borrow().restarts > 0 {
+        if rx.borrow().held {
             // Stopped by the operator: no point waiting.
-            return rx.borrow().ready();
+            return false;
         }
         tokio::time::timeout(limit, rx.wait_for(|s| s.ready()))
             .await

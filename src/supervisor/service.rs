@@ -128,6 +128,11 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
             w.state.send_modify(|s| s.set(Phase::Stopped, None));
             return;
         }
+        w.state.send_if_modified(|s| {
+            let changed = s.held == want;
+            s.held = !want;
+            changed
+        });
         if !want {
             w.state.send_modify(|s| s.set(Phase::Stopped, None));
             match next_event(&mut w, None, None).await {

@@ -40,6 +40,8 @@ pub struct ServiceState {
     pub next_start: Option<Instant>,
     pub last_exit: Option<String>,
     pub last_error: Option<String>,
+    /// Stopped by the operator (`koprogo stop`): stays down until `start`.
+    pub held: bool,
 }
 
 impl ServiceState {
@@ -55,6 +57,7 @@ impl ServiceState {
             next_start: None,
             last_exit: None,
             last_error: None,
+            held: false,
         }
     }
 
