@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod logs;
 pub mod metrics;
 pub mod postgres;
+pub mod procfs;
 pub mod proxy;
 pub mod secrets;
 pub mod supervisor;

@@ -487,19 +487,8 @@ async fn postgres(o: &mut Out, shared: &Shared) {
 
 /// utime + stime of every live process in the process group `pgid`.
 fn group_cpu_ticks(pgid: i32) -> u64 {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-            let group: i32 = f.get(2)?.parse().ok()?;
-            if group != pgid {
-                return None;
-            }
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
+    crate::procfs::group_members(pgid)
+        .into_iter()
+        .map(crate::procfs::cpu_ticks)
         .sum()
 }

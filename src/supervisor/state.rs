@@ -115,32 +115,11 @@ pub struct ServiceReport {
 /// Memory of every process in the process group led by `pgid`: PSS where the kernel
 /// gives it (shared buffers counted once across Postgres backends), RSS otherwise.
 pub fn group_memory(pgid: i32) -> Option<u64> {
-    let mut total = 0u64;
-    let mut found = false;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if process_group(pid) != Some(pgid) {
-            continue;
-        }
-        if let Some(m) = process_memory(pid) {
-            total += m;
-            found = true;
-        }
-    }
-    found.then_some(total)
-}
-
-fn process_group(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(2)?.parse().ok()
+    let sizes: Vec<u64> = crate::procfs::group_members(pgid)
+        .into_iter()
+        .filter_map(process_memory)
+        .collect();
+    (!sizes.is_empty()).then(|| sizes.iter().sum())
 }
 
 /// PSS (or RSS) of one process, in bytes.
