@@ -74,10 +74,43 @@ pub enum Command {
         #[arg(long)]
         reset: bool,
     },
+    /// Backups: database, uploads and secrets in one file (made by the running supervisor).
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+    /// Restore a backup: checked first, safety backup, API restarted; rolled back on failure.
+    Restore {
+        file: PathBuf,
+        /// age identity file, for an encrypted (.kbk.age) backup.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// Restore even if the backup's database schema is newer than the running one.
+        #[arg(long)]
+        force: bool,
+    },
     /// A psql shell on the private cluster (extra arguments go to psql).
     Psql {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Make a backup now (retention and the copy hook follow).
+    Create,
+    /// The backups in backup.dir: name, time, size, verified.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a backup completely and restore it into a scratch database (default: the newest).
+    Verify {
+        file: Option<PathBuf>,
+        /// age identity file, for an encrypted (.kbk.age) backup.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -131,6 +164,18 @@ pub fn main() -> ExitCode {
         } => command(&cfg, Request::CertRenew),
         Command::AdminPassword { reset } => admin_password(&cfg, reset),
         Command::Psql { args } => psql(&cfg, args),
+        Command::Backup { command } => match command {
+            BackupCommand::Create => crate::backup::cli::create(&cfg),
+            BackupCommand::List { json } => crate::backup::cli::list(&cfg, json),
+            BackupCommand::Verify { file, identity } => {
+                crate::backup::cli::verify(&cfg, file, identity)
+            }
+        },
+        Command::Restore {
+            file,
+            identity,
+            force,
+        } => crate::backup::cli::restore(&cfg, file, identity, force),
     }
 }
 
@@ -404,6 +449,7 @@ fn print_status(st: &StatusReport) {
             "NOT all ready"
         }
     );
+    print_backup(&st.backup);
     for (name, v) in &st.logs {
         let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
         if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
@@ -415,6 +461,30 @@ fn print_status(st: &StatusReport) {
                     .unwrap_or_default()
             );
         }
+    }
+}
+
+fn print_backup(b: &crate::backup::BackupStatus) {
+    let last = match &b.last_success {
+        Some(l) => format!(
+            "last {} ({})",
+            l.time,
+            crate::backup::human_size(l.size_bytes)
+        ),
+        None => "no backup yet".into(),
+    };
+    let next = match (&b.running, &b.next_run) {
+        (Some(op), _) => format!("; {op} running now"),
+        (None, Some(n)) => format!("; next {n}"),
+        (None, None) if !b.enabled => "; schedule off".into(),
+        _ => String::new(),
+    };
+    println!("backup: {last}{next}");
+    if let Some(e) = &b.last_error {
+        println!("backup: last error: {e}");
+    }
+    if let Some(e) = &b.last_copy_error {
+        println!("backup: copy command failed: {e}");
     }
 }
 

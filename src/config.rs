@@ -63,6 +63,8 @@ pub struct Config {
     pub logs: Logs,
     #[serde(default)]
     pub metrics: Metrics,
+    #[serde(default)]
+    pub backup: Backup,
     /// The file this was read from (not a key).
     #[serde(skip)]
     pub file: PathBuf,
@@ -278,6 +280,55 @@ impl Default for Metrics {
             listen: default_metrics_listen(),
         }
     }
+}
+
+/// `[backup]`: daily backups (database, uploads, secrets) into one file each.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// Run the daily scheduled backup (manual `koprogo backup create` works either way).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where backups are written; empty = `<state>/backups`.
+    #[serde(default)]
+    pub dir: PathBuf,
+    /// Local time of the daily backup, "HH:MM".
+    #[serde(default = "default_backup_schedule")]
+    pub schedule: String,
+    /// Backups kept at most (the newest good one is never deleted).
+    #[serde(default = "default_backup_keep")]
+    pub keep: usize,
+    /// Backups older than this are deleted (the newest good one is never deleted).
+    #[serde(default = "default_max_age", deserialize_with = "de_duration")]
+    pub max_age: Duration,
+    /// Encrypt each backup with age to this recipient ("age1…") or to the recipients
+    /// listed in this file (one per line).
+    #[serde(default)]
+    pub encrypt_to: Option<String>,
+    /// Program and arguments run after each successful backup, the file's path appended.
+    #[serde(default)]
+    pub copy_command: Option<Vec<String>>,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            enabled: true,
+            dir: PathBuf::new(),
+            schedule: default_backup_schedule(),
+            keep: default_backup_keep(),
+            max_age: default_max_age(),
+            encrypt_to: None,
+            copy_command: None,
+        }
+    }
+}
+
+fn default_backup_schedule() -> String {
+    "02:00".into()
+}
+fn default_backup_keep() -> usize {
+    7
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -573,6 +624,18 @@ impl Config {
         {
             resolve(p, &base);
         }
+        if cfg.backup.dir.as_os_str().is_empty() {
+            cfg.backup.dir = cfg.paths.state.join("backups");
+        } else {
+            resolve(&mut cfg.backup.dir, &base);
+        }
+        if let Some(e) = cfg.backup.encrypt_to.as_mut() {
+            if !e.starts_with("age1") {
+                let mut p = PathBuf::from(&*e);
+                resolve(&mut p, &base);
+                *e = p.display().to_string();
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -743,6 +806,30 @@ impl Config {
         }
         if self.logs.keep_files == 0 {
             return Err(self.err("logs.keep_files", &0, "keep at least 1 rotated file"));
+        }
+        if let Err(e) = crate::backup::schedule::parse_time(&self.backup.schedule) {
+            return Err(self.err(
+                "backup.schedule",
+                &format!("{:?}", self.backup.schedule),
+                &e,
+            ));
+        }
+        if self.backup.keep == 0 {
+            return Err(self.err("backup.keep", &0, "keep at least 1 backup"));
+        }
+        if let Some(e) = &self.backup.encrypt_to {
+            if let Err(why) = crate::backup::crypt::check_recipient_setting(e) {
+                return Err(self.err("backup.encrypt_to", &format!("{e:?}"), &why));
+            }
+        }
+        if let Some(c) = &self.backup.copy_command {
+            if c.first().is_none_or(|p| p.trim().is_empty()) {
+                return Err(self.err(
+                    "backup.copy_command",
+                    &format!("{c:?}"),
+                    "name a program, e.g. [\"/usr/local/bin/ship-backup\"] (the file's path is appended)",
+                ));
+            }
         }
         Ok(())
     }

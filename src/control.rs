@@ -34,6 +34,25 @@ pub enum Request {
     CertRenew,
     /// `koprogo admin-password --reset`: a new superadmin password, applied now.
     AdminPasswordReset,
+    /// `koprogo backup create`: a backup now (then retention and the copy hook).
+    BackupCreate,
+    /// `koprogo backup verify [FILE]`: check `file` (default: the newest backup) and
+    /// record the result for `record_as` (the encrypted original of a decrypted copy).
+    BackupVerify {
+        #[serde(default)]
+        file: Option<PathBuf>,
+        #[serde(default)]
+        record_as: Option<PathBuf>,
+    },
+    /// `koprogo restore FILE`: `label` names it in messages; `force` skips the
+    /// schema check.
+    Restore {
+        file: PathBuf,
+        #[serde(default)]
+        label: Option<String>,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -116,14 +135,29 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
             message: String::new(),
             status: Some(shared.status()),
         },
+        Ok(Request::BackupCreate) => backup_response(
+            shared
+                .backup
+                .create_now(crate::backup::Reason::Manual)
+                .await,
+        ),
+        Ok(Request::BackupVerify { file, record_as }) => {
+            backup_response(shared.backup.verify(file, record_as).await)
+        }
+        Ok(Request::Restore { file, label, force }) => {
+            backup_response(shared.backup.restore(file, label, force).await)
+        }
         Ok(req) => {
             let (verb, service) = match &req {
                 Request::Start { service } => ("start", service),
                 Request::Stop { service } => ("stop", service),
                 Request::Restart { service } => ("restart", service),
-                Request::Status | Request::CertRenew | Request::AdminPasswordReset => {
-                    ("status", &String::new())
-                }
+                Request::Status
+                | Request::CertRenew
+                | Request::AdminPasswordReset
+                | Request::BackupCreate
+                | Request::BackupVerify { .. }
+                | Request::Restore { .. } => ("status", &String::new()),
             };
             match shared.command(verb, service).await {
                 Ok(m) => Response {
@@ -145,10 +179,34 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
+fn backup_response(r: Result<String>) -> Response {
+    match r {
+        Ok(m) => Response {
+            ok: true,
+            message: m,
+            status: None,
+        },
+        Err(e) => Response {
+            ok: false,
+            message: format!("{e:#}"),
+            status: None,
+        },
+    }
+}
+
 use tokio::io::AsyncReadExt;
 
 /// Sends one request to a running supervisor (blocking; for the CLI).
 pub fn request(cfg: &Config, req: &Request) -> Result<Response> {
+    request_timeout(cfg, req, Some(Duration::from_secs(200)))
+}
+
+/// `request` for operations that take as long as they take (backups, restores).
+pub fn request_long(cfg: &Config, req: &Request) -> Result<Response> {
+    request_timeout(cfg, req, None)
+}
+
+fn request_timeout(cfg: &Config, req: &Request, limit: Option<Duration>) -> Result<Response> {
     use std::io::{BufRead, Write};
     let path = socket_path(cfg);
     let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
@@ -157,7 +215,7 @@ pub fn request(cfg: &Config, req: &Request) -> Result<Response> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(200)))?;
+    s.set_read_timeout(limit)?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;

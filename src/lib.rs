@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod backup;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -298,6 +298,27 @@ pub async fn render(shared: &Shared) -> String {
         f64::from(u8::from(st.tls.last_error.is_some())),
     );
 
+    // Backups (the old deployment's alert expected koprogo_last_backup_timestamp_seconds).
+    let last = st.backup.last_success.as_ref();
+    o.one(
+        "koprogo_last_backup_timestamp_seconds",
+        "gauge",
+        "When the newest good backup was taken (Unix time; 0 = none).",
+        last.map_or(0.0, |b| b.timestamp_seconds as f64),
+    );
+    o.one(
+        "koprogo_last_backup_size_bytes",
+        "gauge",
+        "Size of the newest good backup file.",
+        last.map_or(0.0, |b| b.size_bytes as f64),
+    );
+    o.one(
+        "koprogo_backup_failing",
+        "gauge",
+        "1 while the last backup attempt failed.",
+        f64::from(u8::from(st.backup.last_error.is_some())),
+    );
+
     // Logs.
     o.family(
         "koprogo_log_lines_dropped_total",

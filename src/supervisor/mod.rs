@@ -60,6 +60,7 @@ pub struct Shared {
     pub frontend_installed: bool,
     pub cfg: Arc<Config>,
     pub db: Db,
+    pub backup: Arc<crate::backup::Backups>,
 }
 
 /// `koprogo status --json`.
@@ -78,6 +79,9 @@ pub struct StatusReport {
     pub proxy: ProxySnapshot,
     /// The frontend directory holds an index.html.
     pub frontend_installed: bool,
+    /// Backups: last success (time, file, size), last error, next run.
+    #[serde(default)]
+    pub backup: crate::backup::BackupStatus,
 }
 
 impl Shared {
@@ -99,6 +103,7 @@ impl Shared {
             tls: self.tls.status(),
             proxy: self.proxy.snapshot(),
             frontend_installed: self.frontend_installed,
+            backup: self.backup.status(),
             logs: self
                 .logs
                 .iter()
@@ -203,6 +208,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     };
     let (stopping_tx, stopping_rx) = watch::channel(Shutdown::Running);
 
+    let backup_bins = bins.clone();
     let pg = Arc::new(PostgresService {
         cfg: cfg.clone(),
         bins,
@@ -210,11 +216,12 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         db: db.clone(),
     });
     let (pg_handle, pg_task, pg_ready) = launch(pg, &reaper, pg_log, None);
-    let api = Arc::new(ApiService {
+    // Secrets are read again before each API start (a restore replaces them).
+    let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService {
         cfg: cfg.clone(),
         secrets,
         db,
-    });
+    }));
     let (api_handle, api_task, _api_ready) = launch(api, &reaper, api_log, Some(pg_ready));
     let tasks = vec![pg_task, api_task];
 
@@ -237,6 +244,16 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     let (proxy_stop, proxy_stop_rx) = watch::channel(false);
     let proxy_stats = proxy.stats.clone();
     let proxy_task = tokio::spawn(crate::proxy::server::serve(proxy, listeners, proxy_stop_rx));
+    let backup = crate::backup::Backups::new(
+        cfg.clone(),
+        backup_bins,
+        db_shared.clone(),
+        reaper.clone(),
+        pg_handle.state.clone(),
+        api_handle.cmds.clone(),
+        api_handle.state.clone(),
+    );
+    let backup_task = tokio::spawn(backup.clone().run_scheduler());
     let shared = Arc::new(Shared {
         services: vec![pg_handle, api_handle],
         logs: std::iter::once(("koprogo".to_string(), own_log))
@@ -250,6 +267,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         frontend_installed,
         cfg: cfg.clone(),
         db: db_shared,
+        backup,
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
@@ -307,6 +325,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         tracing::warn!("proxy: drain took longer than {drain:?}");
     }
     tls_task.abort();
+    backup_task.abort();
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);

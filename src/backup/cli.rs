@@ -1,0 +1,236 @@
+//! The command-line side of `koprogo backup create|list|verify` and `koprogo
+//! restore`: the work happens in the running supervisor (it owns the database and
+//! the reaper), asked over the control socket. `list` reads the directory itself.
+//! An encrypted file is decrypted here, with the operator's identity file, into a
+//! hidden file of the backup directory that the supervisor then reads; the private
+//! key never reaches the service.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use super::retention;
+use crate::config::Config;
+use crate::control::{self, Request};
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+fn ask(cfg: &Config, req: &Request) -> ExitCode {
+    match control::request_long(cfg, req) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("koprogo: {}", r.message);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+pub fn create(cfg: &Config) -> ExitCode {
+    ask(cfg, &Request::BackupCreate)
+}
+
+/// A decrypted copy in the backup directory, removed when dropped.
+struct Decrypted(PathBuf);
+
+impl Drop for Decrypted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn decrypt_for_supervisor(cfg: &Config, file: &Path, identity: &Path) -> Result<Decrypted> {
+    let dir = &cfg.backup.dir;
+    crate::fsutil::ensure_dir(dir, 0o750)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let dst = dir.join(format!(".decrypted-{}.kbk", std::process::id()));
+    let _ = std::fs::remove_file(&dst);
+    let guard = Decrypted(dst.clone());
+    eprintln!("koprogo: decrypting {} …", file.display());
+    super::crypt::decrypt(file, identity, &dst)?;
+    if nix::unistd::Uid::effective().is_root() {
+        let who = crate::supervisor::privileges::target_identity(cfg)?;
+        nix::unistd::chown(&dst, Some(who.uid), Some(who.gid))
+            .with_context(|| format!("cannot chown {} to {}", dst.display(), who.name))?;
+    }
+    Ok(guard)
+}
+
+/// The file to hand to the supervisor, and a decrypted copy to remove afterwards.
+fn prepare(
+    cfg: &Config,
+    file: &Path,
+    identity: Option<&Path>,
+) -> Result<(PathBuf, Option<Decrypted>), String> {
+    if !file.is_file() {
+        return Err(format!("{}: no such file", file.display()));
+    }
+    if super::archive::is_age(file) {
+        let Some(id) = identity else {
+            return Err(format!(
+                "{} is encrypted (age): pass --identity FILE, the key whose public half is backup.encrypt_to",
+                file.display()
+            ));
+        };
+        let d = decrypt_for_supervisor(cfg, file, &absolute(id)).map_err(|e| format!("{e:#}"))?;
+        return Ok((d.0.clone(), Some(d)));
+    }
+    Ok((file.to_path_buf(), None))
+}
+
+pub fn verify(cfg: &Config, file: Option<PathBuf>, identity: Option<PathBuf>) -> ExitCode {
+    let file = match file {
+        Some(f) => absolute(&f),
+        None => match super::newest(&cfg.backup.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("koprogo: {e:#}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let (read, guard) = match prepare(cfg, &file, identity.as_deref()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("koprogo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    eprintln!("koprogo: verifying {} …", file.display());
+    let code = ask(
+        cfg,
+        &Request::BackupVerify {
+            file: Some(read),
+            record_as: guard.as_ref().map(|_| file.clone()),
+        },
+    );
+    drop(guard);
+    code
+}
+
+pub fn restore(cfg: &Config, file: PathBuf, identity: Option<PathBuf>, force: bool) -> ExitCode {
+    let file = absolute(&file);
+    let (read, guard) = match prepare(cfg, &file, identity.as_deref()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("koprogo: refused: {e}; nothing was changed");
+            return ExitCode::from(1);
+        }
+    };
+    eprintln!(
+        "koprogo: restoring {} (checks, safety backup, restore, API restart) …",
+        file.display()
+    );
+    let code = ask(
+        cfg,
+        &Request::Restore {
+            file: read,
+            label: Some(file.display().to_string()),
+            force,
+        },
+    );
+    drop(guard);
+    code
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    path: String,
+    time: String,
+    size_bytes: u64,
+    encrypted: bool,
+    checked: Option<retention::Marker>,
+}
+
+pub fn list(cfg: &Config, json: bool) -> ExitCode {
+    let dir = &cfg.backup.dir;
+    let entries = match retention::list(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!(
+                "koprogo: cannot list {}: {e} (run as root or as the service user)",
+                dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let rows: Vec<Row> = entries
+        .iter()
+        .map(|e| Row {
+            name: e.name.clone(),
+            path: e.path.display().to_string(),
+            time: chrono::DateTime::<chrono::Local>::from(e.mtime)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            size_bytes: e.size,
+            encrypted: e.encrypted(),
+            checked: e.marker.clone(),
+        })
+        .collect();
+    if json {
+        match serde_json::to_string_pretty(&rows) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("koprogo: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        println!(
+            "no backups in {} (make one with `koprogo backup create`)",
+            dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<46} {:<17} {:>10}  VERIFIED",
+        "NAME", "TIME (local)", "SIZE"
+    );
+    for (r, e) in rows.iter().zip(&entries) {
+        let time = chrono::DateTime::<chrono::Local>::from(e.mtime)
+            .format("%Y-%m-%d %H:%M")
+            .to_string();
+        let checked = match &r.checked {
+            None => "-".to_string(),
+            Some(m) if m.ok && m.how == "restored" => format!("yes ({})", short_date(&m.at)),
+            Some(m) if m.ok => format!("checksums ({})", short_date(&m.at)),
+            Some(m) => format!("FAILED ({}): {}", short_date(&m.at), m.detail),
+        };
+        println!(
+            "{:<46} {:<17} {:>10}  {}",
+            r.name,
+            time,
+            super::human_size(r.size_bytes),
+            checked
+        );
+    }
+    println!("{} backup(s) in {}", rows.len(), dir.display());
+    ExitCode::SUCCESS
+}
+
+fn short_date(rfc: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M")
+                .to_string()
+        })
+        .unwrap_or_else(|_| rfc.to_string())
+}

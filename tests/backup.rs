@@ -1,0 +1,627 @@
+//! Backups and restore, end to end: real `koprogo run`, real PostgreSQL 15, the demo
+//! backend (rows, 2FA secrets encrypted with pgcrypto under TOTP_ENCRYPTION_KEY),
+//! files in the uploads directory. Each test owns a private appliance and checks
+//! that nothing it started is left running.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::Appliance;
+use sha2::{Digest, Sha256};
+
+/// Backups are made on command only (no daily run during a test).
+const NO_SCHEDULE: &str = "\n[backup]\nenabled = false\n";
+
+fn boot(extra: &str) -> Appliance {
+    let mut a = Appliance::new(extra);
+    a.start();
+    a.wait_ready();
+    a
+}
+
+fn post(a: &Appliance, path: &str, body: &str) -> i64 {
+    let (code, resp) = a.http("POST", path, body).expect("POST");
+    assert_eq!(code, 201, "POST {path}: {resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).expect("json");
+    v["id"].as_i64().expect("id")
+}
+
+fn get(a: &Appliance, path: &str) -> (u16, serde_json::Value) {
+    let (code, resp) = a.http("GET", path, "").expect("GET");
+    (code, serde_json::from_str(&resp).unwrap_or_default())
+}
+
+fn item_count(a: &Appliance) -> i64 {
+    let (code, v) = get(a, "/api/v1/items");
+    assert_eq!(code, 200, "{v}");
+    v["count"].as_i64().expect("count")
+}
+
+fn psql(a: &Appliance, sql: &str) -> String {
+    let (code, out, err) = a.cli(&["psql", "--", "-v", "ON_ERROR_STOP=1", "-tAc", sql]);
+    assert_eq!(code, 0, "psql {sql}: {out}{err}");
+    out.trim().to_string()
+}
+
+/// Every file under `dir`: relative path → content.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.insert(
+                    format!("{}/", p.strip_prefix(root).expect("prefix").display()),
+                    Vec::new(),
+                );
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).expect("prefix").display().to_string();
+                out.insert(rel, std::fs::read(&p).expect("read upload"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// What must not change when a restore is refused.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    items: i64,
+    uploads: BTreeMap<String, Vec<u8>>,
+    secrets: String,
+    api_pid: Option<i32>,
+}
+
+fn snapshot(a: &Appliance) -> Snapshot {
+    let st = a.status().expect("status");
+    Snapshot {
+        items: item_count(a),
+        uploads: tree(&a.path("state/uploads")),
+        secrets: std::fs::read_to_string(a.path("state/secrets.env")).expect("secrets"),
+        api_pid: Appliance::service(&st, "api").pid,
+    }
+}
+
+/// Some data: rows, a 2FA secret, two uploaded files (one in a subdirectory).
+fn seed(a: &Appliance) -> (Vec<i64>, i64) {
+    let ids = (0..25)
+        .map(|i| post(a, "/api/v1/items", &format!("row {i}: {}", "é".repeat(i))))
+        .collect();
+    let secret = post(a, "/api/v1/secrets", "JBSWY3DPEHPK3PXP");
+    let up = a.path("state/uploads");
+    std::fs::create_dir_all(up.join("building-7")).expect("mkdir uploads");
+    std::fs::write(up.join("statutes.pdf"), b"%PDF-1.4 statutes").expect("upload");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(up.join("building-7").join("photo.jpg"), big).expect("upload");
+    (ids, secret)
+}
+
+fn backup_create(a: &Appliance) -> PathBuf {
+    let (code, out, err) = a.cli(&["backup", "create"]);
+    assert_eq!(code, 0, "backup create: {out}{err}");
+    let path = out
+        .split_whitespace()
+        .find(|w| w.contains("/koprogo-") && (w.contains(".kbk")))
+        .expect("file in the message")
+        .trim_end_matches(':')
+        .to_string();
+    PathBuf::from(path)
+}
+
+fn restore(a: &Appliance, file: &Path, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["restore", file.to_str().expect("utf8")];
+    args.extend_from_slice(extra);
+    let (code, out, err) = a.cli(&args);
+    (code, format!("{out}{err}"))
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
+}
+
+/// The byte offset of member `name`'s data in a (plain) backup.
+fn member_offset(file: &Path, name: &str) -> (u64, u64) {
+    let f = std::fs::File::open(file).expect("open");
+    let mut ar = tar::Archive::new(f);
+    for e in ar.entries().expect("entries") {
+        let e = e.expect("entry");
+        if e.path_bytes().as_ref() == name.as_bytes() {
+            return (e.raw_file_position(), e.size());
+        }
+    }
+    panic!("no {name} in {}", file.display());
+}
+
+#[test]
+fn backup_wipe_restore_round_trip() {
+    let mut a = boot(NO_SCHEDULE);
+    let (ids, secret) = seed(&a);
+    let before = snapshot(&a);
+    let t = Instant::now();
+    let file = backup_create(&a);
+    let backup_secs = t.elapsed().as_secs_f64();
+    assert!(
+        file.starts_with(a.path("state/backups")),
+        "{}",
+        file.display()
+    );
+    assert_eq!(mode(&file), 0o600, "backup file mode");
+    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".part")), "{names:?}");
+    let st = a.status().expect("status").backup;
+    let last = st.last_success.expect("last success in status");
+    assert_eq!(PathBuf::from(&last.file), file);
+    assert!(
+        last.timestamp_seconds > 0 && last.size_bytes > 300_000,
+        "{last:?}"
+    );
+    // A plain tar: the system's tar lists it.
+    let out = std::process::Command::new("tar")
+        .arg("tf")
+        .arg(&file)
+        .output()
+        .expect("tar");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for m in [
+        "KOPROGO-BACKUP",
+        "db.dump",
+        "secrets.env",
+        "uploads/building-7/photo.jpg",
+        "manifest.json",
+    ] {
+        assert!(listing.contains(m), "{m} missing from:\n{listing}");
+    }
+    let (code, out, _) = a.cli(&["backup", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("checksums"), "{out}");
+
+    // Wipe: rows, uploads, secrets (the API restarted on new keys cannot decrypt).
+    psql(&a, "DELETE FROM items; DELETE FROM secrets_demo;");
+    for e in std::fs::read_dir(a.path("state/uploads"))
+        .expect("ls")
+        .flatten()
+    {
+        let p = e.path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).expect("rm");
+        } else {
+            std::fs::remove_file(&p).expect("rm");
+        }
+    }
+    let kept: String = before
+        .secrets
+        .lines()
+        .filter(|l| !l.starts_with("TOTP_ENCRYPTION_KEY") && !l.starts_with("JWT_SECRET"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(a.path("state/secrets.env"), kept).expect("replace secrets");
+    let (code, out, err) = a.cli(&["restart", "api"]);
+    assert_eq!(code, 0, "{out}{err}");
+    a.wait_ready();
+    assert_ne!(
+        std::fs::read_to_string(a.path("state/secrets.env")).expect("secrets"),
+        before.secrets,
+        "new keys were generated"
+    );
+    assert_eq!(item_count(&a), 0);
+
+    let t = Instant::now();
+    let (code, out) = restore(&a, &file, &[]);
+    let restore_secs = t.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "restore: {out}");
+    assert!(out.contains("safety backup"), "{out}");
+    a.wait_ready();
+    let after = snapshot(&a);
+    assert_eq!(after.items, before.items);
+    assert_eq!(
+        after.uploads, before.uploads,
+        "uploads restored identically"
+    );
+    assert_eq!(
+        after.secrets, before.secrets,
+        "secrets restored identically"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let (code, v) = get(&a, &format!("/api/v1/items/{id}"));
+        assert_eq!(code, 200);
+        assert_eq!(v["body"], format!("row {i}: {}", "é".repeat(i)));
+    }
+    let (code, v) = get(&a, &format!("/api/v1/secrets/{secret}"));
+    assert_eq!(
+        code, 200,
+        "2FA secret must decrypt with the restored key: {v}"
+    );
+    assert_eq!(v["plaintext"], "JBSWY3DPEHPK3PXP");
+    // Nothing left over: no scratch database, no staging, the safety backup exists.
+    let dbs = psql(
+        &a,
+        "SELECT string_agg(datname, ',') FROM pg_database WHERE datname LIKE 'koprogo%'",
+    );
+    assert_eq!(dbs, "koprogo");
+    assert!(!a
+        .path("state/backup-work")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some()));
+    let (_, list, _) = a.cli(&["backup", "list"]);
+    assert!(list.contains("pre-restore"), "{list}");
+    eprintln!("figures: small backup {backup_secs:.2}s, restore {restore_secs:.2}s");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+#[test]
+fn damaged_foreign_and_newer_files_are_refused_and_nothing_changes() {
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    let good = backup_create(&a);
+    let bytes = std::fs::read(&good).expect("read backup");
+    let dir = a.path("bad");
+    std::fs::create_dir(&dir).expect("mkdir");
+    // Data written after the backup must survive every refusal.
+    post(&a, "/api/v1/items", "after the backup");
+    let before = snapshot(&a);
+
+    let truncated = dir.join("truncated.kbk");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let flipped = dir.join("flipped.kbk");
+    let (at, len) = member_offset(&good, "db.dump");
+    let mut b = bytes.clone();
+    b[(at + len / 2) as usize] ^= 0x01;
+    std::fs::write(&flipped, &b).expect("write");
+    let foreign = dir.join("foreign.kbk");
+    let out = std::process::Command::new("tar")
+        .arg("cf")
+        .arg(&foreign)
+        .arg("-C")
+        .arg(a.path(""))
+        .arg("koprogo.toml")
+        .output()
+        .expect("tar");
+    assert!(out.status.success());
+    let text = dir.join("notes.kbk");
+    std::fs::write(&text, "not a backup at all\n").expect("write");
+    // A manifest claiming a newer format (its checksum made to match, as a newer
+    // koprogo would write it).
+    let newer = dir.join("newer.kbk");
+    let (mat, mlen) = member_offset(&good, "manifest.json");
+    let (sat, _) = member_offset(&good, "manifest.sha256");
+    let mut b = bytes.clone();
+    let manifest = &mut b[mat as usize..(mat + mlen) as usize];
+    let textm = String::from_utf8(manifest.to_vec()).expect("utf8");
+    let patched = textm.replacen("\"format\": 1,", "\"format\": 9,", 1);
+    assert_ne!(patched, textm);
+    let patched = patched.into_bytes();
+    manifest.copy_from_slice(&patched);
+    let sum: String = Sha256::digest(&patched)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    b[sat as usize..sat as usize + 64].copy_from_slice(sum.as_bytes());
+    std::fs::write(&newer, &b).expect("write");
+
+    for (file, expect) in [
+        (&truncated, "damaged or truncated"),
+        (&flipped, "checksum mismatch"),
+        (&foreign, "not a koprogo backup"),
+        (&text, "not a koprogo backup"),
+        (&newer, "newer koprogo"),
+    ] {
+        let (code, out) = restore(&a, file, &[]);
+        assert_eq!(code, 1, "{}: {out}", file.display());
+        assert!(
+            out.contains(expect),
+            "{}: expected {expect:?} in: {out}",
+            file.display()
+        );
+        assert!(out.contains("nothing was changed"), "{out}");
+        assert_eq!(snapshot(&a), before, "{} changed something", file.display());
+    }
+
+    // A backup of a newer database schema than the running API's.
+    psql(&a, "UPDATE demo_schema SET version = 99");
+    let newer_schema = backup_create(&a);
+    psql(&a, "UPDATE demo_schema SET version = 1");
+    let (code, out) = restore(&a, &newer_schema, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("schema is newer"), "{out}");
+    assert_eq!(snapshot(&a), before);
+    // Only two backups were made; no safety backup for a refused file.
+    let (_, list, _) = a.cli(&["backup", "list"]);
+    assert!(!list.contains("pre-restore"), "{list}");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+#[test]
+fn a_restore_whose_api_never_becomes_ready_is_rolled_back() {
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    psql(&a, "UPDATE demo_schema SET version = 99");
+    let poisoned = backup_create(&a);
+    psql(&a, "UPDATE demo_schema SET version = 1");
+    post(
+        &a,
+        "/api/v1/items",
+        "written after the backup, kept by the rollback",
+    );
+    let before = snapshot(&a);
+    let t = Instant::now();
+    // --force skips the schema check: the demo API exits 1 on schema 99.
+    let (code, out) = restore(&a, &poisoned, &["--force"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    assert!(!out.contains("ROLLBACK FAILED"), "{out}");
+    let st = a.wait_ready();
+    let mut after = snapshot(&a);
+    assert_ne!(after.api_pid, before.api_pid, "the API was restarted");
+    after.api_pid = before.api_pid;
+    assert_eq!(after, before, "the data is as before the restore");
+    assert_eq!(psql(&a, "SELECT max(version) FROM demo_schema"), "1");
+    let dbs = psql(
+        &a,
+        "SELECT string_agg(datname, ',') FROM pg_database WHERE datname LIKE 'koprogo%'",
+    );
+    assert_eq!(dbs, "koprogo");
+    let api_log = std::fs::read_to_string(a.path("logs/api.log")).expect("api log");
+    assert!(api_log.contains("newer than this binary"), "{api_log}");
+    eprintln!(
+        "rollback took {:.1}s; api restarts {}",
+        t.elapsed().as_secs_f64(),
+        Appliance::service(&st, "api").restarts
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+#[test]
+fn verify_good_and_corrupted_backups() {
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    let good = backup_create(&a);
+    let (code, out, err) = a.cli(&["backup", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("every count as in the manifest"), "{out}");
+    let (_, list, _) = a.cli(&["backup", "list"]);
+    assert!(list.contains("yes ("), "{list}");
+
+    // A damaged copy in the backup directory.
+    let mut bytes = std::fs::read(&good).expect("read");
+    let (at, len) = member_offset(&good, "db.dump");
+    bytes[(at + len - 3) as usize] ^= 0x40;
+    let bad = a.path("state/backups/koprogo-20000101T000000Z.kbk");
+    std::fs::write(&bad, &bytes).expect("write");
+    let (code, out, err) = a.cli(&["backup", "verify", bad.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("damaged"), "{err}");
+    let (_, list, _) = a.cli(&["backup", "list"]);
+    assert!(list.contains("FAILED"), "{list}");
+    let dbs = psql(
+        &a,
+        "SELECT string_agg(datname, ',') FROM pg_database WHERE datname LIKE 'koprogo%'",
+    );
+    assert_eq!(dbs, "koprogo", "scratch databases dropped");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+fn set_age(p: &Path, days: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .expect("open");
+    f.set_modified(SystemTime::now() - Duration::from_secs(days * 86400 + 600))
+        .expect("set mtime");
+}
+
+#[test]
+fn retention_by_count_and_age_keeps_the_newest_good_one_and_copy_hook_failures_show() {
+    // A daily time far from now, so the schedule is on but never fires here.
+    let later = chrono::Local::now() + chrono::Duration::hours(12);
+    let extra = format!(
+        "\n[backup]\nschedule = \"{}\"\nkeep = 3\nmax_age = \"2d\"\ncopy_command = [\"/bin/false\"]\n",
+        later.format("%H:%M")
+    );
+    let mut a = boot(&extra);
+    let st = a.status().expect("status").backup;
+    assert!(st.enabled && st.next_run.is_some(), "{st:?}");
+    seed(&a);
+    let first = backup_create(&a);
+    let dir = a.path("state/backups");
+    // Copies aged 1, 3, 4, 5 and 10 days.
+    let mut old = Vec::new();
+    for (i, days) in [1u64, 3, 4, 5, 10].iter().enumerate() {
+        let p = dir.join(format!("koprogo-2000010{i}T000000Z.kbk"));
+        std::fs::copy(&first, &p).expect("copy");
+        set_age(&p, *days);
+        old.push(p);
+    }
+    set_age(&first, 1);
+    let st = a.status().expect("status").backup;
+    assert!(
+        st.last_copy_error.is_some(),
+        "failing copy hook shows: {st:?}"
+    );
+    let newest = backup_create(&a);
+    let left: Vec<String> = koprogo::backup::retention::list(&dir)
+        .expect("list")
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    // Kept: the new one and those at most 2 days old (first, 2000-01-00's copy).
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(
+        newest.exists() && first.exists() && old[0].exists(),
+        "{left:?}"
+    );
+    assert!(old[1..].iter().all(|p| !p.exists()), "{left:?}");
+
+    // All too old: the newest good backup is still never deleted.
+    for e in koprogo::backup::retention::list(&dir).expect("list") {
+        set_age(&e.path, 30);
+    }
+    let (deleted, _) = koprogo::backup::retention::prune(
+        &dir,
+        3,
+        Duration::from_secs(2 * 86400),
+        None,
+        SystemTime::now(),
+    );
+    assert_eq!(deleted.len(), 2, "{deleted:?}");
+    assert_eq!(
+        koprogo::backup::retention::list(&dir).expect("list").len(),
+        1
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+/// Unmounts the tmpfs even when the test fails.
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn full_disk_during_backup_leaves_earlier_backups_and_no_partial_file() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut a = Appliance::new("\n[backup]\nenabled = false\ndir = \"bk\"\n");
+    let bk = a.path("bk");
+    std::fs::create_dir(&bk).expect("mkdir");
+    let who = nix::unistd::User::from_name("koprogo")
+        .expect("getpwnam")
+        .expect("user koprogo");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!("size=2m,mode=0750,uid={},gid={}", who.uid, who.gid))
+        .arg("tmpfs")
+        .arg(&bk)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    let _mount = Mount(bk.clone());
+    a.start();
+    a.wait_ready();
+    post(&a, "/api/v1/items", "small");
+    let first = backup_create(&a);
+    let first_bytes = std::fs::read(&first).expect("read");
+    // About 6 MB of incompressible rows: the next backup cannot fit in 2 MiB.
+    psql(
+        &a,
+        "INSERT INTO items (body) SELECT encode(gen_random_bytes(1024), 'base64') FROM generate_series(1, 6000)",
+    );
+    let (code, out, err) = a.cli(&["backup", "create"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert!(err.contains("earlier backups are untouched"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(&bk)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains(".part")),
+        "partial file left: {names:?}"
+    );
+    assert_eq!(
+        std::fs::read(&first).expect("read"),
+        first_bytes,
+        "earlier backup intact"
+    );
+    let st = a.status().expect("status").backup;
+    assert!(st.last_error.is_some_and(|e| e.contains("no space left")));
+    let (code, out, err) = a.cli(&["backup", "verify", first.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}{err}");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+#[test]
+fn encrypted_backup_round_trip_with_an_age_identity() {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let idf = dir.path().join("operator.key");
+    std::fs::write(&idf, format!("{}\n", id.to_string().expose_secret())).expect("key");
+    let copied = dir.path().join("offsite");
+    std::fs::create_dir(&copied).expect("mkdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&copied, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let extra = format!(
+        "\n[backup]\nenabled = false\nencrypt_to = \"{}\"\ncopy_command = [\"/bin/cp\", \"-t\", \"{}\"]\n",
+        id.to_public(),
+        copied.display()
+    );
+    let mut a = boot(&extra);
+    let (_, secret) = seed(&a);
+    let before = snapshot(&a);
+    let file = backup_create(&a);
+    assert!(
+        file.to_string_lossy().ends_with(".kbk.age"),
+        "{}",
+        file.display()
+    );
+    let raw = std::fs::read(&file).expect("read");
+    assert!(raw.starts_with(b"age-encryption.org/v1"));
+    assert!(!raw.windows(8).any(|w| w == b"db.dump\0"), "not in clear");
+    let copy = copied.join(file.file_name().expect("name"));
+    assert_eq!(std::fs::read(&copy).expect("copied by the hook"), raw);
+
+    let (code, _, err) = a.cli(&["backup", "verify"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--identity"), "{err}");
+    let (code, out, err) = a.cli(&[
+        "backup",
+        "verify",
+        "--identity",
+        idf.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    psql(&a, "DELETE FROM items; DELETE FROM secrets_demo;");
+    std::fs::remove_file(a.path("state/uploads/statutes.pdf")).expect("rm");
+    let (code, out) = restore(&a, &copy, &["--identity", idf.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    a.wait_ready();
+    let mut after = snapshot(&a);
+    after.api_pid = before.api_pid;
+    assert_eq!(after, before);
+    let (code, v) = get(&a, &format!("/api/v1/secrets/{secret}"));
+    assert_eq!(
+        (code, v["plaintext"].as_str()),
+        (200, Some("JBSWY3DPEHPK3PXP"))
+    );
+    // No decrypted copy left behind.
+    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".decrypted")),
+        "{names:?}"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
