@@ -119,7 +119,11 @@ pub fn preflight(cfg: &Config) -> Preflight {
             .into_iter()
             .chain(cfg.proxy.http.iter().map(|a| ("proxy.http", *a)))
             .chain(cfg.proxy.https.iter().map(|a| ("proxy.https", *a)))
-            .chain(cfg.metrics.enabled.then_some(("metrics.listen", cfg.metrics.listen)));
+            .chain(
+                cfg.metrics
+                    .enabled
+                    .then_some(("metrics.listen", cfg.metrics.listen)),
+            );
         for (key, addr) in addrs {
             if let Err(e) = TcpListener::bind(addr) {
                 let fix = match e.kind() {
