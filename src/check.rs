@@ -72,7 +72,7 @@ pub fn preflight(cfg: &Config) -> Preflight {
                     cmd.display()
                 ));
             } else if let Some(who) = &p.who {
-                if let Err(e) = privileges::reachable(cmd, who) {
+                if let Err(e) = privileges::executable_by(cmd, who) {
                     p.problems.push(format!(
                         "{}: backend.command = {}: {e}",
                         cfg.file.display(),

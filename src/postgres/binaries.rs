@@ -9,7 +9,7 @@ use crate::config::Config;
 /// The oldest major the appliance supports (trusted pgcrypto/uuid-ossp need 13;
 /// KoproGo is deployed on 15).
 pub const MIN_MAJOR: u32 = 15;
-const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
+pub const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
 
 #[derive(Debug, Clone)]
 pub struct Binaries {

@@ -34,21 +34,10 @@ pub fn cluster_major(data: &Path) -> Option<u32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// A cluster made by another major cannot be started by these binaries.
+/// A cluster made by another major cannot be started by these binaries; an older
+/// one is upgraded at start when its binaries are still installed (see `upgrade`).
 pub fn check_version(cfg: &Config, bins: &Binaries) -> Result<(), String> {
-    let data = data_dir(cfg);
-    match cluster_major(&data) {
-        Some(m) if m != bins.major => Err(format!(
-            "{}: the cluster in {} is PostgreSQL {m} but the binaries in {} are {}: \
-             install postgresql-{m} again, or set postgres.bin_dir to its bin directory \
-             (automatic upgrades come with the package)",
-            cfg.file.display(),
-            data.display(),
-            bins.dir.display(),
-            bins.major
-        )),
-        _ => Ok(()),
-    }
+    super::upgrade::check(cfg, bins)
 }
 
 /// Creates the cluster if there is none. Returns true when it did.

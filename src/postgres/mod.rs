@@ -6,6 +6,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod tuning;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +125,7 @@ impl ServiceSpec for PostgresService {
     }
 
     async fn prepare(&self, io: &ServiceIo) -> Result<ChildSpec> {
+        upgrade::prepare(&self.cfg, &self.bins, io).await?;
         cluster::ensure_initdb(&self.cfg, &self.bins, io).await?;
         cluster::write_managed_files(&self.cfg, &self.os_user)?;
         cluster::clear_stale_pid(&self.cfg).await?;
@@ -143,7 +145,9 @@ impl ServiceSpec for PostgresService {
     }
 
     async fn on_ready(&self) -> Result<()> {
-        self.db.ensure_app_database().await
+        self.db.ensure_app_database().await?;
+        upgrade::after_ready(&self.cfg, &self.db);
+        Ok(())
     }
 
     fn start_timeout(&self) -> Duration {

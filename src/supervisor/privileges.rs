@@ -135,6 +135,46 @@ pub fn running_pid(cfg: &Config) -> Option<String> {
     }
 }
 
+/// Does the permission `bit` (0o1 x, 0o2 w, 0o4 r) of `meta` apply to `who`?
+fn may(meta: &std::fs::Metadata, who: &Identity, bit: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if who.uid.is_root() {
+        return true;
+    }
+    let mode = meta.mode();
+    if meta.uid() == who.uid.as_raw() {
+        mode & (bit << 6) != 0
+    } else if meta.gid() == who.gid.as_raw() {
+        mode & (bit << 3) != 0
+    } else {
+        mode & bit != 0
+    }
+}
+
+/// Can `who` run the program `path`: every parent directory searchable and the
+/// file executable for it? (Writing is not needed: programs belong to root.)
+pub fn executable_by(path: &Path, who: &Identity) -> Result<(), String> {
+    let mut dir = path.to_path_buf();
+    while dir.pop() {
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            if !may(&meta, who, 0o1) {
+                use std::os::unix::fs::MetadataExt;
+                return Err(format!(
+                    "user {} cannot enter {} (mode {:o}): chmod o+x it or move the program",
+                    who.name,
+                    dir.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if may(&meta, who, 0o1) => Ok(()),
+        Ok(_) => Err(format!("not executable by user {}: chmod o+x it", who.name)),
+        Err(e) => Err(format!("cannot read it: {e}")),
+    }
+}
+
 /// Can `who` search (x) every existing ancestor of `path` and write the nearest
 /// existing one? Returns the first obstacle.
 pub fn reachable(path: &Path, who: &Identity) -> Result<(), String> {
@@ -198,4 +238,37 @@ pub fn reachable(path: &Path, who: &Identity) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn nobody() -> Identity {
+        Identity {
+            name: "nobody".into(),
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+        }
+    }
+
+    #[test]
+    fn a_program_owned_by_someone_else_is_executable_without_being_writable() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let prog = d.path().join("koprogo-api");
+        std::fs::write(&prog, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        if nix::unistd::Uid::effective() == nobody().uid {
+            return; // the test needs the file to belong to someone else
+        }
+        assert_eq!(executable_by(&prog, &nobody()), Ok(()));
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        assert!(executable_by(&prog, &nobody()).is_err());
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let e = executable_by(&prog, &nobody()).expect_err("dir not searchable");
+        assert!(e.contains("cannot enter"), "{e}");
+    }
 }
