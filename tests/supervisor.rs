@@ -655,3 +655,49 @@ fn runs_without_the_application_and_starts_it_once_installed() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+#[test]
+fn watchdog_pings_keep_their_pace_through_a_crash_loop() {
+    // A crash loop changes states every second or so; pings must not wait for calm.
+    let mut a = Appliance::new("[backend.env]\nDEMO_EXIT_AT_START = \"3\"\n");
+    let sock_path = a.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut cmd = a.cmd();
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "3000000");
+    a.start_with(cmd);
+    let start = Instant::now();
+    let mut pings = vec![start];
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < Duration::from_secs(9) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                pings.push(Instant::now());
+            }
+        }
+    }
+    let worst = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let tail = start.elapsed()
+        - pings
+            .last()
+            .map_or(Duration::ZERO, |p| p.duration_since(start));
+    assert!(pings.len() >= 5, "only {} pings in 9 s", pings.len() - 1);
+    assert!(
+        worst.max(tail) < Duration::from_millis(2600),
+        "a ping gap of {worst:?} (period 1.5 s)"
+    );
+    let st = a.status().expect("status");
+    assert!(
+        Appliance::service(&st, "api").failures >= 3,
+        "the crash loop ran"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

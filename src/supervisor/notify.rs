@@ -25,6 +25,7 @@ pub fn stopping() {
 /// "all ready" log line when every service is ready, watchdog pings meanwhile.
 pub async fn report(shared: Arc<Shared>) {
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut next_ping = tokio::time::Instant::now() + watchdog.unwrap_or_default();
     let mut states: Vec<_> = shared.services.iter().map(|s| s.state.clone()).collect();
     let mut told_ready = false;
     let mut last = String::new();
@@ -57,9 +58,16 @@ pub async fn report(shared: Arc<Shared>) {
         let changed = futures_any(&mut states);
         match watchdog {
             Some(period) => {
+                // A fixed schedule: state changes (a crash loop) must not postpone pings.
                 tokio::select! {
                     _ = changed => {}
-                    _ = tokio::time::sleep(period) => send(&[NotifyState::Watchdog]),
+                    _ = tokio::time::sleep_until(next_ping) => {
+                        send(&[NotifyState::Watchdog]);
+                        next_ping += period;
+                        if next_ping < tokio::time::Instant::now() {
+                            next_ping = tokio::time::Instant::now() + period;
+                        }
+                    }
                 }
             }
             None => changed.await,
