@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing (as root), builds the workspace
-# (the koprogo binary and the demo backend), then runs every test with
-# cargo-nextest (or cargo test when nextest is absent). Usage: scripts/test.sh
+# (the koprogo binary and the demo backend), runs the package tests when root
+# (packaging/test-package.sh all: lintian, systemd-analyze, install/upgrade/purge in
+# a booted Debian 12 container, PID 1, offline bundle, PostgreSQL 15 -> 17), then
+# every Rust test with cargo-nextest (or cargo test when nextest is absent), whose
+# summary line closes the output. Usage: scripts/test.sh
+#   KOPROGO_PACKAGE_TESTS=0   skip the package tests (they need root and a Debian mirror)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -10,8 +14,20 @@ koprogo_make_reachable "$PWD"
 
 export CARGO_TERM_COLOR=never
 cargo build --workspace --all-targets --locked
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast --failure-output final
+
+package_status=0
+if [[ ${KOPROGO_PACKAGE_TESTS:-1} != 0 && $(id -u) -eq 0 ]]; then
+  packaging/test-package.sh all 2>&1 | tee target/package-tests.log || package_status=1
+  [[ $package_status -eq 0 ]] || echo "package tests FAILED (log: target/package-tests.log); the Rust tests run anyway"
 else
-  cargo test --workspace --locked --no-fail-fast
+  echo "package tests skipped (need root; KOPROGO_PACKAGE_TESTS=${KOPROGO_PACKAGE_TESTS:-1})"
 fi
+
+rust_status=0
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast --failure-output final || rust_status=$?
+else
+  cargo test --workspace --locked --no-fail-fast || rust_status=$?
+fi
+[[ $package_status -eq 0 ]] || { echo "package tests FAILED: see target/package-tests.log" >&2; exit 1; }
+exit "$rust_status"
