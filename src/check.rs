@@ -38,6 +38,12 @@ pub fn preflight(cfg: &Config) -> Preflight {
     }
     p.notes
         .push(format!("TLS mode {:?}", cfg.tls.mode).to_lowercase());
+    if cfg.tls.mode == crate::config::TlsMode::Acme && cfg.tls.acme_ca_root.is_none() {
+        if let Some(w) = system_roots_warning() {
+            p.warnings
+                .push(format!("{}: tls.mode = \"acme\": {w}", cfg.file.display()));
+        }
+    }
     match binaries::find(cfg) {
         Ok(b) => {
             p.notes.push(format!(
@@ -143,4 +149,61 @@ pub fn preflight(cfg: &Config) -> Preflight {
         }
     }
     p
+}
+
+/// Where Debian, Fedora and Alpine keep the system's CA bundle (what ACME's HTTPS
+/// client trusts when `tls.acme_ca_root` is not set).
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Why the ACME client would find no CA to verify the directory with, if so.
+fn system_roots_warning() -> Option<String> {
+    if std::env::var_os("SSL_CERT_FILE").is_some() || std::env::var_os("SSL_CERT_DIR").is_some() {
+        return None;
+    }
+    roots_missing(&SYSTEM_BUNDLES)
+}
+
+fn roots_missing(bundles: &[&str]) -> Option<String> {
+    if bundles
+        .iter()
+        .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+    {
+        return None;
+    }
+    Some(format!(
+        "no system CA certificates ({} is missing), so the ACME directory's HTTPS cannot be \
+         verified and no certificate will be ordered: apt-get install ca-certificates \
+         (or set tls.acme_ca_root)",
+        bundles
+            .first()
+            .unwrap_or(&"/etc/ssl/certs/ca-certificates.crt")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_empty_ca_bundle_is_named_with_the_package_to_install() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let missing = d.path().join("ca-certificates.crt");
+        let missing = missing.to_str().expect("utf-8 temp path");
+        let w = roots_missing(&[missing]).expect("a warning");
+        assert!(
+            w.contains(missing) && w.contains("apt-get install ca-certificates"),
+            "{w}"
+        );
+        std::fs::write(missing, "").expect("write");
+        assert!(
+            roots_missing(&[missing]).is_some(),
+            "an empty bundle trusts nothing"
+        );
+        std::fs::write(missing, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        assert_eq!(roots_missing(&[missing]), None);
+    }
 }
