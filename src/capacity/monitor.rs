@@ -1,0 +1,136 @@
+//! The capacity watch inside `koprogo run`: every `capacity.interval` (5 minutes,
+//! like the old scripts' cron) it measures the report, logs each metric whose level
+//! changed (a warning or error line when it gets worse, an info line when it is back
+//! to ok; nothing while a level stays), records the day's database size, and keeps
+//! the last report for the Prometheus endpoint.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::{Level, Metric, Report};
+use crate::procfs::CpuTimes;
+use crate::supervisor::Shared;
+
+#[derive(Default)]
+pub struct Monitor {
+    cpu_base: Mutex<Option<(Instant, CpuTimes)>>,
+    last: Mutex<Option<Report>>,
+}
+
+impl Monitor {
+    pub fn new() -> Arc<Monitor> {
+        Arc::default()
+    }
+
+    /// Where the CPU window of the next measurement starts.
+    pub fn cpu_base(&self) -> Option<(Instant, CpuTimes)> {
+        self.cpu_base.lock().ok().and_then(|g| *g)
+    }
+
+    pub fn set_cpu_base(&self, at: Instant, t: CpuTimes) {
+        if let Ok(mut g) = self.cpu_base.lock() {
+            *g = Some((at, t));
+        }
+    }
+
+    /// The report of the last periodic check.
+    pub fn last(&self) -> Option<Report> {
+        self.last.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// The watch loop; runs until the task is aborted.
+    pub async fn run(shared: Arc<Shared>) {
+        let every = shared.cfg.capacity.interval;
+        tracing::info!("capacity: checking every {every:?}");
+        let mut levels: BTreeMap<String, Level> = BTreeMap::new();
+        let mut advice = super::recommend::Advice::Stay;
+        loop {
+            tokio::time::sleep(every).await;
+            let report = super::measure(&shared, true).await;
+            for (name, m) in &report.metrics {
+                let before = levels.insert(name.clone(), m.level).unwrap_or(Level::Ok);
+                log_change(name, before, m);
+            }
+            let now = report.recommendation.advice;
+            if now != advice {
+                let r = &report.recommendation;
+                if now == super::recommend::Advice::Stay {
+                    tracing::info!("capacity: recommendation back to: {}", r.summary);
+                } else {
+                    tracing::warn!(
+                        "capacity: recommendation: {} ({})",
+                        r.summary,
+                        r.reasons.join("; ")
+                    );
+                }
+                advice = now;
+            }
+            if let Ok(mut g) = shared.capacity.last.lock() {
+                *g = Some(report);
+            }
+        }
+    }
+}
+
+/// One line when `name` changed level from `before` to `m.level`.
+fn log_change(name: &str, before: Level, m: &Metric) {
+    if before == m.level {
+        return;
+    }
+    let line = describe(name, m);
+    match m.level {
+        Level::Critical => tracing::error!("capacity: {line}"),
+        Level::Warn => tracing::warn!("capacity: {line}"),
+        Level::Ok => tracing::info!("capacity: {name} back to ok: {}", value_text(m)),
+    }
+}
+
+/// "ram critical: 87.2 % (warn at 75, critical at 85): 1.6 GiB of 1.9 GiB used".
+pub fn describe(name: &str, m: &Metric) -> String {
+    let limits = m
+        .thresholds
+        .map_or(String::new(), |t| format!(" ({})", thresholds_text(&t)));
+    format!(
+        "{name} {}: {}{limits}: {}",
+        m.level.as_str(),
+        value_text(m),
+        m.detail
+    )
+}
+
+/// "warn at 75, critical at 85" / "warn below 95, critical below 90" / "warn at 20".
+pub fn thresholds_text(t: &super::Thresholds) -> String {
+    let side = match t.worse {
+        super::levels::Worse::Above => "at",
+        super::levels::Worse::Below => "below",
+    };
+    match t.critical {
+        Some(c) => format!("warn {side} {}, critical {side} {c}", t.warn),
+        None => format!("warn {side} {}", t.warn),
+    }
+}
+
+pub fn value_text(m: &Metric) -> String {
+    match m.value {
+        None => "unknown".into(),
+        Some(v) => match m.unit.as_str() {
+            "bytes" => crate::backup::human_size(v.max(0.0) as u64),
+            "bytes/day" => format!("{}/day", signed_size(v)),
+            "s" => format!("{:.1} ms", v * 1000.0),
+            "%" => format!("{v:.1} %"),
+            "per core" => format!("{v:.2} per core"),
+            "connections" => format!("{v:.0} connections"),
+            u => format!("{v} {u}"),
+        },
+    }
+}
+
+pub fn signed_size(v: f64) -> String {
+    let s = crate::backup::human_size(v.abs() as u64);
+    if v < 0.0 {
+        format!("-{s}")
+    } else {
+        s
+    }
+}
