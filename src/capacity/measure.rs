@@ -85,7 +85,7 @@ pub async fn measure(shared: &Shared, scheduled: bool) -> Report {
 
     let level = m.values().map(|x| x.level).max().unwrap_or(Level::Ok);
     let ram_bytes = mem.map(|(total, _)| total);
-    let recommendation = recommend::advise(&m, condominiums, ram_bytes);
+    let recommendation = recommend::advise(&m, condominiums, ram_bytes, cores);
     Report {
         time: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         level,

@@ -2,7 +2,8 @@
 //! like the old scripts' cron) it measures the report, logs each metric whose level
 //! changed (a warning or error line when it gets worse, an info line when it is back
 //! to ok; nothing while a level stays), records the day's database size, and keeps
-//! the last report for the Prometheus endpoint.
+//! the last report for the Prometheus endpoint. The first check waits until
+//! PostgreSQL has been ready once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,11 @@ impl Monitor {
     /// The watch loop; runs until the task is aborted.
     pub async fn run(shared: Arc<Shared>) {
         let every = shared.cfg.capacity.interval;
+        // Not during boot: PostgreSQL not answering yet is no capacity problem.
+        if let Some(pg) = shared.services.iter().find(|s| s.name == "postgres") {
+            let mut state = pg.state.clone();
+            let _ = state.wait_for(|s| s.ready()).await;
+        }
         tracing::info!("capacity: checking every {every:?}");
         let mut levels: BTreeMap<String, Level> = BTreeMap::new();
         let mut advice = super::recommend::Advice::Stay;
@@ -120,7 +126,7 @@ pub fn value_text(m: &Metric) -> String {
             "s" => format!("{:.1} ms", v * 1000.0),
             "%" => format!("{v:.1} %"),
             "per core" => format!("{v:.2} per core"),
-            "connections" => format!("{v:.0} connections"),
+            "connections" => format!("{v:.0}"),
             u => format!("{v} {u}"),
         },
     }

@@ -4,8 +4,8 @@
 //! - the condominium count (rows of `buildings`) against the old capacity
 //!   calculator's tiers: under 100 fit the 2 GB / 1 vCPU VPS, under 500 want 4 GB /
 //!   2 vCPU, under 2000 want 8 GB / 4 vCPU, 2000 and more a separate database
-//!   server. A machine counts as a tier when it has at least 90 % of the tier's
-//!   RAM (a "2 GB" VPS shows about 1.9 GiB);
+//!   server. A machine reaches a tier when it has its cores and at least 90 % of
+//!   its RAM (a "2 GB" VPS shows about 1.9 GiB);
 //! - the measured load: a critical RAM, CPU, load, disk, pool or cache hit ratio
 //!   level asks for the next tier up; on a machine already at the largest tier, a
 //!   separate database server. Warnings only say what to watch; dead tuples ask for
@@ -72,11 +72,14 @@ const SIZING: [&str; 6] = [
     "cache_hit_ratio",
 ];
 
-/// The largest tier this machine's RAM reaches (index into TIERS; 0 when smaller).
-fn machine_tier(ram_bytes: u64) -> usize {
+/// The largest tier this machine's RAM and cores reach (index into TIERS; 0 when
+/// smaller).
+fn machine_tier(ram_bytes: u64, cores: u64) -> usize {
     TIERS
         .iter()
-        .rposition(|t| ram_bytes as f64 >= t.ram_gib as f64 * 0.9 * (1u64 << 30) as f64)
+        .rposition(|t| {
+            ram_bytes as f64 >= t.ram_gib as f64 * 0.9 * (1u64 << 30) as f64 && cores >= t.vcpus
+        })
         .unwrap_or(0)
 }
 
@@ -84,13 +87,14 @@ fn tier_text(t: &Tier) -> String {
     format!("{} GB RAM, {} vCPU", t.ram_gib, t.vcpus)
 }
 
-/// The recommendation for these metrics, condominium count and machine RAM.
+/// The recommendation for these metrics, condominium count, machine RAM and cores.
 pub fn advise(
     metrics: &BTreeMap<String, Metric>,
     condominiums: Option<i64>,
     ram_bytes: Option<u64>,
+    cores: u64,
 ) -> Recommendation {
-    let here = ram_bytes.map_or(0, machine_tier);
+    let here = ram_bytes.map_or(0, |r| machine_tier(r, cores));
     let mut reasons = Vec::new();
     let mut advice = Advice::Stay;
     let mut want = here;
@@ -210,63 +214,80 @@ mod tests {
     #[test]
     fn tiers_by_condominium_count() {
         let ok = with(&[("ram", Level::Ok)]);
-        let r = advise(&ok, Some(99), Some(VPS_2GB));
+        let r = advise(&ok, Some(99), Some(VPS_2GB), 1);
         assert_eq!(r.advice, Advice::Stay, "{r:?}");
-        let r = advise(&ok, Some(100), Some(VPS_2GB));
+        let r = advise(&ok, Some(100), Some(VPS_2GB), 1);
         assert_eq!(r.advice, Advice::BiggerVps, "{r:?}");
         assert!(r.summary.contains("4 GB RAM, 2 vCPU"), "{r:?}");
-        let r = advise(&ok, Some(499), Some(4 * GIB));
+        let r = advise(&ok, Some(499), Some(4 * GIB), 2);
         assert_eq!(r.advice, Advice::Stay, "{r:?}");
-        let r = advise(&ok, Some(500), Some(4 * GIB));
+        let r = advise(&ok, Some(500), Some(4 * GIB), 2);
         assert_eq!(r.advice, Advice::BiggerVps, "{r:?}");
         assert!(r.summary.contains("8 GB RAM, 4 vCPU"), "{r:?}");
-        let r = advise(&ok, Some(500), Some(VPS_2GB));
+        let r = advise(&ok, Some(500), Some(VPS_2GB), 1);
         assert!(r.summary.contains("8 GB"), "the tier for the count: {r:?}");
-        let r = advise(&ok, Some(1999), Some(16 * GIB));
+        let r = advise(&ok, Some(1999), Some(16 * GIB), 8);
         assert_eq!(r.advice, Advice::Stay, "{r:?}");
-        let r = advise(&ok, Some(2000), Some(16 * GIB));
+        let r = advise(&ok, Some(2000), Some(16 * GIB), 8);
         assert_eq!(r.advice, Advice::SeparateDatabase, "{r:?}");
     }
 
     #[test]
     fn measured_load_alone() {
-        let r = advise(&with(&[("cpu", Level::Warn)]), None, Some(VPS_2GB));
+        let r = advise(&with(&[("cpu", Level::Warn)]), None, Some(VPS_2GB), 1);
         assert_eq!(r.advice, Advice::Stay, "{r:?}");
         assert!(r.reasons.iter().any(|x| x.contains("no buildings table")));
         assert!(r.reasons.iter().any(|x| x.contains("watch: cpu")));
-        let r = advise(&with(&[("ram", Level::Critical)]), None, Some(VPS_2GB));
+        let r = advise(&with(&[("ram", Level::Critical)]), None, Some(VPS_2GB), 1);
         assert_eq!(r.advice, Advice::BiggerVps, "{r:?}");
         assert!(r.summary.contains("4 GB"), "{r:?}");
         let r = advise(
             &with(&[("load_per_core", Level::Critical)]),
             None,
             Some(4 * GIB),
+            2,
         );
         assert!(r.summary.contains("8 GB"), "{r:?}");
-        let r = advise(&with(&[("disk", Level::Critical)]), Some(10), Some(8 * GIB));
+        let r = advise(
+            &with(&[("disk", Level::Critical)]),
+            Some(10),
+            Some(8 * GIB),
+            4,
+        );
         assert_eq!(r.advice, Advice::SeparateDatabase, "{r:?}");
     }
 
     #[test]
     fn the_stronger_advice_wins_and_vacuum_is_not_sizing() {
         let m = with(&[("cpu", Level::Critical), ("dead_tuples_ratio", Level::Warn)]);
-        let r = advise(&m, Some(2500), Some(VPS_2GB));
+        let r = advise(&m, Some(2500), Some(VPS_2GB), 1);
         assert_eq!(r.advice, Advice::SeparateDatabase, "{r:?}");
         let r = advise(
             &with(&[("dead_tuples_ratio", Level::Warn)]),
             Some(5),
             Some(VPS_2GB),
+            1,
         );
         assert_eq!(r.advice, Advice::Stay, "{r:?}");
         assert!(r.reasons.iter().any(|x| x.contains("VACUUM")), "{r:?}");
     }
 
     #[test]
-    fn machine_tiers_allow_for_reported_ram() {
-        assert_eq!(machine_tier(512 << 20), 0);
-        assert_eq!(machine_tier(VPS_2GB), 0);
-        assert_eq!(machine_tier(3_800 * (1 << 20)), 1);
-        assert_eq!(machine_tier(7_500 * (1 << 20)), 2);
-        assert_eq!(machine_tier(64 * GIB), 2);
+    fn machine_tiers_allow_for_reported_ram_and_need_the_cores() {
+        assert_eq!(machine_tier(512 << 20, 1), 0);
+        assert_eq!(machine_tier(VPS_2GB, 1), 0);
+        assert_eq!(machine_tier(3_800 * (1 << 20), 2), 1);
+        assert_eq!(machine_tier(7_500 * (1 << 20), 4), 2);
+        assert_eq!(machine_tier(64 * GIB, 16), 2);
+        // Plenty of RAM but 2 cores: the 2-vCPU tier.
+        assert_eq!(machine_tier(24 * GIB, 2), 1);
+        let r = advise(
+            &with(&[("cpu", Level::Critical)]),
+            Some(3),
+            Some(24 * GIB),
+            2,
+        );
+        assert_eq!(r.advice, Advice::BiggerVps, "{r:?}");
+        assert!(r.summary.contains("8 GB RAM, 4 vCPU"), "{r:?}");
     }
 }
