@@ -324,6 +324,13 @@ fn capacity_history_survives_a_restart_and_a_corrupt_file_is_kept() {
         note.contains(&file.display().to_string()) && note.contains("move it away"),
         "{note}"
     );
+    let (code, out, err) = a.cli(&["check"]);
+    assert_eq!(code, 0, "a warning, not a problem: {out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("warning: ") && l.contains("capacity-history.json")),
+        "{out}"
+    );
     let line = wait_log(
         &a,
         "capacity: database_growth warn",
