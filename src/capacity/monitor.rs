@@ -140,3 +140,32 @@ pub fn signed_size(v: f64) -> String {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::levels;
+
+    #[test]
+    fn log_lines_name_value_thresholds_and_detail() {
+        let m = Metric::judged(87.25, "%", levels::RAM, "1.6 GiB of 1.9 GiB used".into());
+        assert_eq!(
+            describe("ram", &m),
+            "ram critical: 87.2 % (warn at 75, critical at 85): 1.6 GiB of 1.9 GiB used"
+        );
+        let m = Metric::judged(92.0, "%", levels::CACHE_HIT, "d".into());
+        assert_eq!(
+            describe("cache_hit_ratio", &m),
+            "cache_hit_ratio warn: 92.0 % (warn below 95, critical below 90): d"
+        );
+        let m = Metric::unavailable("connections", None, "PostgreSQL did not answer".into());
+        assert_eq!(
+            describe("postgres_connections_total", &m),
+            "postgres_connections_total warn: unknown: PostgreSQL did not answer"
+        );
+        let m = Metric::info(Some(-2048.0), "bytes/day", String::new());
+        assert_eq!(value_text(&m), "-2.0 KiB/day");
+        let m = Metric::info(Some(0.0025), "s", String::new());
+        assert_eq!(value_text(&m), "2.5 ms");
+    }
+}
