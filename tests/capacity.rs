@@ -202,6 +202,23 @@ fn capacity_reports_every_metric_in_text_and_json() {
         .samples
         .iter()
         .any(|s| s.metric == "koprogo_capacity_advice"));
+
+    // PostgreSQL stopped: its metrics are unknown warnings that say why.
+    let (code, out, err) = a.cli(&["stop", "postgres"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, v) = capacity_json(&a);
+    assert_eq!(code, 1, "{v:#}");
+    for name in ["postgres_connections", "cache_hit_ratio", "database_size"] {
+        let m = &v["metrics"][name];
+        assert!(m["value"].is_null() && m["level"] == "warn", "{name}: {m}");
+        assert!(
+            m["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("PostgreSQL did not answer")),
+            "{m}"
+        );
+    }
+    assert!(v["condominiums"].is_null(), "{v:#}");
     a.stop();
     let (code, out, err) = a.cli(&["capacity", "--json"]);
     assert_eq!(code, 3, "{out}{err}");

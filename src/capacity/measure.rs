@@ -49,7 +49,7 @@ pub async fn measure(shared: &Shared, scheduled: bool) -> Report {
         },
     );
     let (size, condominiums, condominiums_source) = postgres(shared, &mut m).await;
-    m.insert("p99_latency".into(), p99(shared));
+    m.insert("p99_latency".into(), p99(shared, scheduled));
 
     let mut history = History::load(state);
     if scheduled && history.problem.is_none() {
@@ -281,27 +281,50 @@ async fn postgres(
     (Some(st.size_bytes), condos, source)
 }
 
-fn p99(shared: &Shared) -> Metric {
-    let snap = shared.proxy.snapshot();
-    match snap.p99_seconds {
-        Some(p) => Metric::info(
+/// p99 of the requests since the watch's previous check; since koprogo started
+/// when there were none in that window (or no check yet).
+fn p99(shared: &Shared, scheduled: bool) -> Metric {
+    use crate::proxy::stats::p99 as percentile;
+    let now = shared.proxy.latency_counts();
+    let base = shared.capacity.latency_base();
+    if scheduled {
+        shared.capacity.set_latency_base(Instant::now(), now);
+    }
+    let recent = base.and_then(|(at, before)| {
+        let delta: [u64; 13] = std::array::from_fn(|i| now[i].saturating_sub(before[i]));
+        let n: u64 = delta.iter().sum();
+        (n > 0).then(|| (percentile(&delta), n, at.elapsed()))
+    });
+    let (p, n, window) = match recent {
+        Some((p, n, age)) => (
+            p,
+            n,
+            format!(
+                "the last {:.0} s (since the watch's previous check)",
+                age.as_secs_f64()
+            ),
+        ),
+        None => (
+            percentile(&now),
+            now.iter().sum(),
+            "koprogo's start".to_string(),
+        ),
+    };
+    match p {
+        None => Metric::info(None, "s", "no request through the proxy yet".into()),
+        Some(p) if p.is_finite() => Metric::info(
             Some(p),
             "s",
             format!(
-                "at most {} (bucket bound of the proxy's latency histogram) over {} requests since koprogo started",
-                seconds(p),
-                snap.requests
+                "at most {} (bucket bound of the proxy's latency histogram), {n} requests over {window}",
+                seconds(p)
             ),
         ),
-        None if snap.requests > 0 => Metric::info(
+        Some(_) => Metric::info(
             None,
             "s",
-            format!(
-                "over 10 s (past the histogram's last bucket), {} requests",
-                snap.requests
-            ),
+            format!("more than 10 s (past the histogram's last bucket), {n} requests over {window}"),
         ),
-        None => Metric::info(None, "s", "no request through the proxy yet".into()),
     }
 }
 

@@ -13,9 +13,13 @@ use super::{Level, Metric, Report};
 use crate::procfs::CpuTimes;
 use crate::supervisor::Shared;
 
+/// The proxy's latency bucket counts at some instant.
+pub type LatencyCounts = [u64; 13];
+
 #[derive(Default)]
 pub struct Monitor {
     cpu_base: Mutex<Option<(Instant, CpuTimes)>>,
+    latency_base: Mutex<Option<(Instant, LatencyCounts)>>,
     last: Mutex<Option<Report>>,
 }
 
@@ -32,6 +36,17 @@ impl Monitor {
     pub fn set_cpu_base(&self, at: Instant, t: CpuTimes) {
         if let Ok(mut g) = self.cpu_base.lock() {
             *g = Some((at, t));
+        }
+    }
+
+    /// The proxy's latency histogram at the previous periodic check.
+    pub fn latency_base(&self) -> Option<(Instant, LatencyCounts)> {
+        self.latency_base.lock().ok().and_then(|g| *g)
+    }
+
+    pub fn set_latency_base(&self, at: Instant, c: LatencyCounts) {
+        if let Ok(mut g) = self.latency_base.lock() {
+            *g = Some((at, c));
         }
     }
 
