@@ -1,7 +1,7 @@
 //! Environment checks shared by `koprogo check` and `koprogo run` (which refuses to
 //! start on any problem, before creating anything): PostgreSQL binaries and version,
 //! an existing cluster's version, the API binary, the service user, directories,
-//! free ports. Each problem is one line naming what is wrong and what to do.
+//! free ports; a warning for a capacity history file that cannot be read. Each problem is one line naming what is wrong and what to do.
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -113,6 +113,12 @@ pub fn preflight(cfg: &Config) -> Preflight {
                     dir.display()
                 ));
             }
+        }
+    }
+    // Readable state only (an operator's own account may not enter it).
+    if std::fs::read_dir(&cfg.paths.state).is_ok() {
+        if let Some(why) = crate::capacity::history::History::load(&cfg.paths.state).problem {
+            p.warnings.push(why);
         }
     }
     if let Some(pid) = privileges::running_pid(cfg) {

@@ -42,6 +42,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Capacity report: RAM, CPU, load, disk, PostgreSQL, latency, growth, and a
+    /// recommendation. Exit 0 when every metric is ok, 1 on any warning or critical.
+    Capacity {
+        /// Machine-readable output (stable field names).
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a stopped service.
     Start { service: String },
     /// Stop a service (it stays stopped until `start`).
@@ -145,6 +152,7 @@ pub fn main() -> ExitCode {
         Command::Run => run(cfg),
         Command::Check => check(&cfg),
         Command::Status { json } => status(&cfg, json),
+        Command::Capacity { json } => capacity(&cfg, json),
         Command::Start { service } => command(&cfg, Request::Start { service }),
         Command::Stop { service } => command(&cfg, Request::Stop { service }),
         Command::Restart { service } => command(&cfg, Request::Restart { service }),
@@ -381,6 +389,42 @@ fn status(cfg: &Config, json: bool) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+fn capacity(cfg: &Config, json: bool) -> ExitCode {
+    let resp = match control::request(cfg, &Request::Capacity) {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                println!("{{\"running\":false}}");
+            }
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(3);
+        }
+    };
+    let Some(report) = resp.capacity else {
+        eprintln!(
+            "koprogo: the running supervisor gave no capacity report{}",
+            if resp.message.is_empty() {
+                " (is it an older version? restart it after an upgrade)".to_string()
+            } else {
+                format!(": {}", resp.message)
+            }
+        );
+        return ExitCode::from(1);
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("koprogo: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print!("{}", crate::capacity::render::text(&report));
+    }
+    ExitCode::from(report.exit_code())
 }
 
 fn human_bytes(b: Option<u64>) -> String {

@@ -65,6 +65,8 @@ pub struct Config {
     pub metrics: Metrics,
     #[serde(default)]
     pub backup: Backup,
+    #[serde(default)]
+    pub capacity: Capacity,
     /// The file this was read from (not a key).
     #[serde(skip)]
     pub file: PathBuf,
@@ -322,6 +324,30 @@ impl Default for Backup {
             copy_command: None,
         }
     }
+}
+
+/// `[capacity]`: the running supervisor's capacity check (`koprogo capacity`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// How often the thresholds are checked (the old monitoring cron: 5 minutes).
+    #[serde(
+        default = "default_capacity_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub interval: Duration,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            interval: default_capacity_interval(),
+        }
+    }
+}
+
+fn default_capacity_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_backup_schedule() -> String {
@@ -814,6 +840,14 @@ impl Config {
                 &e,
             ));
         }
+        let every = self.capacity.interval;
+        if every < Duration::from_secs(1) || every > Duration::from_secs(86400) {
+            return Err(self.err(
+                "capacity.interval",
+                &format!("{every:?}"),
+                "use a duration from \"1s\" to \"1d\" (the default is \"5m\")",
+            ));
+        }
         if self.backup.keep == 0 {
             return Err(self.err("backup.keep", &0, "keep at least 1 backup"));
         }
@@ -1015,5 +1049,17 @@ mod tests {
         let c = parse("[postgres]\nmemory = \"1GiB\"\nstop_timeout = \"90s\"\n").expect("valid");
         assert_eq!(c.postgres.memory, MemoryBudget::Bytes(1 << 30));
         assert_eq!(c.postgres.stop_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn capacity_interval() {
+        assert_eq!(
+            parse("").expect("default").capacity.interval,
+            Duration::from_secs(300)
+        );
+        let c = parse("[capacity]\ninterval = \"2s\"\n").expect("2s");
+        assert_eq!(c.capacity.interval, Duration::from_secs(2));
+        let e = parse("[capacity]\ninterval = \"0s\"\n").expect_err("0s");
+        assert!(e.0.contains("capacity.interval"), "{e}");
     }
 }

@@ -1,6 +1,6 @@
 //! The control socket `<run>/control.sock` (0600): one JSON request line, one JSON
 //! answer line. The server side reads supervisor state and forwards commands; the
-//! client side is what `koprogo status|start|stop|restart` use.
+//! client side is what `koprogo status|start|stop|restart|capacity|…` use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub enum Request {
     CertRenew,
     /// `koprogo admin-password --reset`: a new superadmin password, applied now.
     AdminPasswordReset,
+    /// `koprogo capacity`: the capacity report, measured now.
+    Capacity,
     /// `koprogo backup create`: a backup now (then retention and the copy hook).
     BackupCreate,
     /// `koprogo backup verify [FILE]`: check `file` (default: the newest backup) and
@@ -62,6 +64,8 @@ pub struct Response {
     pub message: String,
     #[serde(default)]
     pub status: Option<StatusReport>,
+    #[serde(default)]
+    pub capacity: Option<Box<crate::capacity::Report>>,
 }
 
 pub fn socket_path(cfg: &Config) -> PathBuf {
@@ -109,6 +113,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
             ok: false,
             message: format!("bad request: {e}"),
             status: None,
+            capacity: None,
         },
         Ok(Request::CertRenew) => {
             shared.tls.renew_now();
@@ -116,6 +121,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 ok: true,
                 message: "certificate renewal started: follow it with `koprogo cert status`".into(),
                 status: None,
+                capacity: None,
             }
         }
         Ok(Request::AdminPasswordReset) => match shared.reset_admin_password().await {
@@ -123,17 +129,26 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 ok: true,
                 message: pw,
                 status: None,
+                capacity: None,
             },
             Err(e) => Response {
                 ok: false,
                 message: format!("{e:#}"),
                 status: None,
+                capacity: None,
             },
         },
         Ok(Request::Status) => Response {
             ok: true,
             message: String::new(),
             status: Some(shared.status()),
+            capacity: None,
+        },
+        Ok(Request::Capacity) => Response {
+            ok: true,
+            message: String::new(),
+            status: None,
+            capacity: Some(Box::new(crate::capacity::measure(&shared, false).await)),
         },
         Ok(Request::BackupCreate) => backup_response(
             shared
@@ -155,6 +170,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 Request::Status
                 | Request::CertRenew
                 | Request::AdminPasswordReset
+                | Request::Capacity
                 | Request::BackupCreate
                 | Request::BackupVerify { .. }
                 | Request::Restore { .. } => ("status", &String::new()),
@@ -164,11 +180,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                     ok: true,
                     message: m,
                     status: None,
+                    capacity: None,
                 },
                 Err(m) => Response {
                     ok: false,
                     message: m,
                     status: None,
+                    capacity: None,
                 },
             }
         }
@@ -185,11 +203,13 @@ fn backup_response(r: Result<String>) -> Response {
             ok: true,
             message: m,
             status: None,
+            capacity: None,
         },
         Err(e) => Response {
             ok: false,
             message: format!("{e:#}"),
             status: None,
+            capacity: None,
         },
     }
 }

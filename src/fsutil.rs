@@ -50,6 +50,40 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
+/// Size, used and available bytes of the filesystem holding `path`, the way `df`
+/// counts them: used = size - free; available = what unprivileged users may still
+/// write (the root reserve excluded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub size: u64,
+    pub used: u64,
+    pub available: u64,
+}
+
+impl DiskUsage {
+    /// Used share as `df`'s Use%: used / (used + available), 0..=1.
+    pub fn used_ratio(&self) -> f64 {
+        let denom = self.used + self.available;
+        if denom == 0 {
+            0.0
+        } else {
+            self.used as f64 / denom as f64
+        }
+    }
+}
+
+pub fn disk_usage(path: &Path) -> std::io::Result<DiskUsage> {
+    let fs = nix::sys::statvfs::statvfs(path)?;
+    let frag = fs.fragment_size() as u64;
+    let size = fs.blocks() as u64 * frag;
+    let free = fs.blocks_free() as u64 * frag;
+    Ok(DiskUsage {
+        size,
+        used: size.saturating_sub(free),
+        available: fs.blocks_available() as u64 * frag,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod backend;
 pub mod backup;
+pub mod capacity;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -1,8 +1,9 @@
 //! The Prometheus endpoint (`[metrics] listen`, loopback only): per service up /
 //! ready / restarts / memory / CPU, proxy requests and latency, connections and TLS
 //! handshakes, certificate expiry, log drops, disk, memory and load of the host,
-//! and PostgreSQL connections, size, cache hit ratio and dead tuples. Rendered on
-//! each scrape from the supervisor's state (read only) and a few SQL queries.
+//! PostgreSQL connections, size, cache hit ratio and dead tuples, and the levels of
+//! the capacity watch's last check. Rendered on each scrape from the supervisor's
+//! state (read only) and a few SQL queries.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -14,7 +15,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 
-use crate::postgres::cluster::APP_DB;
 use crate::proxy::stats::LATENCY_BUCKETS;
 use crate::proxy::{text, Body};
 use crate::supervisor::Shared;
@@ -336,63 +336,87 @@ pub async fn render(shared: &Shared) -> String {
 
     host(&mut o, shared);
     postgres(&mut o, shared).await;
+    capacity(&mut o, shared);
     o.0
+}
+
+/// The levels of the capacity watch's last check (none before the first one).
+fn capacity(o: &mut Out, shared: &Shared) {
+    let Some(r) = shared.capacity.last() else {
+        return;
+    };
+    o.family(
+        "koprogo_capacity_level",
+        "gauge",
+        "Level of each capacity metric at the last check: 0 ok, 1 warn, 2 critical.",
+    );
+    for name in crate::capacity::METRICS {
+        if let Some(m) = r.metric(name) {
+            o.sample(
+                "koprogo_capacity_level",
+                &[("metric", name)],
+                m.level.number(),
+            );
+        }
+    }
+    let advice = match r.recommendation.advice {
+        crate::capacity::recommend::Advice::Stay => 0.0,
+        crate::capacity::recommend::Advice::BiggerVps => 1.0,
+        crate::capacity::recommend::Advice::SeparateDatabase => 2.0,
+    };
+    o.one(
+        "koprogo_capacity_advice",
+        "gauge",
+        "Recommendation at the last check: 0 stay, 1 bigger VPS, 2 separate database server.",
+        advice,
+    );
+    if let Some(v) = r.growth.bytes_per_day {
+        o.one(
+            "koprogo_postgres_database_growth_bytes_per_day",
+            "gauge",
+            "Growth of the koprogo database over the capacity history.",
+            v,
+        );
+    }
 }
 
 /// Disk of the state directory, memory and load of the host.
 fn host(o: &mut Out, shared: &Shared) {
-    if let Ok(fs) = nix::sys::statvfs::statvfs(&shared.cfg.paths.state) {
-        let frag = fs.fragment_size() as f64;
+    if let Ok(d) = crate::fsutil::disk_usage(&shared.cfg.paths.state) {
         o.one(
             "koprogo_disk_size_bytes",
             "gauge",
             "Size of the filesystem holding the state directory.",
-            fs.blocks() as f64 * frag,
+            d.size as f64,
         );
         o.one(
             "koprogo_disk_available_bytes",
             "gauge",
             "Bytes available to unprivileged users on that filesystem.",
-            fs.blocks_available() as f64 * frag,
+            d.available as f64,
         );
     }
-    if let Ok(mem) = std::fs::read_to_string("/proc/meminfo") {
-        let kb = |key: &str| {
-            mem.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| {
-                    l[key.len()..]
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-                .map(|v| v * 1024.0)
-        };
-        if let (Some(total), Some(avail)) = (kb("MemTotal:"), kb("MemAvailable:")) {
-            o.one("koprogo_memory_total_bytes", "gauge", "Host RAM.", total);
-            o.one(
-                "koprogo_memory_available_bytes",
-                "gauge",
-                "Host RAM available.",
-                avail,
-            );
-        }
+    if let Some((total, avail)) = crate::procfs::meminfo() {
+        o.one(
+            "koprogo_memory_total_bytes",
+            "gauge",
+            "Host RAM.",
+            total as f64,
+        );
+        o.one(
+            "koprogo_memory_available_bytes",
+            "gauge",
+            "Host RAM available.",
+            avail as f64,
+        );
     }
-    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
-        if let Some(v) = l
-            .split_whitespace()
-            .next()
-            .and_then(|x| x.parse::<f64>().ok())
-        {
-            o.one(
-                "koprogo_load1",
-                "gauge",
-                "1-minute load average of the host.",
-                v,
-            );
-        }
+    if let Some([l1, _, _]) = crate::procfs::loadavg() {
+        o.one(
+            "koprogo_load1",
+            "gauge",
+            "1-minute load average of the host.",
+            l1,
+        );
     }
     o.one(
         "koprogo_cpu_cores",
@@ -402,48 +426,11 @@ fn host(o: &mut Out, shared: &Shared) {
     );
 }
 
-/// Connections, size, cache hit ratio and dead tuples, by SQL (bounded).
+/// Connections, size, cache hit ratio and dead tuples, by SQL (bounded; the queries
+/// are shared with `koprogo capacity` in `postgres::stats`).
 async fn postgres(o: &mut Out, shared: &Shared) {
-    let q = async {
-        let c = shared.db.connect(APP_DB).await?;
-        let conns: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
-                &[],
-            )
-            .await?
-            .get(0);
-        let max: String = c.query_one("SHOW max_connections", &[]).await?.get(0);
-        let size: i64 = c
-            .query_one("SELECT pg_database_size(current_database())", &[])
-            .await?
-            .get(0);
-        let row = c
-            .query_one(
-                "SELECT coalesce(sum(blks_hit), 0)::float8, coalesce(sum(blks_read), 0)::float8 FROM pg_stat_database",
-                &[],
-            )
-            .await?;
-        let (hit, read): (f64, f64) = (row.get(0), row.get(1));
-        let row = c
-            .query_one(
-                "SELECT coalesce(sum(n_dead_tup), 0)::float8, coalesce(sum(n_live_tup), 0)::float8 FROM pg_stat_user_tables",
-                &[],
-            )
-            .await?;
-        let (dead, live): (f64, f64) = (row.get(0), row.get(1));
-        Ok::<_, anyhow::Error>((
-            conns,
-            max.parse::<f64>().unwrap_or(0.0),
-            size,
-            hit,
-            read,
-            dead,
-            live,
-        ))
-    };
-    match tokio::time::timeout(Duration::from_secs(3), q).await {
-        Ok(Ok((conns, max, size, hit, read, dead, live))) => {
+    match crate::postgres::stats::collect(&shared.db, false).await {
+        Ok((st, _)) => {
             o.one(
                 "koprogo_postgres_up",
                 "gauge",
@@ -454,50 +441,46 @@ async fn postgres(o: &mut Out, shared: &Shared) {
                 "koprogo_postgres_connections",
                 "gauge",
                 "Client connections to PostgreSQL.",
-                conns as f64,
+                st.connections as f64,
+            );
+            o.one(
+                "koprogo_postgres_app_connections",
+                "gauge",
+                "Client connections of the API's role (its pool).",
+                st.app_connections as f64,
             );
             o.one(
                 "koprogo_postgres_max_connections",
                 "gauge",
                 "PostgreSQL max_connections.",
-                max,
+                f64::from(st.max_connections),
             );
             o.one(
                 "koprogo_postgres_database_size_bytes",
                 "gauge",
                 "Size of the koprogo database.",
-                size as f64,
+                st.size_bytes as f64,
             );
-            let ratio = if hit + read > 0.0 {
-                hit / (hit + read)
-            } else {
-                1.0
-            };
             o.one(
                 "koprogo_postgres_cache_hit_ratio",
                 "gauge",
                 "Share of block reads served from shared buffers since the statistics reset.",
-                ratio,
+                st.cache_hit_ratio().unwrap_or(1.0),
             );
             o.one(
                 "koprogo_postgres_dead_tuples",
                 "gauge",
                 "Dead tuples in user tables.",
-                dead,
+                st.dead_tuples,
             );
-            let dead_ratio = if dead + live > 0.0 {
-                dead / (dead + live)
-            } else {
-                0.0
-            };
             o.one(
                 "koprogo_postgres_dead_tuple_ratio",
                 "gauge",
                 "Dead tuples / (dead + live) in user tables.",
-                dead_ratio,
+                st.dead_tuple_ratio().unwrap_or(0.0),
             );
         }
-        _ => o.one(
+        Err(_) => o.one(
             "koprogo_postgres_up",
             "gauge",
             "1 when the metrics queries succeeded.",

@@ -5,6 +5,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod stats;
 pub mod tuning;
 pub mod upgrade;
 

@@ -65,21 +65,14 @@ impl ProxyStats {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The latency histogram's bucket counts (not cumulative; the last is +Inf).
+    pub fn latency_counts(&self) -> [u64; 13] {
+        std::array::from_fn(|i| self.latency[i].load(Ordering::Relaxed))
+    }
+
     pub fn snapshot(&self) -> ProxySnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counts: Vec<u64> = self.latency.iter().map(g).collect();
-        let total: u64 = counts.iter().sum();
-        let p99 = (total > 0).then(|| {
-            let want = (total as f64 * 0.99).ceil() as u64;
-            let mut acc = 0;
-            for (i, c) in counts.iter().enumerate() {
-                acc += c;
-                if acc >= want {
-                    return LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-                }
-            }
-            f64::INFINITY
-        });
+        let p99 = p99(&self.latency_counts());
         ProxySnapshot {
             requests: g(&self.requests),
             status_1xx: g(&self.by_class[1]),
@@ -96,6 +89,24 @@ impl ProxyStats {
             p99_seconds: p99.filter(|p| p.is_finite()),
         }
     }
+}
+
+/// The 99th percentile of bucket `counts` (as [`ProxyStats::latency_counts`]): the
+/// upper bound of the bucket it falls in, infinite past the last bound; `None`
+/// without requests.
+pub fn p99(counts: &[u64]) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    (total > 0).then(|| {
+        let want = (total as f64 * 0.99).ceil() as u64;
+        let mut acc = 0;
+        for (i, c) in counts.iter().enumerate() {
+            acc += c;
+            if acc >= want {
+                return LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+            }
+        }
+        f64::INFINITY
+    })
 }
 
 /// One access-log line per request, written whole into the `access` log pipe.
@@ -147,5 +158,28 @@ impl AccessLog {
         if let Ok(mut w) = out.lock() {
             let _ = w.write_all(line.as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_is_the_bound_of_its_bucket() {
+        assert_eq!(p99(&[0; 13]), None);
+        let mut c = [0u64; 13];
+        c[0] = 100;
+        assert_eq!(p99(&c), Some(0.001));
+        c[0] = 98;
+        c[5] = 2;
+        assert_eq!(
+            p99(&c),
+            Some(0.05),
+            "the 99th of 100 is in the 50 ms bucket"
+        );
+        let mut c = [0u64; 13];
+        c[12] = 1;
+        assert_eq!(p99(&c), Some(f64::INFINITY));
     }
 }

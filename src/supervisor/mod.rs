@@ -61,6 +61,8 @@ pub struct Shared {
     pub cfg: Arc<Config>,
     pub db: Db,
     pub backup: Arc<crate::backup::Backups>,
+    /// The capacity watch (last report, CPU window).
+    pub capacity: Arc<crate::capacity::Monitor>,
 }
 
 /// `koprogo status --json`.
@@ -268,6 +270,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         cfg: cfg.clone(),
         db: db_shared,
         backup,
+        capacity: crate::capacity::Monitor::new(),
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
@@ -291,6 +294,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         None
     };
     let notifier = tokio::spawn(notify::report(shared.clone()));
+    let capacity = tokio::spawn(crate::capacity::Monitor::run(shared.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -326,6 +330,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     }
     tls_task.abort();
     backup_task.abort();
+    capacity.abort();
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);

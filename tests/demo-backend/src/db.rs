@@ -159,6 +159,12 @@ async fn migrate_locked(client: &Client) -> Result<(), String> {
              CREATE TABLE IF NOT EXISTS secrets_demo (
                  id bigserial PRIMARY KEY,
                  ciphertext bytea NOT NULL);
+             -- KoproGo's table of condominiums (one row per building; its
+             -- capacity calculator counted these): `koprogo capacity` does too.
+             CREATE TABLE IF NOT EXISTS buildings (
+                 id uuid PRIMARY KEY DEFAULT uuid_generate_v4(),
+                 name text NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now());
              DELETE FROM demo_schema;",
         )
         .await
