@@ -14,7 +14,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 
-use crate::postgres::cluster::APP_DB;
 use crate::proxy::stats::LATENCY_BUCKETS;
 use crate::proxy::{text, Body};
 use crate::supervisor::Shared;
@@ -405,7 +404,7 @@ fn host(o: &mut Out, shared: &Shared) {
 /// Connections, size, cache hit ratio and dead tuples, by SQL (bounded).
 async fn postgres(o: &mut Out, shared: &Shared) {
     let q = async {
-        let c = shared.db.connect(APP_DB).await?;
+        let c = shared.db.connect(shared.db.app_db()).await?;
         let conns: i64 = c
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",

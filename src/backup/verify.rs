@@ -14,7 +14,7 @@ use super::create::{pg_args, row_counts};
 use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, VERIFY_DB_PREFIX};
 use crate::fsutil::ensure_dir;
-use crate::postgres::cluster::{self, APP_ROLE};
+
 use crate::supervisor::reaper::ChildSpec;
 
 pub const PG_RESTORE_LIMIT: Duration = Duration::from_secs(6 * 3600);
@@ -29,18 +29,36 @@ pub(crate) async fn restore_into(
     manifest: &Manifest,
 ) -> Result<String> {
     let admin =
-        b.db.connect("postgres")
+        b.db.connect_admin()
             .await
             .context("cannot connect to PostgreSQL")?;
-    admin
+    let owner =
+        b.db.app_owner()
+            .map(|o| format!(" OWNER {o}"))
+            .unwrap_or_default();
+    if let Err(e) = admin
         .batch_execute(&format!(
-            "CREATE DATABASE \"{name}\" OWNER {APP_ROLE} ENCODING 'UTF8' TEMPLATE template0"
+            "CREATE DATABASE \"{name}\"{owner} ENCODING 'UTF8' TEMPLATE template0"
         ))
         .await
-        .with_context(|| format!("cannot create the scratch database {name}"))?;
+    {
+        let why = crate::postgres::describe(&e);
+        match b.db.external() {
+            // The scratch database lives next to the real one: the role needs CREATEDB.
+            Some(url) => bail!(
+                "cannot create the scratch database {name} on {}:{} ({why}): verify and restore \
+                 restore into a scratch database on the server: ask the DBA to run \
+                 ALTER ROLE {} CREATEDB;",
+                url.host,
+                url.port,
+                url.user
+            ),
+            None => bail!("cannot create the scratch database {name}: {why}"),
+        }
+    }
     drop(admin);
     let jobs = crate::postgres::tuning::cores().clamp(1, 4);
-    let mut args = pg_args(b, name);
+    let (mut args, env) = pg_args(b, name)?;
     args.extend([
         "--exit-on-error".into(),
         "-j".into(),
@@ -50,7 +68,7 @@ pub(crate) async fn restore_into(
     let spec = ChildSpec {
         program: b.bins.tool("pg_restore"),
         args,
-        env: cluster::base_env(&b.cfg),
+        env,
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
     };
@@ -85,7 +103,7 @@ pub(crate) async fn restore_into(
 }
 
 pub(crate) async fn drop_database(b: &Backups, name: &str) {
-    match b.db.connect("postgres").await {
+    match b.db.connect_admin().await {
         Ok(admin) => {
             if let Err(e) = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
