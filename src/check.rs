@@ -244,9 +244,12 @@ pub fn external_server(cfg: &Config, bins: Option<&Binaries>, p: &mut Preflight)
         )),
         Ok(Err(e)) => {
             let text = format!("{e:#}");
-            let refused = ["connection refused", "timed out", "No route", "Name or service", "failed to lookup"]
+            // tokio-postgres: "error connecting to server" (TCP), "timeout waiting
+            // for server"; an answer of the server itself (auth, no database) is not that.
+            let lower = text.to_lowercase();
+            let refused = ["error connecting to server", "timeout", "timed out", "no route", "failed to lookup"]
                 .iter()
-                .any(|k| text.contains(k));
+                .any(|k| lower.contains(k));
             if refused {
                 p.warnings.push(format!(
                     "the external database is not reachable now ({text}): koprogo starts anyway and waits for it"

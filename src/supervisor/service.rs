@@ -211,10 +211,16 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 continue;
             }
         };
-        // No child (a remote service): an exit that never comes.
+        // No child (a remote service): an exit that never comes (its sender is
+        // kept for the run: a receiver whose sender is gone must not be polled again).
+        let mut _never: Option<oneshot::Sender<Exit>> = None;
         let (pid, mut exit_rx) = match child {
             Some(Spawned { pid, exit }) => (Some(pid), exit),
-            None => (None, oneshot::channel().1),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                _never = Some(tx);
+                (None, rx)
+            }
         };
         let started = Instant::now();
         w.state.send_modify(|s| {
