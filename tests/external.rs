@@ -115,6 +115,16 @@ fn external_database_serves_the_api_and_the_api_waits_through_an_outage() {
         "{out}"
     );
     assert_eq!(code, 0, "{out}");
+    // Metrics query the external server.
+    let raw = common::http_raw(
+        a.metrics_port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(raw.contains("\nkoprogo_postgres_up 1"), "{raw}");
+    assert!(
+        raw.contains("\nkoprogo_postgres_database_size_bytes "),
+        "{raw}"
+    );
     // Nothing logged the password.
     for log in ["koprogo.log", "postgres.log", "api.log"] {
         let text = std::fs::read_to_string(a.path("logs").join(log)).unwrap_or_default();
@@ -321,4 +331,91 @@ fn external_configuration_mistakes_exit_2_with_the_key_and_the_fix() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(!Path::new(&a.path("state")).exists());
+}
+
+/// A CA and a server certificate for `localhost` signed by it: (ca, cert, key) PEM.
+fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A subject of its own (OpenSSL takes a leaf whose issuer is its subject for self-signed).
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "koprogo test database CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("leaf");
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// `koprogo check` with `[postgres]` = `lines`: (exit code, output).
+fn check_with(lines: &str) -> (i32, String) {
+    let a = Appliance::new("");
+    set_postgres(&a, lines);
+    let (code, out, err) = a.cli(&["check"]);
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn tls_to_the_external_server_honours_sslmode() {
+    let (ca, cert, key) = test_pki();
+    let pg = ExternalPg::start_tls("kptls", "kptls", &cert, &key);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).expect("write ca");
+    let pw = &pg.password;
+    let url = |host: &str, mode: &str| {
+        format!(
+            "mode = \"external\"\nurl = \"postgresql://kptls:{}@{host}:{}/kptls?sslmode={mode}\"\n",
+            pw.replace(' ', "%20"),
+            pg.port
+        )
+    };
+    let with_ca = format!("ca_file = \"{}\"\n", ca_file.display());
+    let answers = "external database answers: PostgreSQL 15";
+
+    // verify-full against our CA, by name: connects (and the server takes TLS only).
+    let (code, out) = check_with(&(url("localhost", "verify-full") + &with_ca));
+    assert!(out.contains(answers), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains(pw.as_str()), "password shown: {out}");
+    // The certificate is for localhost, not 127.0.0.1: verify-full refuses, verify-ca does not.
+    let (code, out) = check_with(&(url("127.0.0.1", "verify-full") + &with_ca));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refuses koprogo") && out.to_lowercase().contains("tls"),
+        "{out}"
+    );
+    let (code, out) = check_with(&(url("127.0.0.1", "verify-ca") + &with_ca));
+    assert!(out.contains(answers), "{out}");
+    assert_eq!(code, 0, "{out}");
+    // Not our CA (the system roots): refused.
+    let (code, out) = check_with(&url("localhost", "verify-full"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refuses koprogo"), "{out}");
+    // require: encrypted, certificate not checked (libpq's meaning).
+    let (code, out) = check_with(&url("127.0.0.1", "require"));
+    assert!(out.contains(answers), "{out}");
+    assert_eq!(code, 0, "{out}");
+    // disable: the server wants TLS, so it refuses, and check says so.
+    let (code, out) = check_with(&url("127.0.0.1", "disable"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("pg_hba.conf"), "{out}");
+
+    // psql (libpq) gets the same settings through its environment.
+    let a = Appliance::new("");
+    set_postgres(&a, &(url("localhost", "verify-full") + &with_ca));
+    let (code, out, err) = a.cli(&[
+        "psql",
+        "--",
+        "-X",
+        "-tAc",
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    ]);
+    assert_eq!((code, out.trim()), (0, "t"), "{err}");
 }

@@ -46,8 +46,8 @@ pub(crate) async fn restore_into(
         match b.db.external() {
             // The scratch database lives next to the real one: the role needs CREATEDB.
             Some(url) => bail!(
-                "cannot create the scratch database {name} on {}:{} ({why}): verify and restore \
-                 restore into a scratch database on the server: ask the DBA to run \
+                "cannot create the scratch database {name} on {}:{} ({why}): `backup verify` and `restore` \
+                 load the dump into a scratch database on the server: ask the DBA to run \
                  ALTER ROLE {} CREATEDB;",
                 url.host,
                 url.port,

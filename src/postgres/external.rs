@@ -477,6 +477,10 @@ impl ServiceSpec for ExternalService {
         self.cfg.postgres.start_timeout
     }
 
+    fn ready_poll(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
     fn stop_plan(&self) -> Vec<StopStep> {
         Vec::new()
     }

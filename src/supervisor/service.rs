@@ -72,6 +72,11 @@ pub trait ServiceSpec: Send + Sync + 'static {
     /// Work after the first good probe and before dependents may start.
     fn on_ready(&self) -> impl Future<Output = Result<()>> + Send;
     fn start_timeout(&self) -> Duration;
+    /// Pause between readiness probes while starting (a remote server is asked
+    /// less often than a local child: its failed logins land in someone's log).
+    fn ready_poll(&self) -> Duration {
+        READY_POLL
+    }
     /// Graceful stop steps; a SIGKILL of the group always follows.
     fn stop_plan(&self) -> Vec<StopStep>;
     /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
@@ -281,7 +286,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
             }
             tokio::select! {
-                _ = sleep(READY_POLL) => {}
+                _ = sleep(spec.ready_poll()) => {}
                 e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
             }
         };

@@ -20,6 +20,8 @@ pub struct ExternalPg {
     pub db: String,
     child: Option<Child>,
     pgid: Option<i32>,
+    /// Extra `-c` settings for the postmaster (e.g. TLS).
+    settings: Vec<String>,
 }
 
 /// uid/gid of the `koprogo` user, when running as root.
@@ -38,6 +40,16 @@ impl ExternalPg {
     /// initdb, start, and create role `user` (LOGIN, password, CREATEDB) owning
     /// database `db`.
     pub fn start(user: &str, db: &str) -> ExternalPg {
+        Self::start_with(user, db, None)
+    }
+
+    /// Same, serving TLS with `(cert_pem, key_pem)`; TCP clients must then use TLS
+    /// (`hostssl` only in pg_hba.conf).
+    pub fn start_tls(user: &str, db: &str, cert_pem: &str, key_pem: &str) -> ExternalPg {
+        Self::start_with(user, db, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(user: &str, db: &str, tls: Option<(&str, &str)>) -> ExternalPg {
         let dir = tempfile::Builder::new()
             .prefix("kpgext")
             .tempdir()
@@ -54,6 +66,7 @@ impl ExternalPg {
             db: db.into(),
             child: None,
             pgid: None,
+            settings: Vec::new(),
             dir,
         };
         let out = pg
@@ -77,6 +90,31 @@ impl ExternalPg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            let (crt, k) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
+            std::fs::write(&crt, cert).expect("write cert");
+            std::fs::write(&k, key).expect("write key");
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            let hba = pg.data().join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n",
+            )
+            .expect("write pg_hba.conf");
+            if let Some((uid, gid)) = service_ids() {
+                for f in [&crt, &k, &hba] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown");
+                }
+            }
+            pg.settings = vec![
+                "ssl=on".into(),
+                format!("ssl_cert_file={}", crt.display()),
+                format!("ssl_key_file={}", k.display()),
+            ];
+        }
         pg.run();
         pg.sql(
             "postgres",
@@ -114,8 +152,11 @@ impl ExternalPg {
             let _ =
                 std::os::unix::fs::chown(self.dir.path().join("server.log"), Some(uid), Some(gid));
         }
-        let child = self
-            .as_service(&format!("{PG_BIN}/postgres"))
+        let mut cmd = self.as_service(&format!("{PG_BIN}/postgres"));
+        for s in &self.settings {
+            cmd.args(["-c", s]);
+        }
+        let child = cmd
             .arg("-D")
             .arg(self.data())
             .args(["-c", "listen_addresses=127.0.0.1"])
