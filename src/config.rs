@@ -81,6 +81,17 @@ pub struct Paths {
     pub run: PathBuf,
 }
 
+/// Text that may hold a password (`postgres.url` as written): Debug redacts it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", crate::postgres::external::redact_raw(&self.0))
+    }
+}
+
 /// `postgres.mode`: the appliance's own private cluster, or a server run elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +111,7 @@ pub struct Postgres {
     /// For mode = "external": `postgresql://user[:password]@host[:port]/db[?sslmode=…]`,
     /// as written (it may hold a password: never print it, use `external`).
     #[serde(default, rename = "url")]
-    url_setting: Option<String>,
+    url_setting: Option<SecretText>,
     /// The parsed `url` (filled in after parsing; Debug redacts the password).
     #[serde(skip)]
     pub external: Option<crate::postgres::external::ExternalUrl>,
@@ -872,7 +883,7 @@ impl Config {
     fn validate_postgres_mode(&mut self) -> Result<(), ConfigError> {
         use crate::postgres::external::{redact_raw, ExternalUrl};
         let pg = &self.postgres;
-        match (pg.mode, pg.url_setting.as_deref()) {
+        match (pg.mode, pg.url_setting.as_ref().map(|u| u.0.as_str())) {
             (PgMode::Managed, Some(url)) => {
                 return Err(self.err(
                     "postgres.url",
@@ -905,7 +916,7 @@ impl Config {
             }
             (PgMode::External, Some(_)) => {}
         }
-        let raw = pg.url_setting.clone().unwrap_or_default();
+        let raw = pg.url_setting.clone().map(|u| u.0).unwrap_or_default();
         let url = ExternalUrl::parse(&raw)
             .map_err(|why| self.err("postgres.url", &format!("{:?}", redact_raw(&raw)), &why))?;
         if url.password.is_some() && pg.password_file.is_some() {

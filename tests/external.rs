@@ -419,3 +419,48 @@ fn tls_to_the_external_server_honours_sslmode() {
     ]);
     assert_eq!((code, out.trim()), (0, "t"), "{err}");
 }
+
+#[test]
+fn moving_the_database_out_is_a_backup_and_a_restore() {
+    // The site on its private cluster, with data.
+    let mut old = Appliance::new(NO_SCHEDULE);
+    old.start();
+    old.wait_ready();
+    let id = post_item(&old, "made on the private cluster");
+    let (code, out, err) = old.cli(&["backup", "create"]);
+    assert_eq!(code, 0, "backup create: {out}{err}");
+    let file = out
+        .split_whitespace()
+        .find(|w| w.contains("/koprogo-") && w.contains(".kbk"))
+        .expect("file in the message")
+        .trim_end_matches(':')
+        .to_string();
+    let secrets = std::fs::read_to_string(old.path("state/secrets.env")).expect("secrets");
+    old.stop();
+    old.assert_no_leftovers(Duration::from_secs(10));
+
+    // The same site on an external server: restore there.
+    let pg = ExternalPg::start("kpmove", "kpmove");
+    let mut a = appliance_for(&pg, NO_SCHEDULE);
+    a.start();
+    a.wait_ready();
+    let (code, out, err) = a.cli(&["restore", &file]);
+    assert_eq!(code, 0, "restore: {out}{err}");
+    a.wait_ready();
+    assert_eq!(
+        pg.app_sql(&format!("SELECT body FROM items WHERE id = {id}")),
+        "made on the private cluster"
+    );
+    assert_eq!(
+        pg.app_sql("SELECT tableowner FROM pg_tables WHERE tablename = 'items'"),
+        "kpmove"
+    );
+    let (code, body) = a
+        .http("GET", &format!("/api/v1/items/{id}"), "")
+        .expect("GET");
+    assert_eq!(code, 200, "{body}");
+    let now = std::fs::read_to_string(a.path("state/secrets.env")).expect("secrets");
+    assert_eq!(now, secrets, "the site's keys come along");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+}
