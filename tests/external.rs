@@ -407,6 +407,27 @@ fn tls_to_the_external_server_honours_sslmode() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("pg_hba.conf"), "{out}");
 
+    // The server's refusals come with what to do.
+    let other_db = format!(
+        "mode = \"external\"\nurl = \"postgresql://kptls:{}@localhost:{}/nosuchdb?sslmode=verify-full\"\n{with_ca}",
+        pw.replace(' ', "%20"),
+        pg.port
+    );
+    let (code, out) = check_with(&other_db);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("CREATE DATABASE \"nosuchdb\" OWNER \"kptls\""),
+        "{out}"
+    );
+    let wrong_pw = format!(
+        "mode = \"external\"\nurl = \"postgresql://kptls:wrong@localhost:{}/kptls?sslmode=verify-full\"\n{with_ca}",
+        pg.port
+    );
+    let (code, out) = check_with(&wrong_pw);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("check the password"), "{out}");
+    assert!(!out.contains("wrong@"), "{out}");
+
     // psql (libpq) gets the same settings through its environment.
     let a = Appliance::new("");
     set_postgres(&a, &(url("localhost", "verify-full") + &with_ca));

@@ -333,6 +333,28 @@ impl ExternalUrl {
     }
 }
 
+/// What to do about a refused connection, by SQLSTATE ("" when nothing useful).
+pub fn hint(e: &tokio_postgres::Error, url: &ExternalUrl, dbname: &str) -> String {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = e.code() else {
+        return String::new();
+    };
+    let user = &url.user;
+    if *code == SqlState::INVALID_PASSWORD {
+        format!(": check the password (postgres.password_file or the URL) of role {user}, or ask the DBA whether it exists")
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        format!(": ask the DBA to run CREATE DATABASE \"{dbname}\" OWNER \"{user}\";")
+    } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        format!(
+            ": the server's pg_hba.conf refuses this machine or role {user} (or needs another sslmode): ask the DBA"
+        )
+    } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+        ": the server has no free connection: lower backend.pool_max or ask the DBA for more".into()
+    } else {
+        String::new()
+    }
+}
+
 /// The first system CA bundle that exists (`SSL_CERT_FILE` first).
 pub fn system_bundle() -> Option<PathBuf> {
     std::env::var_os("SSL_CERT_FILE")

@@ -127,10 +127,11 @@ impl Db {
             let c = url.tokio_config(pw.as_deref(), dbname);
             let failed = |e: tokio_postgres::Error| {
                 anyhow::anyhow!(
-                    "database {dbname} on {}:{}: {}",
+                    "database {dbname} on {}:{}: {}{}",
                     url.host,
                     url.port,
-                    describe(&e)
+                    describe(&e),
+                    external::hint(&e, url, dbname)
                 )
             };
             let client = if url.sslmode == external::SslMode::Disable {
