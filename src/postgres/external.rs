@@ -427,6 +427,9 @@ fn decode(s: &str) -> Option<String> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = s.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -602,6 +605,7 @@ mod tests {
             ("postgresql://a@b/c?sslmode=on", "sslmode"),
             ("postgresql://a@b/c?foo=1", "unknown query parameter"),
             ("postgresql://a@h1,h2/c", "several hosts"),
+            ("postgresql://a:%+1@h/c", "bad %-escape"),
         ] {
             let e = ExternalUrl::parse(url).expect_err(url);
             assert!(e.contains(why), "{url}: {e}");
