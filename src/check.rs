@@ -59,9 +59,6 @@ pub fn preflight(cfg: &Config) -> Preflight {
         }
         Err(e) => p.problems.push(e),
     }
-    if let Some(url) = &cfg.postgres.external {
-        external_files(cfg, url, &mut p);
-    }
     match privileges::target_identity(cfg) {
         Ok(who) => {
             p.notes
@@ -69,6 +66,9 @@ pub fn preflight(cfg: &Config) -> Preflight {
             p.who = Some(who);
         }
         Err(e) => p.problems.push(format!("{e:#}")),
+    }
+    if let Some(url) = &cfg.postgres.external {
+        external_files(cfg, url, &mut p);
     }
     let cmd = &cfg.backend.command;
     match std::fs::metadata(cmd) {
@@ -179,6 +179,27 @@ fn external_files(cfg: &Config, url: &ExternalUrl, p: &mut Preflight) {
                 }
             }
             Err(e) => p.problems.push(format!("{e:#}")),
+        }
+    }
+    // The supervisor reads these after dropping to the service user.
+    if let Some(who) = &p.who {
+        for (key, file) in [
+            (
+                "postgres.password_file",
+                cfg.postgres.password_file.as_ref(),
+            ),
+            ("postgres.ca_file", cfg.postgres.ca_file.as_ref()),
+        ] {
+            let Some(file) = file.filter(|f| f.exists()) else {
+                continue;
+            };
+            if let Err(e) = privileges::readable_by(file, who) {
+                p.problems.push(format!(
+                    "{}: {key} = {}: {e}",
+                    cfg.file.display(),
+                    file.display()
+                ));
+            }
         }
     }
     if url.sslmode != SslMode::Disable {

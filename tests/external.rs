@@ -324,6 +324,23 @@ fn external_configuration_mistakes_exit_2_with_the_key_and_the_fix() {
     );
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod");
+    if common::is_root() {
+        // root's own 0600 file: the service user could not read it.
+        let (code, out, _) = a.cli(&["check"]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("postgres.password_file") && out.contains("cannot read it"),
+            "{out}"
+        );
+        let gid = nix::unistd::User::from_name("koprogo")
+            .ok()
+            .flatten()
+            .expect("koprogo user")
+            .gid;
+        std::os::unix::fs::chown(&pw, Some(0), Some(gid.as_raw())).expect("chown");
+        std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .expect("chmod");
+    }
     let (code, out, _) = a.cli(&["check"]);
     assert!(
         out.contains("warning: the external database is not reachable"),
@@ -366,6 +383,11 @@ fn tls_to_the_external_server_honours_sslmode() {
     let (ca, cert, key) = test_pki();
     let pg = ExternalPg::start_tls("kptls", "kptls", &cert, &key);
     let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca).expect("write ca");
     let pw = &pg.password;
