@@ -6,7 +6,6 @@
 
 use anyhow::{Context, Result};
 
-use crate::postgres::cluster::APP_DB;
 use crate::postgres::Db;
 
 pub const ADMIN_EMAIL: &str = "admin@koprogo.com";
@@ -17,7 +16,7 @@ const COST: i32 = 12;
 /// table/user (another application, or migrations not run): nothing to fix then.
 pub async fn secure_superadmin(db: &Db, password: &str) -> Result<bool> {
     let client = db
-        .connect(APP_DB)
+        .connect(db.app_db())
         .await
         .context("connecting to the application database")?;
     let exists = client

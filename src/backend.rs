@@ -42,8 +42,24 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
     }
 }
 
+/// The API's `DATABASE_URL`: the private cluster's socket, or the external URL
+/// (with its password from the URL or `postgres.password_file`).
+pub fn database_url(cfg: &Config) -> Result<String> {
+    match &cfg.postgres.external {
+        Some(url) => {
+            let pw = crate::postgres::external::password(cfg)?;
+            Ok(url.api_url(cfg, pw.as_deref()))
+        }
+        None => Ok(format!(
+            "postgresql://{APP_ROLE}@/{APP_DB}?host={}&port={}",
+            cfg.paths.run.display(),
+            cfg.postgres.port
+        )),
+    }
+}
+
 /// The complete environment of the API server (nothing else is inherited).
-pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
+pub fn environment(cfg: &Config, secrets: &Secrets) -> Result<Vec<(String, String)>> {
     let d = dirs(cfg);
     let b = &cfg.backend;
     let workers = if b.workers == 0 {
@@ -55,14 +71,7 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
         ("PATH".into(), "/usr/sbin:/usr/bin:/sbin:/bin".into()),
         ("LANG".into(), "C.UTF-8".into()),
         ("HOME".into(), d.work.display().to_string()),
-        (
-            "DATABASE_URL".into(),
-            format!(
-                "postgresql://{APP_ROLE}@/{APP_DB}?host={}&port={}",
-                cfg.paths.run.display(),
-                cfg.postgres.port
-            ),
-        ),
+        ("DATABASE_URL".into(), database_url(cfg)?),
         ("SERVER_HOST".into(), "127.0.0.1".into()),
         ("SERVER_PORT".into(), b.port.to_string()),
         (
@@ -104,7 +113,7 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
         }
     }
     env.extend(b.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
+    Ok(env)
 }
 
 impl ServiceSpec for ApiService {
@@ -112,7 +121,7 @@ impl ServiceSpec for ApiService {
         "api"
     }
 
-    async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {
+    async fn prepare(&self, _io: &ServiceIo) -> Result<Option<ChildSpec>> {
         let d = dirs(&self.cfg);
         ensure_dir(&d.work, 0o750)
             .with_context(|| format!("cannot create {}", d.work.display()))?;
@@ -128,13 +137,13 @@ impl ServiceSpec for ApiService {
             ))
             .into());
         }
-        Ok(ChildSpec {
+        Ok(Some(ChildSpec {
             program: cmd.clone(),
             args: Vec::new(),
-            env: environment(&self.cfg, &self.secrets),
+            env: environment(&self.cfg, &self.secrets)?,
             cwd: d.work,
             death_signal: Signal::SIGKILL,
-        })
+        }))
     }
 
     async fn probe(&self) -> Result<()> {

@@ -1,13 +1,18 @@
 //! Environment checks shared by `koprogo check` and `koprogo run` (which refuses to
 //! start on any problem, before creating anything): PostgreSQL binaries and version,
 //! an existing cluster's version, the API binary, the service user, directories,
-//! free ports; a warning for a capacity history file that cannot be read. Each problem is one line naming what is wrong and what to do.
+//! free ports; a warning for a capacity history file that cannot be read, or for
+//! ACME without system CA certificates. Each problem is one line naming what is
+//! wrong and what to do. With an external database: the client tools, the password and CA files, and
+//! (for `check` only, see [`external_server`]) the server itself.
 
 use std::net::{SocketAddr, TcpListener};
 
 use crate::config::Config;
 use crate::postgres::binaries::{self, Binaries};
 use crate::postgres::cluster;
+use crate::postgres::external::{self, ExternalUrl, SslMode};
+use crate::postgres::tls;
 use crate::supervisor::privileges::{self, Identity};
 
 #[derive(Debug, Default)]
@@ -52,8 +57,10 @@ pub fn preflight(cfg: &Config) -> Preflight {
                 b.dir.display(),
                 b.version
             ));
-            if let Err(e) = cluster::check_version(cfg, &b) {
-                p.problems.push(e);
+            if cfg.postgres.external.is_none() {
+                if let Err(e) = cluster::check_version(cfg, &b) {
+                    p.problems.push(e);
+                }
             }
             p.bins = Some(b);
         }
@@ -66,6 +73,9 @@ pub fn preflight(cfg: &Config) -> Preflight {
             p.who = Some(who);
         }
         Err(e) => p.problems.push(format!("{e:#}")),
+    }
+    if let Some(url) = &cfg.postgres.external {
+        external_files(cfg, url, &mut p);
     }
     let cmd = &cfg.backend.command;
     match std::fs::metadata(cmd) {
@@ -155,6 +165,168 @@ pub fn preflight(cfg: &Config) -> Preflight {
         }
     }
     p
+}
+
+/// External mode: the password file is readable and not world-readable, the CA
+/// file holds certificates, the TLS setup can be built.
+fn external_files(cfg: &Config, url: &ExternalUrl, p: &mut Preflight) {
+    p.notes.push(format!(
+        "external database {} (no local cluster)",
+        url.redacted()
+    ));
+    if let Some(file) = &cfg.postgres.password_file {
+        match external::password(cfg) {
+            Ok(_) => {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(file)
+                    .map(|m| m.permissions().mode() & 0o777)
+                    .unwrap_or(0);
+                if mode & 0o007 != 0 {
+                    p.problems.push(format!(
+                        "{}: postgres.password_file = {}: readable by everyone (mode {mode:o}): \
+                         chmod 0640 it (owner root, group {})",
+                        cfg.file.display(),
+                        file.display(),
+                        cfg.user
+                    ));
+                }
+            }
+            Err(e) => p.problems.push(format!("{e:#}")),
+        }
+    }
+    // The supervisor reads these after dropping to the service user.
+    if let Some(who) = &p.who {
+        for (key, file) in [
+            (
+                "postgres.password_file",
+                cfg.postgres.password_file.as_ref(),
+            ),
+            ("postgres.ca_file", cfg.postgres.ca_file.as_ref()),
+        ] {
+            let Some(file) = file.filter(|f| f.exists()) else {
+                continue;
+            };
+            if let Err(e) = privileges::readable_by(file, who) {
+                p.problems.push(format!(
+                    "{}: {key} = {}: {e}",
+                    cfg.file.display(),
+                    file.display()
+                ));
+            }
+        }
+    }
+    if url.sslmode != SslMode::Disable {
+        let ca = url.ca(cfg);
+        let wants_roots = tls::check_for(url.sslmode, ca.is_some()) != tls::Check::None;
+        if wants_roots {
+            if let Err(e) = tls::PgTls::new(url, ca.as_deref()) {
+                let key = if cfg.postgres.ca_file.is_some() {
+                    "postgres.ca_file"
+                } else {
+                    "postgres.url"
+                };
+                p.problems
+                    .push(format!("{}: {key}: {e:#}", cfg.file.display()));
+            }
+        }
+    }
+}
+
+/// `koprogo check` in external mode: connects (bounded) and compares versions.
+/// An unreachable server is a warning, not a problem: the appliance starts
+/// without it and waits (the API starts once it answers); a server that answers
+/// but refuses us (password, missing database, extensions), or that is newer than
+/// pg_dump, is a problem.
+pub fn external_server(cfg: &Config, bins: Option<&Binaries>, p: &mut Preflight) {
+    let Some(url) = cfg.postgres.external.clone() else {
+        return;
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            p.problems.push(format!("cannot start a runtime: {e}"));
+            return;
+        }
+    };
+    let db = crate::postgres::Db::new(std::sync::Arc::new(cfg.clone()));
+    let probe = async {
+        let c = db.connect(db.app_db()).await?;
+        let v: i32 = c
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?
+            .get(0);
+        let missing: Vec<String> = c
+            .query(
+                "SELECT e FROM unnest($1::text[]) e WHERE e NOT IN (SELECT extname FROM pg_extension)",
+                &[&external::REQUIRED_EXTENSIONS],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok::<_, anyhow::Error>((v, missing))
+    };
+    let r = rt
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), probe).await });
+    match r {
+        Err(_) => p.warnings.push(format!(
+            "the external database {} did not answer within 10 s: koprogo starts anyway and waits for it",
+            url.redacted()
+        )),
+        Ok(Err(e)) => {
+            let text = format!("{e:#}");
+            // tokio-postgres: "error connecting to server" (TCP), "timeout waiting
+            // for server"; an answer of the server itself (auth, no database) is not that.
+            let lower = text.to_lowercase();
+            let refused = ["error connecting to server", "timeout", "timed out", "no route", "failed to lookup"]
+                .iter()
+                .any(|k| lower.contains(k));
+            if refused {
+                p.warnings.push(format!(
+                    "the external database is not reachable now ({text}): koprogo starts anyway and waits for it"
+                ));
+            } else {
+                p.problems.push(format!(
+                    "the external database refuses koprogo: {text}: fix postgres.url / postgres.password_file \
+                     in {} or the server's role, database and pg_hba.conf",
+                    cfg.file.display()
+                ));
+            }
+        }
+        Ok(Ok((v, missing))) => {
+            let major = (v / 10000) as u32;
+            p.notes.push(format!(
+                "external database answers: PostgreSQL {}.{} ({})",
+                major,
+                v % 10000,
+                url.redacted()
+            ));
+            if let Some(b) = bins {
+                if major > b.major {
+                    p.problems.push(format!(
+                        "the external server runs PostgreSQL {major} but pg_dump in {} is {}: pg_dump refuses \
+                         newer servers, so backups would fail: apt-get install postgresql-client-{major} \
+                         (and remove postgres.bin_dir if it points at {})",
+                        b.dir.display(),
+                        b.major,
+                        b.dir.display()
+                    ));
+                }
+            }
+            if !missing.is_empty() {
+                p.warnings.push(format!(
+                    "extensions missing in database {}: {} (koprogo creates them at start if {} may; \
+                     otherwise the DBA must run CREATE EXTENSION for each there)",
+                    url.dbname,
+                    missing.join(", "),
+                    url.user
+                ));
+            }
+        }
+    }
 }
 
 /// Where Debian, Fedora and Alpine keep the system's CA bundle (what ACME's HTTPS

@@ -188,7 +188,9 @@ pub fn main() -> ExitCode {
 }
 
 fn check(cfg: &Config) -> ExitCode {
-    let p = crate::check::preflight(cfg);
+    let mut p = crate::check::preflight(cfg);
+    let bins = p.bins.clone();
+    crate::check::external_server(cfg, bins.as_ref(), &mut p);
     println!("ok: configuration {}", cfg.file.display());
     for n in &p.notes {
         println!("ok: {n}");
@@ -462,6 +464,9 @@ fn print_status(st: &StatusReport) {
                 s.failures
             ));
         }
+        if let Some(x) = &s.external {
+            note.push(format!("external {x}"));
+        }
         if let Some(e) = &s.last_error {
             note.push(e.clone());
         } else if let Some(e) = &s.last_exit {
@@ -654,17 +659,31 @@ fn psql(cfg: &Config, args: Vec<String>) -> ExitCode {
         }
     };
     let psql = bins.tool("psql");
-    let err = std::process::Command::new(&psql)
-        .arg("-h")
-        .arg(&cfg.paths.run)
-        .arg("-p")
-        .arg(cfg.postgres.port.to_string())
-        .arg("-U")
-        .arg(crate::postgres::cluster::SUPERUSER)
-        .arg("-d")
-        .arg(crate::postgres::cluster::APP_DB)
-        .args(args)
-        .exec();
+    let mut cmd = std::process::Command::new(&psql);
+    match &cfg.postgres.external {
+        None => {
+            cmd.arg("-h")
+                .arg(&cfg.paths.run)
+                .arg("-p")
+                .arg(cfg.postgres.port.to_string())
+                .arg("-U")
+                .arg(crate::postgres::cluster::SUPERUSER)
+                .arg("-d")
+                .arg(crate::postgres::cluster::APP_DB);
+        }
+        Some(url) => {
+            // The external server: libpq's environment (the password never in argv).
+            let pw = match crate::postgres::external::password(cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("koprogo: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            cmd.envs(url.libpq_env(cfg, pw.as_deref()));
+        }
+    }
+    let err = cmd.args(args).exec();
     eprintln!("koprogo: cannot run {}: {err}", psql.display());
     ExitCode::from(1)
 }

@@ -83,9 +83,46 @@ pub struct Paths {
     pub run: PathBuf,
 }
 
+/// Text that may hold a password (`postgres.url` as written): Debug redacts it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", crate::postgres::external::redact_raw(&self.0))
+    }
+}
+
+/// `postgres.mode`: the appliance's own private cluster, or a server run elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgMode {
+    /// A private cluster under `<state>/pgdata`, supervised as a child.
+    #[default]
+    Managed,
+    /// A PostgreSQL server elsewhere (`postgres.url`): no cluster, no child.
+    External,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Postgres {
+    #[serde(default)]
+    pub mode: PgMode,
+    /// For mode = "external": `postgresql://user[:password]@host[:port]/db[?sslmode=…]`,
+    /// as written (it may hold a password: never print it, use `external`).
+    #[serde(default, rename = "url")]
+    url_setting: Option<SecretText>,
+    /// The parsed `url` (filled in after parsing; Debug redacts the password).
+    #[serde(skip)]
+    pub external: Option<crate::postgres::external::ExternalUrl>,
+    /// File holding the external server's password (first line); better than the URL.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM roots to verify the external server's certificate with (default: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Directory holding `postgres`, `initdb`…; empty = newest /usr/lib/postgresql/*/bin.
     #[serde(default)]
     pub bin_dir: Option<PathBuf>,
@@ -521,6 +558,11 @@ impl Default for Paths {
 impl Default for Postgres {
     fn default() -> Self {
         Postgres {
+            mode: PgMode::Managed,
+            url_setting: None,
+            external: None,
+            password_file: None,
+            ca_file: None,
             bin_dir: None,
             memory: MemoryBudget::Auto,
             max_connections: default_max_connections(),
@@ -641,6 +683,8 @@ impl Config {
         }
         for p in [
             cfg.postgres.bin_dir.as_mut(),
+            cfg.postgres.password_file.as_mut(),
+            cfg.postgres.ca_file.as_mut(),
             cfg.tls.acme_ca_root.as_mut(),
             cfg.tls.cert.as_mut(),
             cfg.tls.key.as_mut(),
@@ -670,7 +714,7 @@ impl Config {
         ConfigError(format!("{}: {key} = {value}: {fix}", self.file.display()))
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&mut self) -> Result<(), ConfigError> {
         if self.domain.trim().is_empty() || self.domain.contains(['/', ':', ' ']) {
             return Err(self.err(
                 "domain",
@@ -693,6 +737,7 @@ impl Config {
                 "too long for a Unix socket path (keep it under 80 characters)",
             ));
         }
+        self.validate_postgres_mode()?;
         if self.postgres.max_connections < 5 {
             return Err(self.err(
                 "postgres.max_connections",
@@ -868,6 +913,74 @@ impl Config {
         Ok(())
     }
 
+    /// `postgres.mode`, `url`, `password_file`, `ca_file` fit together; parses `url`.
+    fn validate_postgres_mode(&mut self) -> Result<(), ConfigError> {
+        use crate::postgres::external::{redact_raw, ExternalUrl};
+        let pg = &self.postgres;
+        match (pg.mode, pg.url_setting.as_ref().map(|u| u.0.as_str())) {
+            (PgMode::Managed, Some(url)) => {
+                return Err(self.err(
+                    "postgres.url",
+                    &format!("{:?}", redact_raw(url)),
+                    "only used with postgres.mode = \"external\": add mode = \"external\" to [postgres] \
+                     to use that server, or remove url to keep the private cluster",
+                ));
+            }
+            (PgMode::External, None) => {
+                return Err(self.err(
+                    "postgres.mode",
+                    &"\"external\"",
+                    "needs postgres.url, e.g. url = \"postgresql://koprogo@db.example.be:5432/koprogo?sslmode=verify-full\"",
+                ));
+            }
+            (PgMode::Managed, None) => {
+                for (key, set) in [
+                    ("postgres.password_file", pg.password_file.is_some()),
+                    ("postgres.ca_file", pg.ca_file.is_some()),
+                ] {
+                    if set {
+                        return Err(self.err(
+                            key,
+                            &"…",
+                            "only used with postgres.mode = \"external\" (the private cluster needs no password or CA): remove it",
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+            (PgMode::External, Some(_)) => {}
+        }
+        let raw = pg.url_setting.clone().map(|u| u.0).unwrap_or_default();
+        let url = ExternalUrl::parse(&raw)
+            .map_err(|why| self.err("postgres.url", &format!("{:?}", redact_raw(&raw)), &why))?;
+        if url.password.is_some() && pg.password_file.is_some() {
+            return Err(self.err(
+                "postgres.password_file",
+                &pg.password_file
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display(),
+                "the password is given twice (also in postgres.url): keep one, preferably the file",
+            ));
+        }
+        if url.param("sslrootcert").is_some() && pg.ca_file.is_some() {
+            return Err(self.err(
+                "postgres.ca_file",
+                &pg.ca_file.as_deref().unwrap_or(Path::new("")).display(),
+                "the CA is given twice (also as sslrootcert in postgres.url): keep one",
+            ));
+        }
+        if !pg.settings.is_empty() {
+            return Err(self.err(
+                "postgres.settings",
+                &"{…}",
+                "server settings cannot be applied to an external server: set them there and remove [postgres.settings]",
+            ));
+        }
+        self.postgres.external = Some(url);
+        Ok(())
+    }
+
     /// The origins the API server must accept (`CORS_ALLOWED_ORIGINS`).
     pub fn origins(&self) -> Vec<String> {
         let port = self.proxy.https.first().map(|a| a.port()).unwrap_or(443);
@@ -1037,6 +1150,52 @@ mod tests {
         let c = parse("[tls]\nacme_challenge = \"tls-alpn-01\"\n").expect("tls-alpn-01");
         assert_eq!(c.tls.acme_challenge, AcmeChallenge::TlsAlpn01);
         assert!(parse("[tls]\nacme_challenge = \"dns-01\"\n").is_err());
+    }
+
+    #[test]
+    fn external_postgres_keys_fit_together() {
+        let c = parse(
+            "[postgres]\nmode = \"external\"\nurl = \"postgresql://k@db.example.be/kp?sslmode=verify-full\"\npassword_file = \"pw\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.postgres.mode, PgMode::External);
+        let u = c.postgres.external.as_ref().expect("parsed");
+        assert_eq!(
+            (u.host.as_str(), u.dbname.as_str()),
+            ("db.example.be", "kp")
+        );
+        assert_eq!(
+            c.postgres.password_file,
+            Some(PathBuf::from("/etc/koprogo/pw"))
+        );
+
+        let e = parse("[postgres]\nurl = \"postgresql://k:hunter2@h/d\"\n").expect_err("no mode");
+        assert!(
+            e.0.contains("postgres.url") && e.0.contains("mode = \"external\""),
+            "{e}"
+        );
+        assert!(!e.0.contains("hunter2"), "password shown: {e}");
+
+        let e = parse("[postgres]\nmode = \"external\"\n").expect_err("no url");
+        assert!(
+            e.0.contains("postgres.mode") && e.0.contains("postgres.url"),
+            "{e}"
+        );
+
+        let e = parse("[postgres]\nmode = \"external\"\nurl = \"postgresql://k:hunter2@h:x/d\"\n")
+            .expect_err("bad port");
+        assert!(e.0.contains("postgres.url") && e.0.contains("port"), "{e}");
+        assert!(!e.0.contains("hunter2"), "password shown: {e}");
+
+        let e = parse("[postgres]\nmode = \"external\"\nurl = \"postgresql://k:pw@h/d\"\npassword_file = \"f\"\n")
+            .expect_err("two passwords");
+        assert!(e.0.contains("postgres.password_file"), "{e}");
+
+        let e = parse("[postgres]\npassword_file = \"f\"\n").expect_err("file without external");
+        assert!(e.0.contains("postgres.password_file"), "{e}");
+
+        let e = parse("[postgres]\nmode = \"cloud\"\n").expect_err("bad mode");
+        assert!(e.0.contains("mode"), "{e}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl ServiceSpec for FreshSecrets {
         "api"
     }
 
-    async fn prepare(&self, io: &ServiceIo) -> Result<ChildSpec> {
+    async fn prepare(&self, io: &ServiceIo) -> Result<Option<ChildSpec>> {
         let cur = self.inner.load_full();
         let secrets = crate::secrets::load_or_create(&cur.cfg.paths.state)?;
         if secrets.values != cur.secrets.values {

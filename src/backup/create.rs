@@ -19,7 +19,7 @@ use super::archive::{self, Manifest, PgInfo, Sink, UploadsInfo, Writer};
 use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, Reason};
 use crate::fsutil::ensure_dir;
-use crate::postgres::cluster::{self, APP_DB, SUPERUSER};
+use crate::postgres::cluster;
 use crate::supervisor::reaper::ChildSpec;
 
 /// Bounds on the tools (a stuck one is killed; the operation fails cleanly).
@@ -88,18 +88,10 @@ pub async fn schema_versions(c: &Client) -> Result<BTreeMap<String, i64>> {
     Ok(out)
 }
 
-pub(crate) fn pg_args(b: &Backups, db: &str) -> Vec<String> {
-    vec![
-        "-h".into(),
-        b.cfg.paths.run.display().to_string(),
-        "-p".into(),
-        b.cfg.postgres.port.to_string(),
-        "-U".into(),
-        SUPERUSER.into(),
-        "-d".into(),
-        db.into(),
-        "--no-password".into(),
-    ]
+/// Arguments and environment for pg_dump/pg_restore on `db`: the private
+/// cluster's socket, or the external server (password in the environment only).
+pub(crate) fn pg_args(b: &Backups, db: &str) -> Result<crate::postgres::Libpq> {
+    b.db.libpq(db)
 }
 
 /// A clear sentence for an I/O failure while writing into `dir`.
@@ -146,10 +138,11 @@ async fn create_in(
     let dump = work.join(archive::DUMP);
 
     // One snapshot for the counts and for pg_dump.
+    let app = b.db.app_db().to_string();
     let client =
-        b.db.connect(APP_DB)
+        b.db.connect(&app)
             .await
-            .context("cannot connect to database koprogo")?;
+            .with_context(|| format!("cannot connect to database {app}"))?;
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
@@ -163,7 +156,7 @@ async fn create_in(
         .query_one("SELECT pg_database_size(current_database())", &[])
         .await?
         .get(0);
-    let mut args = pg_args(b, APP_DB);
+    let (mut args, env) = pg_args(b, &app)?;
     args.extend([
         "-Fc".into(),
         format!("--snapshot={snapshot}"),
@@ -173,7 +166,7 @@ async fn create_in(
     let spec = ChildSpec {
         program: b.bins.tool("pg_dump"),
         args,
-        env: cluster::base_env(&cfg),
+        env,
         cwd: work.to_path_buf(),
         death_signal: Signal::SIGKILL,
     };
@@ -202,7 +195,7 @@ async fn create_in(
         postgres: PgInfo {
             major: b.bins.major,
             version: b.bins.version.clone(),
-            database: APP_DB.into(),
+            database: app.clone(),
             database_bytes: db_bytes,
             tables,
             rows,

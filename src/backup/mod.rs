@@ -425,16 +425,21 @@ impl Backups {
         if pg.wait_for(|s| s.phase == Phase::Ready).await.is_err() {
             return;
         }
-        let Ok(admin) = self.db.connect("postgres").await else {
+        let Ok(admin) = self.db.connect_admin().await else {
             return;
         };
-        let Ok(rows) = admin
-            .query(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'koprogo\\_%'",
-                &[],
-            )
-            .await
-        else {
+        // An external server may be shared by several appliances: only our role's
+        // scratch databases, and never one in use (no FORCE): it may be another
+        // node's running verify.
+        let external = self.db.external().is_some();
+        let sql = if external {
+            "SELECT datname FROM pg_database WHERE datname LIKE 'koprogo\\_%' \
+               AND pg_get_userbyid(datdba) = current_user"
+        } else {
+            "SELECT datname FROM pg_database WHERE datname LIKE 'koprogo\\_%'"
+        };
+        let force = if external { "" } else { " WITH (FORCE)" };
+        let Ok(rows) = admin.query(sql, &[]).await else {
             return;
         };
         for r in rows {
@@ -442,7 +447,7 @@ impl Backups {
             if name.starts_with(VERIFY_DB_PREFIX) || name.starts_with(RESTORE_DB_PREFIX) {
                 tracing::info!("dropping the scratch database {name} left by an interrupted run");
                 let _ = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\"{force}"))
                     .await;
             } else if name.starts_with(PREV_DB_PREFIX) {
                 tracing::warn!(

@@ -23,7 +23,6 @@ use super::archive::{self, Extract};
 use super::verify::{check_postgres_major, drop_database, restore_into};
 use super::{work_dir, Backups, Reason, PREV_DB_PREFIX, RESTORE_DB_PREFIX};
 use crate::fsutil::{ensure_dir, write_atomic};
-use crate::postgres::cluster::APP_DB;
 use crate::supervisor::service::Cmd;
 use crate::supervisor::state::Phase;
 
@@ -85,9 +84,9 @@ async fn restore_staged(
         .map_err(refused)?;
     if !force {
         let live =
-            b.db.connect(APP_DB)
+            b.db.connect(b.db.app_db())
                 .await
-                .context("cannot connect to database koprogo")?;
+                .with_context(|| format!("cannot connect to database {}", b.db.app_db()))?;
         let now = super::create::schema_versions(&live).await?;
         drop(live);
         for (table, theirs) in &m.schema {
@@ -209,7 +208,8 @@ async fn swap_in(
     write_atomic(&file, secrets, 0o600)
         .with_context(|| format!("cannot write {}", file.display()))?;
     s.secrets = Some(old);
-    rename_databases(b, &[(APP_DB, prev), (scratch, APP_DB)]).await?;
+    let app = b.db.app_db();
+    rename_databases(b, &[(app, prev), (scratch, app)]).await?;
     s.database = true;
     exchange(&crate::backend::dirs(&b.cfg).uploads, staged_uploads)?;
     s.uploads = true;
@@ -228,7 +228,8 @@ async fn swap_back(
         s.uploads = false;
     }
     if s.database {
-        rename_databases(b, &[(APP_DB, scratch), (prev, APP_DB)]).await?;
+        let app = b.db.app_db();
+        rename_databases(b, &[(app, scratch), (prev, app)]).await?;
         s.database = false;
     }
     if let Some(old) = s.secrets.take() {
@@ -243,7 +244,7 @@ async fn swap_back(
 /// session on them (the API is stopped; a stray `koprogo psql` is not).
 async fn rename_databases(b: &Backups, pairs: &[(&str, &str)]) -> Result<()> {
     let admin =
-        b.db.connect("postgres")
+        b.db.connect_admin()
             .await
             .context("cannot connect to PostgreSQL")?;
     let names: Vec<String> = pairs.iter().map(|(from, _)| from.to_string()).collect();
@@ -257,7 +258,8 @@ async fn rename_databases(b: &Backups, pairs: &[(&str, &str)]) -> Result<()> {
         admin
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                  WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+                  WHERE datname = ANY($1) AND pid <> pg_backend_pid()
+                    AND pg_has_role(current_user, usesysid, 'MEMBER')",
                 &[&names],
             )
             .await?;

@@ -14,7 +14,7 @@ use super::create::{pg_args, row_counts};
 use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, VERIFY_DB_PREFIX};
 use crate::fsutil::ensure_dir;
-use crate::postgres::cluster::{self, APP_ROLE};
+
 use crate::supervisor::reaper::ChildSpec;
 
 pub const PG_RESTORE_LIMIT: Duration = Duration::from_secs(6 * 3600);
@@ -29,18 +29,47 @@ pub(crate) async fn restore_into(
     manifest: &Manifest,
 ) -> Result<String> {
     let admin =
-        b.db.connect("postgres")
+        b.db.connect_admin()
             .await
             .context("cannot connect to PostgreSQL")?;
-    admin
+    let owner =
+        b.db.app_owner()
+            .map(|o| format!(" OWNER {o}"))
+            .unwrap_or_default();
+    if let Err(e) = admin
         .batch_execute(&format!(
-            "CREATE DATABASE \"{name}\" OWNER {APP_ROLE} ENCODING 'UTF8' TEMPLATE template0"
+            "CREATE DATABASE \"{name}\"{owner} ENCODING 'UTF8' TEMPLATE template0"
         ))
         .await
-        .with_context(|| format!("cannot create the scratch database {name}"))?;
+    {
+        let why = crate::postgres::describe(&e);
+        match b.db.external() {
+            // The scratch database lives next to the real one: the role needs CREATEDB.
+            Some(url) => bail!(
+                "cannot create the scratch database {name} on {}:{} ({why}): `backup verify` and `restore` \
+                 load the dump into a scratch database on the server: ask the DBA to run \
+                 ALTER ROLE {} CREATEDB;",
+                url.host,
+                url.port,
+                url.user
+            ),
+            None => bail!("cannot create the scratch database {name}: {why}"),
+        }
+    }
     drop(admin);
     let jobs = crate::postgres::tuning::cores().clamp(1, 4);
-    let mut args = pg_args(b, name);
+    let (mut args, env) = pg_args(b, name)?;
+    if b.db.external().is_some() {
+        // The external role owns what it restores (a dump made by the private
+        // cluster names the role koprogo), and skips what only a superuser may create.
+        let list = external_toc(b, dump, &env).await?;
+        args.extend([
+            "--no-owner".into(),
+            "--no-privileges".into(),
+            "-L".into(),
+            list.display().to_string(),
+        ]);
+    }
     args.extend([
         "--exit-on-error".into(),
         "-j".into(),
@@ -50,7 +79,7 @@ pub(crate) async fn restore_into(
     let spec = ChildSpec {
         program: b.bins.tool("pg_restore"),
         args,
-        env: cluster::base_env(&b.cfg),
+        env,
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
     };
@@ -84,8 +113,60 @@ pub(crate) async fn restore_into(
     ))
 }
 
+/// Extensions a dump of the private cluster holds that an external server's
+/// ordinary role cannot create (not trusted); KoproGo does not need them.
+const UNTRUSTED_EXTENSIONS: &[&str] = &["pg_stat_statements"];
+
+/// A TOC line of the extension itself (`EXTENSION - NAME`) or of its comment
+/// (`COMMENT - EXTENSION NAME`).
+fn names_untrusted_extension(line: &str) -> bool {
+    if line.starts_with(';') {
+        return false;
+    }
+    let t: Vec<&str> = line.split_whitespace().collect();
+    UNTRUSTED_EXTENSIONS.iter().any(|e| {
+        t.windows(3).any(|w| w == ["EXTENSION", "-", e])
+            || (t.contains(&"COMMENT") && t.windows(2).any(|w| w == ["EXTENSION", e]))
+    })
+}
+
+/// `pg_restore -l` of `dump` without the entries of [`UNTRUSTED_EXTENSIONS`],
+/// written next to the dump; returns its path.
+async fn external_toc(
+    b: &Backups,
+    dump: &Path,
+    env: &[(String, String)],
+) -> Result<std::path::PathBuf> {
+    let list = dump.with_extension("toc");
+    let spec = ChildSpec {
+        program: b.bins.tool("pg_restore"),
+        args: vec![
+            "-l".into(),
+            "-f".into(),
+            list.display().to_string(),
+            dump.display().to_string(),
+        ],
+        env: env.to_vec(),
+        cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        death_signal: Signal::SIGKILL,
+    };
+    let out = child::run(&b.reaper, spec, Duration::from_secs(600)).await?;
+    if !out.exit.success() {
+        bail!("pg_restore -l failed ({}): {}", out.exit, out.last_line());
+    }
+    let text = std::fs::read_to_string(&list)
+        .with_context(|| format!("cannot read {}", list.display()))?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !names_untrusted_extension(l))
+        .collect();
+    std::fs::write(&list, kept.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", list.display()))?;
+    Ok(list)
+}
+
 pub(crate) async fn drop_database(b: &Backups, name: &str) {
-    match b.db.connect("postgres").await {
+    match b.db.connect_admin().await {
         Ok(admin) => {
             if let Err(e) = admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
@@ -184,4 +265,26 @@ async fn verify_in(
         super::human_size(m.uploads.bytes),
         keys.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn toc_lines_of_untrusted_extensions() {
+        assert!(super::names_untrusted_extension(
+            "3; 3079 16385 EXTENSION - pg_stat_statements "
+        ));
+        assert!(super::names_untrusted_extension(
+            "4270; 0 0 COMMENT - EXTENSION pg_stat_statements "
+        ));
+        assert!(!super::names_untrusted_extension(
+            "2; 3079 16386 EXTENSION - pgcrypto "
+        ));
+        assert!(!super::names_untrusted_extension(
+            "215; 1259 16400 TABLE public items koprogo"
+        ));
+        assert!(!super::names_untrusted_extension(
+            "; EXTENSION - pg_stat_statements"
+        ));
+    }
 }

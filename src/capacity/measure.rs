@@ -207,7 +207,7 @@ async fn postgres(
             format!(
                 "{} open by the API's role {} of its pool of {pool} (backend.pool_max)",
                 st.app_connections,
-                crate::postgres::cluster::APP_ROLE
+                shared.db.app_role()
             ),
         ),
     );
@@ -268,7 +268,7 @@ async fn postgres(
             format!(
                 "{} (database {})",
                 human_size(st.size_bytes.max(0) as u64),
-                crate::postgres::cluster::APP_DB
+                shared.db.app_db()
             ),
         ),
     );

@@ -1,5 +1,6 @@
 //! Finding the PostgreSQL binaries (configured, or the newest under
-//! /usr/lib/postgresql/*/bin) and their major version.
+//! /usr/lib/postgresql/*/bin) and their major version. With an external server only
+//! the client tools are needed (pg_dump, pg_restore, psql: `postgresql-client-N`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,33 +28,48 @@ impl Binaries {
 /// Locates the binaries and reads their version. Runs `postgres --version`, so call
 /// it before the reaper starts (or from `koprogo check`).
 pub fn find(cfg: &Config) -> Result<Binaries, String> {
+    let external = cfg.postgres.mode == crate::config::PgMode::External;
+    let (tools, package, versioned): (&[&str], &str, &str) = if external {
+        (
+            &["pg_dump", "pg_restore", "psql"],
+            "postgresql-client",
+            "pg_dump",
+        )
+    } else {
+        (
+            &["postgres", "initdb", "pg_controldata"],
+            "postgresql",
+            "postgres",
+        )
+    };
     let dir = match &cfg.postgres.bin_dir {
         Some(d) => d.clone(),
-        None => newest(Path::new(DEBIAN_ROOT)).ok_or_else(|| {
+        None => newest(Path::new(DEBIAN_ROOT), versioned).ok_or_else(|| {
             format!(
-                "{}: postgres.bin_dir is not set and no PostgreSQL is installed under {DEBIAN_ROOT}/*/bin: \
-                 install it (apt-get install postgresql) or set postgres.bin_dir",
-                cfg.file.display()
+                "{}: postgres.bin_dir is not set and no {} is installed under {DEBIAN_ROOT}/*/bin: \
+                 install it (apt-get install {package}) or set postgres.bin_dir",
+                cfg.file.display(),
+                if external { "PostgreSQL client (pg_dump)" } else { "PostgreSQL" },
             )
         })?,
     };
-    for tool in ["postgres", "initdb", "pg_controldata"] {
+    for tool in tools {
         if !dir.join(tool).is_file() {
             return Err(format!(
-                "{}: postgres.bin_dir = {}: no `{tool}` there: install postgresql-{MIN_MAJOR} or higher, or fix the path",
+                "{}: postgres.bin_dir = {}: no `{tool}` there: install {package}-{MIN_MAJOR} or higher, or fix the path",
                 cfg.file.display(),
                 dir.display()
             ));
         }
     }
-    let out = Command::new(dir.join("postgres"))
+    let out = Command::new(dir.join(versioned))
         .arg("--version")
         .output()
-        .map_err(|e| format!("cannot run {}/postgres --version: {e}", dir.display()))?;
+        .map_err(|e| format!("cannot run {}/{versioned} --version: {e}", dir.display()))?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let major = parse_major(&version).ok_or_else(|| {
         format!(
-            "cannot read the version from {:?} ({}/postgres)",
+            "cannot read the version from {:?} ({}/{versioned})",
             version,
             dir.display()
         )
@@ -78,14 +94,14 @@ pub fn parse_major(version: &str) -> Option<u32> {
     v.split(['.', ' ']).next()?.parse().ok()
 }
 
-fn newest(root: &Path) -> Option<PathBuf> {
+fn newest(root: &Path, tool: &str) -> Option<PathBuf> {
     std::fs::read_dir(root)
         .ok()?
         .flatten()
         .filter_map(|e| {
             let major: u32 = e.file_name().to_str()?.parse().ok()?;
             let bin = e.path().join("bin");
-            bin.join("postgres").is_file().then_some((major, bin))
+            bin.join(tool).is_file().then_some((major, bin))
         })
         .max_by_key(|(m, _)| *m)
         .map(|(_, b)| b)

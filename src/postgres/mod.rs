@@ -2,10 +2,15 @@
 //! in `<run>`, tuned from the memory budget. Ready means a real SQL round trip; after
 //! that the application's role, database and extensions exist. Stop is a fast
 //! shutdown (SIGINT), then immediate (SIGQUIT) after a bound.
+//!
+//! With `mode = "external"` the same [`Db`] handle reaches a server elsewhere
+//! instead (see [`external`]), and the service is [`external::ExternalService`].
 
 pub mod binaries;
 pub mod cluster;
+pub mod external;
 pub mod stats;
+pub mod tls;
 pub mod tuning;
 pub mod upgrade;
 
@@ -23,11 +28,30 @@ use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
 use binaries::Binaries;
 use cluster::{APP_DB, APP_ROLE, SUPERUSER};
 
-/// Connections to the private cluster as its superuser, over the socket.
+/// Connections to the database: the private cluster as its superuser over the
+/// socket, or (external mode) the configured server as the URL's role.
 #[derive(Clone)]
 pub struct Db {
     cfg: Arc<Config>,
     probe: Arc<Mutex<Option<Client>>>,
+    tls: Arc<std::sync::OnceLock<tls::PgTls>>,
+}
+
+/// A libpq tool's command-line arguments and environment.
+pub type Libpq = (Vec<String>, Vec<(String, String)>);
+
+/// A readable one-line description (tokio-postgres' Display can be only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 impl Db {
@@ -35,11 +59,102 @@ impl Db {
         Db {
             cfg,
             probe: Arc::default(),
+            tls: Arc::default(),
         }
     }
 
-    /// A new connection to `dbname` as the superuser.
+    /// The external server, in external mode.
+    pub fn external(&self) -> Option<&external::ExternalUrl> {
+        self.cfg.postgres.external.as_ref()
+    }
+
+    /// The application's database: `koprogo`, or the external URL's.
+    pub fn app_db(&self) -> &str {
+        self.external().map_or(APP_DB, |u| u.dbname.as_str())
+    }
+
+    /// The role the API connects as: `koprogo`, or the external URL's user.
+    pub fn app_role(&self) -> &str {
+        self.external().map_or(APP_ROLE, |u| u.user.as_str())
+    }
+
+    /// The owner given to scratch databases (external: whoever creates them).
+    pub fn app_owner(&self) -> Option<&str> {
+        self.external().is_none().then_some(APP_ROLE)
+    }
+
+    /// A connection for CREATE/DROP/ALTER DATABASE: the `postgres` database (the
+    /// external server's application database when `postgres` is closed to us).
+    pub async fn connect_admin(&self) -> Result<Client> {
+        match self.connect("postgres").await {
+            Ok(c) => Ok(c),
+            Err(_) if self.external().is_some() => self.connect(self.app_db()).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Command-line arguments and environment for a libpq tool (pg_dump,
+    /// pg_restore, psql) on database `dbname`. Passwords go in the environment.
+    pub fn libpq(&self, dbname: &str) -> Result<Libpq> {
+        let mut env = cluster::base_env(&self.cfg);
+        let args = match self.external() {
+            None => vec![
+                "-h".into(),
+                self.cfg.paths.run.display().to_string(),
+                "-p".into(),
+                self.cfg.postgres.port.to_string(),
+                "-U".into(),
+                SUPERUSER.into(),
+                "-d".into(),
+                dbname.into(),
+                "--no-password".into(),
+            ],
+            Some(url) => {
+                let pw = external::password(&self.cfg)?;
+                env.extend(url.libpq_env(&self.cfg, pw.as_deref()));
+                vec!["-d".into(), dbname.into(), "--no-password".into()]
+            }
+        };
+        Ok((args, env))
+    }
+
+    fn tls(&self, url: &external::ExternalUrl) -> Result<tls::PgTls> {
+        if let Some(t) = self.tls.get() {
+            return Ok(t.clone());
+        }
+        let t = tls::PgTls::new(url, url.ca(&self.cfg).as_deref())?;
+        Ok(self.tls.get_or_init(|| t).clone())
+    }
+
+    /// A new connection to `dbname` (as the superuser, or as the external URL's role).
     pub async fn connect(&self, dbname: &str) -> Result<Client> {
+        if let Some(url) = self.external() {
+            let pw = external::password(&self.cfg)?;
+            let c = url.tokio_config(pw.as_deref(), dbname);
+            let failed = |e: tokio_postgres::Error| {
+                anyhow::anyhow!(
+                    "database {dbname} on {}:{}: {}{}",
+                    url.host,
+                    url.port,
+                    describe(&e),
+                    external::hint(&e, url, dbname)
+                )
+            };
+            let client = if url.sslmode == external::SslMode::Disable {
+                let (client, conn) = c.connect(NoTls).await.map_err(failed)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            } else {
+                let (client, conn) = c.connect(self.tls(url)?).await.map_err(failed)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            };
+            return Ok(client);
+        }
         let mut c = tokio_postgres::Config::new();
         c.host_path(&self.cfg.paths.run)
             .port(self.cfg.postgres.port)
@@ -58,7 +173,13 @@ impl Db {
     pub async fn ping(&self) -> Result<()> {
         let mut guard = self.probe.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.connect("postgres").await?);
+            // External: the application's database itself must answer.
+            let db = if self.external().is_some() {
+                self.app_db()
+            } else {
+                "postgres"
+            };
+            *guard = Some(self.connect(db).await?);
         }
         let Some(client) = guard.as_ref() else {
             anyhow::bail!("no connection");
@@ -67,7 +188,7 @@ impl Db {
             Ok(_) => Ok(()),
             Err(e) => {
                 *guard = None;
-                Err(e.into())
+                Err(anyhow::anyhow!("SELECT 1: {}", describe(&e)))
             }
         }
     }
@@ -125,20 +246,20 @@ impl ServiceSpec for PostgresService {
         "postgres"
     }
 
-    async fn prepare(&self, io: &ServiceIo) -> Result<ChildSpec> {
+    async fn prepare(&self, io: &ServiceIo) -> Result<Option<ChildSpec>> {
         upgrade::prepare(&self.cfg, &self.bins, io).await?;
         cluster::ensure_initdb(&self.cfg, &self.bins, io).await?;
         cluster::write_managed_files(&self.cfg, &self.os_user)?;
         cluster::clear_stale_pid(&self.cfg).await?;
         let data = cluster::data_dir(&self.cfg);
-        Ok(ChildSpec {
+        Ok(Some(ChildSpec {
             program: self.bins.tool("postgres"),
             args: vec!["-D".into(), data.display().to_string()],
             env: cluster::base_env(&self.cfg),
             cwd: data,
             // Immediate shutdown if the supervisor dies: backends follow the postmaster.
             death_signal: Signal::SIGQUIT,
-        })
+        }))
     }
 
     async fn probe(&self) -> Result<()> {

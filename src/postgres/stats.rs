@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio_postgres::Client;
 
-use super::cluster::{APP_DB, APP_ROLE};
 use super::Db;
 
 /// How long the whole set of queries may take.
@@ -47,13 +46,14 @@ impl DbStats {
     }
 }
 
-/// Runs the queries on `c` (connected to the application database).
-pub async fn query(c: &Client) -> Result<DbStats> {
+/// Runs the queries on `c` (connected to the application database); `app_role` is
+/// the role whose connections count against the API's pool.
+pub async fn query(c: &Client, app_role: &str) -> Result<DbStats> {
     let row = c
         .query_one(
             "SELECT count(*), count(*) FILTER (WHERE usename = $1)
              FROM pg_stat_activity WHERE backend_type = 'client backend'",
-            &[&APP_ROLE],
+            &[&app_role],
         )
         .await?;
     let (connections, app_connections): (i64, i64) = (row.get(0), row.get(1));
@@ -114,10 +114,12 @@ pub async fn condominiums(c: &Client) -> Result<Option<i64>> {
 pub async fn collect(db: &Db, with_condominiums: bool) -> Result<(DbStats, Option<i64>)> {
     let q = async {
         let c = db
-            .connect(APP_DB)
+            .connect(db.app_db())
             .await
-            .with_context(|| format!("cannot connect to the database {APP_DB}"))?;
-        let stats = query(&c).await.context("statistics query failed")?;
+            .with_context(|| format!("cannot connect to the database {}", db.app_db()))?;
+        let stats = query(&c, db.app_role())
+            .await
+            .context("statistics query failed")?;
         let condos = if with_condominiums {
             condominiums(&c)
                 .await

@@ -88,10 +88,17 @@ pub struct StatusReport {
 
 impl Shared {
     pub fn status(&self) -> StatusReport {
+        let external = self.cfg.postgres.external.as_ref().map(|u| u.redacted());
         let services: Vec<ServiceReport> = self
             .services
             .iter()
-            .map(|s| s.state.borrow().report())
+            .map(|s| {
+                let mut r = s.state.borrow().report();
+                if s.name == "postgres" {
+                    r.external = external.clone();
+                }
+                r
+            })
             .collect();
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -211,13 +218,27 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     let (stopping_tx, stopping_rx) = watch::channel(Shutdown::Running);
 
     let backup_bins = bins.clone();
-    let pg = Arc::new(PostgresService {
-        cfg: cfg.clone(),
-        bins,
-        os_user,
-        db: db.clone(),
-    });
-    let (pg_handle, pg_task, pg_ready) = launch(pg, &reaper, pg_log, None);
+    // Managed: the private cluster as a child. External: a service without a child
+    // whose runs are its probes (no initdb, no cluster files, no upgrade).
+    let (pg_handle, pg_task, pg_ready) = match cfg.postgres.mode {
+        crate::config::PgMode::Managed => {
+            let pg = Arc::new(PostgresService {
+                cfg: cfg.clone(),
+                bins,
+                os_user,
+                db: db.clone(),
+            });
+            launch(pg, &reaper, pg_log, None)
+        }
+        crate::config::PgMode::External => {
+            let pg = Arc::new(crate::postgres::external::ExternalService {
+                cfg: cfg.clone(),
+                db: db.clone(),
+                client_major: bins.major,
+            });
+            launch(pg, &reaper, pg_log, None)
+        }
+    };
     // Secrets are read again before each API start (a restore replaces them).
     let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService {
         cfg: cfg.clone(),

@@ -151,6 +151,37 @@ fn may(meta: &std::fs::Metadata, who: &Identity, bit: u32) -> bool {
     }
 }
 
+/// Can `who` read the file `path`: every parent directory searchable and the file
+/// readable for it? (Supplementary groups are not considered.)
+pub fn readable_by(path: &Path, who: &Identity) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = path.to_path_buf();
+    while dir.pop() {
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            if !may(&meta, who, 0o1) {
+                return Err(format!(
+                    "user {} cannot enter {} (mode {:o})",
+                    who.name,
+                    dir.display(),
+                    meta.mode() & 0o7777
+                ));
+            }
+        }
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read it: {e}"))?;
+    if !may(&meta, who, 0o4) {
+        return Err(format!(
+            "user {} cannot read it (owner {}:{}, mode {:o}): chown root:{} and chmod 0640 it",
+            who.name,
+            meta.uid(),
+            meta.gid(),
+            meta.mode() & 0o7777,
+            who.name
+        ));
+    }
+    Ok(())
+}
+
 /// Can `who` run the program `path`: every parent directory searchable and the
 /// file executable for it? (Writing is not needed: programs belong to root.)
 pub fn executable_by(path: &Path, who: &Identity) -> Result<(), String> {

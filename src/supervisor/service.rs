@@ -2,6 +2,10 @@
 //! gate on readiness, watch health, restart with back-off (never giving up), obey
 //! control commands, and stop with its own signals and grace. What a service *is*
 //! (its command, probes, stop signals) comes from a [`ServiceSpec`].
+//!
+//! A service may have no child at all (`prepare` returns `None`: an external
+//! PostgreSQL): a run is then its probes alone, with the same readiness gate,
+//! health checks, back-off and dependents; there is just nothing to signal.
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -60,13 +64,19 @@ pub enum Shutdown {
 /// What a service is. Implemented by the Postgres and API services.
 pub trait ServiceSpec: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Everything before a start (directories, initdb, config files); returns the command.
-    fn prepare(&self, io: &ServiceIo) -> impl Future<Output = Result<ChildSpec>> + Send;
+    /// Everything before a start (directories, initdb, config files); returns the
+    /// command, or `None` when the service runs elsewhere (nothing to spawn).
+    fn prepare(&self, io: &ServiceIo) -> impl Future<Output = Result<Option<ChildSpec>>> + Send;
     /// One readiness / health probe.
     fn probe(&self) -> impl Future<Output = Result<()>> + Send;
     /// Work after the first good probe and before dependents may start.
     fn on_ready(&self) -> impl Future<Output = Result<()>> + Send;
     fn start_timeout(&self) -> Duration;
+    /// Pause between readiness probes while starting (a remote server is asked
+    /// less often than a local child: its failed logins land in someone's log).
+    fn ready_poll(&self) -> Duration {
+        READY_POLL
+    }
     /// Graceful stop steps; a SIGKILL of the group always follows.
     fn stop_plan(&self) -> Vec<StopStep>;
     /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
@@ -206,19 +216,30 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 continue;
             }
         };
-        let Spawned {
-            pid,
-            exit: mut exit_rx,
-        } = child;
+        // No child (a remote service): an exit that never comes (its sender is
+        // kept for the run: a receiver whose sender is gone must not be polled again).
+        let mut _never: Option<oneshot::Sender<Exit>> = None;
+        let (pid, mut exit_rx) = match child {
+            Some(Spawned { pid, exit }) => (Some(pid), exit),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                _never = Some(tx);
+                (None, rx)
+            }
+        };
         let started = Instant::now();
         w.state.send_modify(|s| {
-            s.set(Phase::Starting, Some(pid));
+            s.set_running(Phase::Starting, pid);
             s.started = Some(started);
         });
-        tracing::info!(service = name, pid, "started");
+        match pid {
+            Some(pid) => tracing::info!(service = name, pid, "started"),
+            None => tracing::info!(service = name, "waiting for the remote server to answer"),
+        }
 
         // Readiness gate.
         let mut setup_failed = false;
+        let mut last_probe: Option<String> = None;
         let deadline = started + spec.start_timeout();
         let outcome = loop {
             if Instant::now() >= deadline {
@@ -228,37 +249,57 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 match timeout(PROBE_TIMEOUT, spec.probe()).await {
                     Ok(Ok(())) => match spec.on_ready().await {
                         Ok(()) => Ok(()),
-                        Err(e) => Err(Some(e)),
+                        Err(e) => Err(Gate::Setup(e)),
                     },
-                    Ok(Err(_)) | Err(_) => Err(None),
+                    Ok(Err(e)) => Err(Gate::NotYet(format!("{e:#}"))),
+                    Err(_) => Err(Gate::NotYet(format!(
+                        "no answer within {}s",
+                        PROBE_TIMEOUT.as_secs()
+                    ))),
                 }
             };
             tokio::select! {
                 r = probe => match r {
                     Ok(()) => break Ok(()),
-                    Err(Some(e)) => {
+                    Err(Gate::Setup(e)) => {
                         // The server answers but our setup on it failed: restart it.
                         w.state.send_modify(|s| s.last_error = Some(format!("{e:#}")));
                         tracing::error!(service = name, "setup after start failed: {e:#}");
                         setup_failed = true;
                         break Err(Event::Tick);
                     }
-                    Err(None) => {}
+                    Err(Gate::NotYet(why)) => {
+                        // Shown in status; logged once per new reason after a grace
+                        // (a starting server refuses for a moment, that is normal).
+                        if started.elapsed() >= QUIET_START && last_probe.as_deref() != Some(why.as_str()) {
+                            tracing::warn!(service = name, "not ready yet: {why}");
+                            last_probe = Some(why.clone());
+                        }
+                        w.state.send_if_modified(|s| {
+                            let new = Some(why);
+                            let changed = s.last_error != new;
+                            s.last_error = new;
+                            changed
+                        });
+                    }
                 },
                 e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
             }
             tokio::select! {
-                _ = sleep(READY_POLL) => {}
+                _ = sleep(spec.ready_poll()) => {}
                 e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
             }
         };
         if let Err(ev) = outcome {
             let timed_out = matches!(ev, Event::Tick);
             if timed_out && !setup_failed {
-                let msg = format!(
+                let mut msg = format!(
                     "not ready after {}s (start_timeout)",
                     spec.start_timeout().as_secs()
                 );
+                if let Some(why) = w.state.borrow().last_error.as_deref() {
+                    msg.push_str(&format!(": {why}"));
+                }
                 tracing::error!(service = name, "{msg}");
                 w.state.send_modify(|s| s.last_error = Some(msg));
             }
@@ -282,7 +323,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
 
         generation += 1;
         w.state.send_modify(|s| {
-            s.set(Phase::Ready, Some(pid));
+            s.set_running(Phase::Ready, pid);
             s.last_error = None;
             s.ready_since = Some(Instant::now());
         });
@@ -304,23 +345,34 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                     }
                 }
             }
-            let ok = matches!(timeout(PROBE_TIMEOUT, spec.probe()).await, Ok(Ok(())));
-            if ok {
-                if failures > 0 {
-                    w.state.send_modify(|s| s.set(Phase::Ready, Some(pid)));
+            let why = match timeout(PROBE_TIMEOUT, spec.probe()).await {
+                Ok(Ok(())) => {
+                    if failures > 0 {
+                        w.state.send_modify(|s| {
+                            s.set_running(Phase::Ready, pid);
+                            s.last_error = None;
+                        });
+                    }
+                    failures = 0;
+                    continue;
                 }
-                failures = 0;
-                continue;
-            }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            };
             failures += 1;
             tracing::warn!(
                 service = name,
-                "health check failed ({failures}/{HEALTH_FAILURES})"
+                "health check failed ({failures}/{HEALTH_FAILURES}): {why}"
             );
-            w.state.send_modify(|s| s.set(Phase::Unhealthy, Some(pid)));
+            w.state.send_modify(|s| {
+                s.set_running(Phase::Unhealthy, pid);
+                s.last_error = Some(format!("health check failed: {why}"));
+            });
             if failures >= HEALTH_FAILURES {
                 w.state.send_modify(|s| {
-                    s.last_error = Some(format!("{HEALTH_FAILURES} health checks failed in a row"))
+                    s.last_error = Some(format!(
+                        "{HEALTH_FAILURES} health checks failed in a row: {why}"
+                    ))
                 });
                 break Event::Tick;
             }
@@ -344,9 +396,22 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
     }
 }
 
-async fn start<S: ServiceSpec>(spec: &S, io: &ServiceIo) -> Result<Spawned> {
-    let cmd = spec.prepare(io).await?;
-    io.reaper.spawn(cmd, io.log_fd()?).await
+/// Why the readiness gate did not open on one probe.
+enum Gate {
+    /// Not answering (yet): keep probing until start_timeout.
+    NotYet(String),
+    /// Answering, but our setup on it failed: restart.
+    Setup(anyhow::Error),
+}
+
+/// How long a start may be refused quietly before each new reason is logged.
+const QUIET_START: Duration = Duration::from_secs(3);
+
+async fn start<S: ServiceSpec>(spec: &S, io: &ServiceIo) -> Result<Option<Spawned>> {
+    match spec.prepare(io).await? {
+        Some(cmd) => Ok(Some(io.reaper.spawn(cmd, io.log_fd()?).await?)),
+        None => Ok(None),
+    }
 }
 
 /// Ends one run of the child after `ev`; returns true when the service task must return.
@@ -354,7 +419,7 @@ async fn start<S: ServiceSpec>(spec: &S, io: &ServiceIo) -> Result<Spawned> {
 async fn finish<S: ServiceSpec>(
     spec: &S,
     w: &mut Wiring,
-    pid: i32,
+    pid: Option<i32>,
     exit_rx: oneshot::Receiver<Exit>,
     ev: Event,
     want: &mut bool,
@@ -367,7 +432,9 @@ async fn finish<S: ServiceSpec>(
     match ev {
         Event::Exited(exit) => {
             // Clear stragglers of its process group (e.g. backends of a killed postmaster).
-            signal(pid, Signal::SIGKILL, true);
+            if let Some(pid) = pid {
+                signal(pid, Signal::SIGKILL, true);
+            }
             let stable = started.elapsed() >= super::backoff::STABLE;
             if stable {
                 backoff.reset();
@@ -492,12 +559,18 @@ async fn next_event(
 async fn stop_child<S: ServiceSpec>(
     spec: &S,
     w: &mut Wiring,
-    pid: i32,
+    pid: Option<i32>,
     mut exit_rx: oneshot::Receiver<Exit>,
     now: bool,
 ) {
     let name = spec.name();
-    w.state.send_modify(|s| s.set(Phase::Stopping, Some(pid)));
+    let Some(pid) = pid else {
+        // Nothing of ours runs: the run simply ends.
+        w.state.send_modify(|s| s.set(Phase::Stopped, None));
+        return;
+    };
+    w.state
+        .send_modify(|s| s.set_running(Phase::Stopping, Some(pid)));
     let mut shutdown = w.shutdown.clone();
     let mut steps = if now {
         spec.stop_now()

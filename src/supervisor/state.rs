@@ -70,6 +70,13 @@ impl ServiceState {
         }
     }
 
+    /// A new phase within a run (its start time and readiness time are kept;
+    /// `pid` is None for a service without a child).
+    pub fn set_running(&mut self, phase: Phase, pid: Option<i32>) {
+        self.phase = phase;
+        self.pid = pid;
+    }
+
     pub fn ready(&self) -> bool {
         self.phase == Phase::Ready
     }
@@ -91,6 +98,7 @@ impl ServiceState {
                 .map(|t| t.saturating_duration_since(now).as_secs_f64()),
             last_exit: self.last_exit.clone(),
             last_error: self.last_error.clone(),
+            external: None,
         }
     }
 }
@@ -110,6 +118,9 @@ pub struct ServiceReport {
     pub next_start_in_secs: Option<f64>,
     pub last_exit: Option<String>,
     pub last_error: Option<String>,
+    /// A service run elsewhere (external PostgreSQL): where, password redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
 }
 
 /// Memory of every process in the process group led by `pgid`: PSS where the kernel
