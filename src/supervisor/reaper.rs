@@ -43,8 +43,9 @@ impl Exit {
     }
 }
 
-/// Everything needed to start one child.
-#[derive(Debug, Clone)]
+/// Everything needed to start one child. Its `Debug` shows the environment's
+/// names only: the values hold secrets (JWT key, database password).
+#[derive(Clone)]
 pub struct ChildSpec {
     pub program: PathBuf,
     pub args: Vec<String>,
@@ -53,6 +54,19 @@ pub struct ChildSpec {
     pub cwd: PathBuf,
     /// Signal the kernel sends the child when the supervisor dies.
     pub death_signal: Signal,
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("ChildSpec")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env (names only)", &names)
+            .field("cwd", &self.cwd)
+            .field("death_signal", &self.death_signal)
+            .finish()
+    }
 }
 
 /// A started child: its pid (also its process group) and where its exit arrives.
@@ -237,4 +251,23 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
 pub fn signal(pid: i32, sig: Signal, group: bool) {
     let target = if group { -pid } else { pid };
     let _ = nix::sys::signal::kill(Pid::from_raw(target), sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_names_the_environment_without_its_values() {
+        let spec = ChildSpec {
+            program: "/usr/lib/koprogo/koprogo-api".into(),
+            args: vec![],
+            env: vec![("JWT_SECRET".into(), "s3cr3t-value-never-shown".into())],
+            cwd: "/var/lib/koprogo/api".into(),
+            death_signal: Signal::SIGKILL,
+        };
+        let text = format!("{spec:?}");
+        assert!(text.contains("JWT_SECRET"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+    }
 }
