@@ -2,8 +2,14 @@
 //! started with, the directory it runs in, what "ready" means (its health URL answers
 //! 200 AND the database answers) and how it is stopped (SIGTERM, a little over its
 //! 30 s drain, then SIGKILL).
+//!
+//! Each API server has two loopback ports: its home port `backend.port`, and a
+//! spare one, `backend.port + 1`, where an update starts its replacement while the
+//! running one keeps serving (see `crate::update`). The port the current child serves
+//! on is shared with the service loop, which publishes it for the proxy.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +30,24 @@ pub struct ApiService {
     pub cfg: Arc<Config>,
     pub secrets: Secrets,
     pub db: Db,
+    /// The port the current child listens on: home or spare (shared by rebuilds).
+    pub port: Arc<AtomicU16>,
+}
+
+/// The home and spare ports of the API server.
+pub fn ports(cfg: &Config) -> (u16, u16) {
+    let home = cfg.backend.port;
+    (home, home.wrapping_add(1))
+}
+
+/// The other port of the pair: where a replacement of a child on `current` starts.
+pub fn other_port(cfg: &Config, current: u16) -> u16 {
+    let (home, spare) = ports(cfg);
+    if current == home {
+        spare
+    } else {
+        home
+    }
 }
 
 /// Directories the API server uses, all under the state directory.
@@ -43,7 +67,7 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
 }
 
 /// The complete environment of the API server (nothing else is inherited).
-pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
+pub fn environment(cfg: &Config, secrets: &Secrets, port: u16) -> Vec<(String, String)> {
     let d = dirs(cfg);
     let b = &cfg.backend;
     let workers = if b.workers == 0 {
@@ -64,7 +88,7 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
             ),
         ),
         ("SERVER_HOST".into(), "127.0.0.1".into()),
-        ("SERVER_PORT".into(), b.port.to_string()),
+        ("SERVER_PORT".into(), port.to_string()),
         (
             secrets::JWT_SECRET.into(),
             secrets.get(secrets::JWT_SECRET).into(),
@@ -107,12 +131,24 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Vec<(String, String)> {
     env
 }
 
-impl ServiceSpec for ApiService {
-    fn name(&self) -> &'static str {
-        "api"
+impl ApiService {
+    pub fn new(cfg: Arc<Config>, secrets: Secrets, db: Db) -> ApiService {
+        let home = cfg.backend.port;
+        ApiService {
+            cfg,
+            secrets,
+            db,
+            port: Arc::new(AtomicU16::new(home)),
+        }
     }
 
-    async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {
+    /// The port the current child serves on.
+    pub fn active_port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+
+    /// The command of an API server listening on `port`.
+    pub async fn prepare_on(&self, port: u16) -> Result<ChildSpec> {
         let d = dirs(&self.cfg);
         ensure_dir(&d.work, 0o750)
             .with_context(|| format!("cannot create {}", d.work.display()))?;
@@ -131,15 +167,38 @@ impl ServiceSpec for ApiService {
         Ok(ChildSpec {
             program: cmd.clone(),
             args: Vec::new(),
-            env: environment(&self.cfg, &self.secrets),
+            env: environment(&self.cfg, &self.secrets, port),
             cwd: d.work,
             death_signal: Signal::SIGKILL,
         })
     }
 
-    async fn probe(&self) -> Result<()> {
-        health(self.cfg.backend.port, &self.cfg.backend.health).await?;
+    /// Readiness of the server on `port`: health 200 and the database answers.
+    pub async fn probe_on(&self, port: u16) -> Result<()> {
+        health(port, &self.cfg.backend.health).await?;
         self.db.ping().await.context("database not reachable")
+    }
+}
+
+impl ServiceSpec for ApiService {
+    fn name(&self) -> &'static str {
+        "api"
+    }
+
+    async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {
+        self.prepare_on(self.active_port()).await
+    }
+
+    async fn probe(&self) -> Result<()> {
+        self.probe_on(self.active_port()).await
+    }
+
+    fn port(&self) -> Option<u16> {
+        Some(self.active_port())
+    }
+
+    fn switch_port(&self, port: u16) {
+        self.port.store(port, Ordering::Relaxed);
     }
 
     async fn on_ready(&self) -> Result<()> {

@@ -48,6 +48,9 @@ pub enum Command {
     Stop { service: String },
     /// Restart a service.
     Restart { service: String },
+    /// Update the API server now: pre-update backup, the new binary started beside
+    /// the running one, traffic switched once it is ready, the old one drained.
+    Reload,
     /// Show service logs (all services, merged by time, when none is named).
     Logs {
         service: Option<String>,
@@ -148,6 +151,7 @@ pub fn main() -> ExitCode {
         Command::Start { service } => command(&cfg, Request::Start { service }),
         Command::Stop { service } => command(&cfg, Request::Stop { service }),
         Command::Restart { service } => command(&cfg, Request::Restart { service }),
+        Command::Reload => reload(&cfg),
         Command::Logs {
             service,
             follow,
@@ -450,6 +454,7 @@ fn print_status(st: &StatusReport) {
         }
     );
     print_backup(&st.backup);
+    print_update(&st.update);
     for (name, v) in &st.logs {
         let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
         if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
@@ -485,6 +490,45 @@ fn print_backup(b: &crate::backup::BackupStatus) {
     }
     if let Some(e) = &b.last_copy_error {
         println!("backup: copy command failed: {e}");
+    }
+}
+
+fn print_update(u: &crate::update::UpdateStatus) {
+    if let Some(r) = &u.running {
+        println!("update: running now: {r}");
+    }
+    if let Some(p) = &u.pending {
+        println!("update: {p}");
+    }
+    if let Some(l) = &u.last {
+        println!(
+            "update: last {} ({}): {} {}",
+            l.time,
+            l.trigger,
+            if l.ok { "ok:" } else { "FAILED:" },
+            l.message
+        );
+    }
+    if let Some(b) = &u.pre_update_backup {
+        println!("update: pre-update backup {b} (to roll back: reinstall the previous version, then `koprogo restore {b}`)");
+    }
+}
+
+/// `koprogo reload`: waits for the whole update (the backup can take minutes).
+fn reload(cfg: &Config) -> ExitCode {
+    match control::request_long(cfg, &Request::Reload) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("koprogo: {}", r.message);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(3)
+        }
     }
 }
 

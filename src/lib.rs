@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod secrets;
 pub mod supervisor;
 pub mod tls;
+pub mod update;

@@ -55,6 +55,9 @@ pub enum Reason {
     Scheduled,
     Manual,
     PreRestore,
+    /// Before an application update swaps the API server (its migrations make a
+    /// rollback need this backup).
+    PreUpdate,
 }
 
 impl Reason {
@@ -63,6 +66,7 @@ impl Reason {
             Reason::Scheduled => "scheduled",
             Reason::Manual => "manual",
             Reason::PreRestore => "pre-restore",
+            Reason::PreUpdate => "pre-update",
         }
     }
 }
@@ -235,6 +239,11 @@ impl Backups {
     /// `koprogo backup create` and the schedule: a backup, then retention and the
     /// copy hook. Returns the message for the operator.
     pub async fn create_now(&self, reason: Reason) -> Result<String> {
+        self.create_file(reason).await.map(|(msg, _)| msg)
+    }
+
+    /// `create_now`, also returning the file written.
+    pub async fn create_file(&self, reason: Reason) -> Result<(String, PathBuf)> {
         let started = Instant::now();
         let r = self
             .exclusive("backup", async {
@@ -294,7 +303,7 @@ impl Backups {
                     None => {}
                 }
                 tracing::info!("{msg}");
-                Ok(msg)
+                Ok((msg, made.path))
             }
             Err(e) => {
                 let msg = format!("backup failed: {e:#}");

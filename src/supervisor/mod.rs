@@ -61,6 +61,7 @@ pub struct Shared {
     pub cfg: Arc<Config>,
     pub db: Db,
     pub backup: Arc<crate::backup::Backups>,
+    pub updater: Arc<crate::update::Updater>,
 }
 
 /// `koprogo status --json`.
@@ -82,6 +83,9 @@ pub struct StatusReport {
     /// Backups: last success (time, file, size), last error, next run.
     #[serde(default)]
     pub backup: crate::backup::BackupStatus,
+    /// Application updates: the watched binary, the last update, the pre-update backup.
+    #[serde(default)]
+    pub update: crate::update::UpdateStatus,
 }
 
 impl Shared {
@@ -104,6 +108,7 @@ impl Shared {
             proxy: self.proxy.snapshot(),
             frontend_installed: self.frontend_installed,
             backup: self.backup.status(),
+            update: self.updater.status(),
             logs: self
                 .logs
                 .iter()
@@ -217,23 +222,24 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     });
     let (pg_handle, pg_task, pg_ready) = launch(pg, &reaper, pg_log, None);
     // Secrets are read again before each API start (a restore replaces them).
-    let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService {
-        cfg: cfg.clone(),
+    let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService::new(
+        cfg.clone(),
         secrets,
         db,
-    }));
-    let (api_handle, api_task, _api_ready) = launch(api, &reaper, api_log, Some(pg_ready));
+    )));
+    let api_io = ServiceIo {
+        reaper: reaper.clone(),
+        log: api_log.clone(),
+    };
+    let (api_handle, api_task, _api_ready) =
+        launch(api.clone(), &reaper, api_log, Some(pg_ready));
     let tasks = vec![pg_task, api_task];
 
     // The front door answers from the first second (maintenance until the API is ready).
     let tls = Tls::load(&cfg)?;
     let tls_task = tokio::spawn(tls.clone().maintain());
-    let proxy = Arc::new(Proxy::new(
-        cfg.clone(),
-        tls.clone(),
-        api_handle.state.clone(),
-        access,
-    ));
+    let (routes, routes_task) = crate::proxy::balance::publish(vec![api_handle.state.clone()]);
+    let proxy = Arc::new(Proxy::new(cfg.clone(), tls.clone(), routes.clone(), access));
     let frontend_installed = proxy.files.installed();
     if !frontend_installed {
         tracing::warn!(
@@ -254,6 +260,17 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         api_handle.state.clone(),
     );
     let backup_task = tokio::spawn(backup.clone().run_scheduler());
+    let updater = crate::update::Updater::new(
+        cfg.clone(),
+        api,
+        api_io,
+        api_handle.cmds.clone(),
+        api_handle.state.clone(),
+        routes,
+        backup.clone(),
+        stopping_rx.clone(),
+    );
+    let watch_task = tokio::spawn(updater.clone().watch());
     let shared = Arc::new(Shared {
         services: vec![pg_handle, api_handle],
         logs: std::iter::once(("koprogo".to_string(), own_log))
@@ -268,6 +285,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         cfg: cfg.clone(),
         db: db_shared,
         backup,
+        updater: updater.clone(),
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
@@ -299,7 +317,11 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload yet (configuration changes need a restart)"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: updating the API server (configuration changes need a restart)");
+                let u = updater.clone();
+                tokio::spawn(async move { let _ = u.update(crate::update::Trigger::Sighup).await; });
+            }
         }
     }
     let _ = stopping_tx.send(Shutdown::Graceful);
@@ -313,6 +335,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
             _ = int.recv() => {}
         }
         tracing::warn!("second signal: stopping now");
+        let _ = stopping_tx.send(Shutdown::Now);
         for s in &stops {
             let _ = s.send(Shutdown::Now);
         }
@@ -326,6 +349,12 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     }
     tls_task.abort();
     backup_task.abort();
+    watch_task.abort();
+    routes_task.abort();
+    // An update in progress stops its new server or finishes draining the old one.
+    updater
+        .wait_idle(cfg.backend.stop_timeout + Duration::from_secs(10))
+        .await;
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);

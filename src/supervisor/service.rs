@@ -71,6 +71,14 @@ pub trait ServiceSpec: Send + Sync + 'static {
     fn stop_plan(&self) -> Vec<StopStep>;
     /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
     fn stop_now(&self) -> Vec<StopStep>;
+    /// The loopback port its child serves on, for an HTTP server (what the proxy
+    /// routes to while the service is ready).
+    fn port(&self) -> Option<u16> {
+        None
+    }
+    /// A replacement child serves on `port` from now on (an update swap): later
+    /// probes and restarts use that port.
+    fn switch_port(&self, _port: u16) {}
 }
 
 /// What a service needs from the supervisor to run children.
@@ -93,6 +101,24 @@ pub enum Cmd {
     Start(oneshot::Sender<String>),
     Stop(oneshot::Sender<String>),
     Restart(oneshot::Sender<String>),
+    /// A replacement child, started and found ready by the updater, takes over.
+    Adopt(Takeover),
+}
+
+/// A ready replacement child (started by `crate::update` through the same reaper)
+/// offered to a running service. A ready service makes it its own child at once and
+/// answers with the child it replaced, which the updater then drains and stops; a
+/// service that is not ready gives the new child back with the reason.
+pub struct Takeover {
+    pub child: Spawned,
+    pub port: u16,
+    pub reply: oneshot::Sender<Result<Spawned, (Spawned, String)>>,
+}
+
+impl Takeover {
+    fn refuse(self, why: String) {
+        let _ = self.reply.send(Err((self.child, why)));
+    }
 }
 
 /// The channels a service task works with.
@@ -144,6 +170,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 Event::Cmd(Cmd::Stop(r)) => {
                     let _ = r.send(format!("{name}: already stopped"));
                 }
+                Event::Cmd(Cmd::Adopt(t)) => t.refuse(format!("{name} is stopped")),
                 _ => {}
             }
             continue;
@@ -207,10 +234,10 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
             }
         };
         let Spawned {
-            pid,
+            mut pid,
             exit: mut exit_rx,
         } = child;
-        let started = Instant::now();
+        let mut started = Instant::now();
         w.state.send_modify(|s| {
             s.set(Phase::Starting, Some(pid));
             s.started = Some(started);
@@ -245,11 +272,16 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                     }
                     Err(None) => {}
                 },
-                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => match absorb(name, e) {
+                    Some(e) => break Err(e),
+                    None => continue,
+                },
             }
             tokio::select! {
                 _ = sleep(READY_POLL) => {}
-                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => if let Some(e) = absorb(name, e) {
+                    break Err(e);
+                },
             }
         };
         if let Err(ev) = outcome {
@@ -285,6 +317,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
             s.set(Phase::Ready, Some(pid));
             s.last_error = None;
             s.ready_since = Some(Instant::now());
+            s.port = spec.port();
         });
         let _ = w.ready.send(Some(generation));
         tracing::info!(service = name, pid, "ready after {:.2?}", started.elapsed());
@@ -298,6 +331,34 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                     match e {
                         Event::Cmd(Cmd::Start(r)) => {
                             let _ = r.send(format!("{name}: already running"));
+                            continue;
+                        }
+                        Event::Cmd(Cmd::Adopt(t)) => {
+                            if failures > 0 {
+                                t.refuse(format!("{name} is failing its health checks"));
+                                continue;
+                            }
+                            // The new child is ready: it serves from now on (the proxy
+                            // follows the port); the old one goes to the updater to drain.
+                            let old = Spawned { pid, exit: exit_rx };
+                            pid = t.child.pid;
+                            exit_rx = t.child.exit;
+                            started = Instant::now();
+                            spec.switch_port(t.port);
+                            w.state.send_modify(|s| {
+                                s.set(Phase::Ready, Some(pid));
+                                s.started = Some(started);
+                                s.ready_since = Some(started);
+                                s.port = Some(t.port);
+                                s.swaps += 1;
+                            });
+                            tracing::info!(service = name, pid, port = t.port, "took over from pid {}", old.pid);
+                            if let Err(Ok(old)) = t.reply.send(Ok(old)) {
+                                // The updater is gone: stop the old child here.
+                                let mut exit = old.exit;
+                                let shutdown = w.shutdown.clone();
+                                stop_process(name, old.pid, &mut exit, spec.stop_plan(), spec.stop_now(), shutdown, false).await;
+                            }
                             continue;
                         }
                         e => break e,
@@ -418,6 +479,10 @@ async fn finish<S: ServiceSpec>(
             let _ = r.send(format!("{name}: already running"));
             false
         }
+        Event::Cmd(Cmd::Adopt(t)) => {
+            t.refuse(format!("{name} is not ready"));
+            false
+        }
         Event::Shutdown(mode) => {
             stop_child(spec, w, pid, exit_rx, mode == Shutdown::Now).await;
             w.state.send_modify(|s| s.set(Phase::Stopped, None));
@@ -438,7 +503,24 @@ fn handle_idle(name: &str, e: Event, want: &mut bool, delay: &mut Option<Duratio
             *delay = None;
             let _ = r.send(format!("{name}: starting"));
         }
+        Event::Cmd(Cmd::Adopt(t)) => t.refuse(format!("{name} is not running")),
         _ => {}
+    }
+}
+
+/// Commands that do not end a start in progress are answered here (None); the
+/// rest come back to the caller.
+fn absorb(name: &str, e: Event) -> Option<Event> {
+    match e {
+        Event::Cmd(Cmd::Start(r)) => {
+            let _ = r.send(format!("{name}: starting"));
+            None
+        }
+        Event::Cmd(Cmd::Adopt(t)) => {
+            t.refuse(format!("{name} is starting, not ready yet"));
+            None
+        }
+        e => Some(e),
     }
 }
 
@@ -487,8 +569,7 @@ async fn next_event(
     }
 }
 
-/// Stops the child with the spec's plan; a "stop now" arriving meanwhile skips to
-/// the end. Always ends with SIGKILL of the process group.
+/// Stops the child with the spec's plan and records it in the service state.
 async fn stop_child<S: ServiceSpec>(
     spec: &S,
     w: &mut Wiring,
@@ -498,12 +579,37 @@ async fn stop_child<S: ServiceSpec>(
 ) {
     let name = spec.name();
     w.state.send_modify(|s| s.set(Phase::Stopping, Some(pid)));
-    let mut shutdown = w.shutdown.clone();
-    let mut steps = if now {
-        spec.stop_now()
-    } else {
-        spec.stop_plan()
-    };
+    let exit = stop_process(
+        name,
+        pid,
+        &mut exit_rx,
+        spec.stop_plan(),
+        spec.stop_now(),
+        w.shutdown.clone(),
+        now,
+    )
+    .await;
+    w.state.send_modify(|s| {
+        if let Some(e) = exit {
+            s.last_exit = Some(e.to_string());
+        }
+        s.set(Phase::Stopped, None);
+    });
+}
+
+/// Stops one child: the `plan` steps (`now_plan` when `now`, or as soon as a "stop
+/// now" arrives on `shutdown`), always ending with SIGKILL of its process group.
+/// Returns how it exited (None: not even after SIGKILL).
+pub async fn stop_process(
+    name: &str,
+    pid: i32,
+    exit_rx: &mut oneshot::Receiver<Exit>,
+    plan: Vec<StopStep>,
+    now_plan: Vec<StopStep>,
+    mut shutdown: watch::Receiver<Shutdown>,
+    now: bool,
+) -> Option<Exit> {
+    let mut steps = if now { now_plan.clone() } else { plan };
     let mut hurried = now;
     let mut i = 0;
     let exit = loop {
@@ -520,13 +626,13 @@ async fn stop_child<S: ServiceSpec>(
             let _ = shutdown.wait_for(|s| *s == Shutdown::Now).await;
         };
         tokio::select! {
-            r = &mut exit_rx => break r.ok(),
+            r = &mut *exit_rx => break r.ok(),
             _ = sleep(step.wait) => {
                 tracing::warn!(service = name, pid, "still running {:.0?} after {}", step.wait, step.signal);
             }
             _ = hurry => {
                 hurried = true;
-                steps = spec.stop_now();
+                steps = now_plan.clone();
                 i = 0;
             }
         }
@@ -536,7 +642,7 @@ async fn stop_child<S: ServiceSpec>(
         None => {
             tracing::warn!(service = name, pid, "sending SIGKILL to the process group");
             signal(pid, Signal::SIGKILL, true);
-            timeout(KILL_WAIT, &mut exit_rx)
+            timeout(KILL_WAIT, &mut *exit_rx)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
@@ -545,16 +651,8 @@ async fn stop_child<S: ServiceSpec>(
     // Whatever the main process left in its group goes too.
     signal(pid, Signal::SIGKILL, true);
     match exit {
-        Some(e) => {
-            tracing::info!(service = name, pid, "stopped ({e})");
-            w.state.send_modify(|s| {
-                s.last_exit = Some(e.to_string());
-                s.set(Phase::Stopped, None);
-            });
-        }
-        None => {
-            tracing::error!(service = name, pid, "did not exit even after SIGKILL");
-            w.state.send_modify(|s| s.set(Phase::Stopped, None));
-        }
+        Some(e) => tracing::info!(service = name, pid, "stopped ({e})"),
+        None => tracing::error!(service = name, pid, "did not exit even after SIGKILL"),
     }
+    exit
 }
