@@ -3,10 +3,12 @@
 //! 200 AND the database answers) and how it is stopped (SIGTERM, a little over its
 //! 30 s drain, then SIGKILL).
 //!
-//! Each API server has two loopback ports: its home port `backend.port`, and a
-//! spare one, `backend.port + 1`, where an update starts its replacement while the
-//! running one keeps serving (see `crate::update`). The port the current child serves
-//! on is shared with the service loop, which publishes it for the proxy.
+//! `backend.instances` = N servers run side by side, named `api` when N = 1 and
+//! `api-1` … `api-N` otherwise. Instance i (from 0) has two loopback ports: its home
+//! port `backend.port + i`, and a spare one, `backend.port + N + i`, where an update
+//! starts its replacement while the running one keeps serving (see `crate::update`).
+//! The port its current child serves on is shared with the service loop, which
+//! publishes it for the proxy.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -32,17 +34,30 @@ pub struct ApiService {
     pub db: Db,
     /// The port the current child listens on: home or spare (shared by rebuilds).
     pub port: Arc<AtomicU16>,
+    /// Which instance (from 0), and its service name.
+    pub index: u16,
+    pub name: &'static str,
 }
 
-/// The home and spare ports of the API server.
-pub fn ports(cfg: &Config) -> (u16, u16) {
-    let home = cfg.backend.port;
-    (home, home.wrapping_add(1))
+/// The service name of instance `index` (from 0).
+pub fn instance_name(cfg: &Config, index: u16) -> String {
+    if cfg.backend.instances <= 1 {
+        "api".into()
+    } else {
+        format!("api-{}", index + 1)
+    }
 }
 
-/// The other port of the pair: where a replacement of a child on `current` starts.
-pub fn other_port(cfg: &Config, current: u16) -> u16 {
-    let (home, spare) = ports(cfg);
+/// The home and spare ports of instance `index`.
+pub fn ports(cfg: &Config, index: u16) -> (u16, u16) {
+    let home = cfg.backend.port.saturating_add(index);
+    (home, home.saturating_add(cfg.backend.instances.max(1)))
+}
+
+/// The other port of instance `index`'s pair: where a replacement of its child on
+/// `current` starts.
+pub fn other_port(cfg: &Config, index: u16, current: u16) -> u16 {
+    let (home, spare) = ports(cfg, index);
     if current == home {
         spare
     } else {
@@ -132,13 +147,18 @@ pub fn environment(cfg: &Config, secrets: &Secrets, port: u16) -> Vec<(String, S
 }
 
 impl ApiService {
-    pub fn new(cfg: Arc<Config>, secrets: Secrets, db: Db) -> ApiService {
-        let home = cfg.backend.port;
+    /// Instance `index` (from 0). Its name is made once at boot and lives as long
+    /// as the process (service names are `&'static str`).
+    pub fn new(cfg: Arc<Config>, secrets: Secrets, db: Db, index: u16) -> ApiService {
+        let (home, _) = ports(&cfg, index);
+        let name: &'static str = Box::leak(instance_name(&cfg, index).into_boxed_str());
         ApiService {
             cfg,
             secrets,
             db,
             port: Arc::new(AtomicU16::new(home)),
+            index,
+            name,
         }
     }
 
@@ -182,7 +202,7 @@ impl ApiService {
 
 impl ServiceSpec for ApiService {
     fn name(&self) -> &'static str {
-        "api"
+        self.name
     }
 
     async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {

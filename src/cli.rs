@@ -551,6 +551,17 @@ fn command(cfg: &Config, req: Request) -> ExitCode {
 
 fn show_logs(cfg: &Config, service: Option<String>, follow: bool, n: usize) -> ExitCode {
     let dir = &cfg.paths.logs;
+    // Every API instance (api-1, api-2, …) writes into api.log.
+    let service = service.map(|s| {
+        let instance = s
+            .strip_prefix("api-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if instance {
+            "api".to_string()
+        } else {
+            s
+        }
+    });
     let names = match &service {
         Some(s) => vec![s.clone()],
         None => match logs::services(dir) {

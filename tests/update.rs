@@ -251,8 +251,8 @@ fn update_swap_under_load_fails_no_request_and_names_the_backup() {
     assert_ne!(now.pid, before.pid);
     assert_eq!(now.port, Some(a.backend_port + 1));
     assert_eq!(now.swaps, 1);
-    assert_eq!(last.old_pid, before.pid);
-    assert_eq!(last.new_pid, now.pid);
+    assert_eq!(last.old_pids, before.pid.into_iter().collect::<Vec<_>>());
+    assert_eq!(last.new_pids, now.pid.into_iter().collect::<Vec<_>>());
     let old = before.pid.expect("old pid");
     assert!(
         !std::path::Path::new(&format!("/proc/{old}")).exists(),
@@ -343,7 +343,7 @@ fn a_broken_new_binary_leaves_the_old_one_serving() {
     assert!(now.ready);
     assert_eq!(now.pid, before.pid);
     // The never-ready server was stopped.
-    let new = last.new_pid.expect("new pid");
+    let new = *last.new_pids.first().expect("new pid");
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::path::Path::new(&format!("/proc/{new}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

@@ -30,7 +30,7 @@ impl FreshSecrets {
 
 impl ServiceSpec for FreshSecrets {
     fn name(&self) -> &'static str {
-        "api"
+        self.inner.load().name
     }
 
     async fn prepare(&self, _io: &ServiceIo) -> Result<ChildSpec> {
@@ -83,6 +83,8 @@ impl FreshSecrets {
             secrets,
             db: cur.db.clone(),
             port: cur.port.clone(),
+            index: cur.index,
+            name: cur.name,
         });
         self.inner.store(next.clone());
         next.prepare_on(port).await
@@ -96,5 +98,10 @@ impl FreshSecrets {
     /// The port the current child serves on.
     pub fn active_port(&self) -> u16 {
         self.inner.load().active_port()
+    }
+
+    /// Which API instance this is (from 0).
+    pub fn index(&self) -> u16 {
+        self.inner.load().index
     }
 }

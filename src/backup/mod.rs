@@ -113,8 +113,9 @@ pub struct Backups {
     pub(crate) db: Db,
     pub(crate) reaper: Reaper,
     pub(crate) postgres: watch::Receiver<ServiceState>,
-    pub(crate) api_cmds: mpsc::Sender<Cmd>,
-    pub(crate) api: watch::Receiver<ServiceState>,
+    /// Every API instance (a restore stops and starts them all).
+    pub(crate) api_cmds: Vec<mpsc::Sender<Cmd>>,
+    pub(crate) api: Vec<watch::Receiver<ServiceState>>,
     op: tokio::sync::Mutex<()>,
     status: Mutex<BackupStatus>,
     seq: AtomicU64,
@@ -156,8 +157,8 @@ impl Backups {
         db: Db,
         reaper: Reaper,
         postgres: watch::Receiver<ServiceState>,
-        api_cmds: mpsc::Sender<Cmd>,
-        api: watch::Receiver<ServiceState>,
+        api_cmds: Vec<mpsc::Sender<Cmd>>,
+        api: Vec<watch::Receiver<ServiceState>>,
     ) -> Arc<Backups> {
         let b = &cfg.backup;
         let mut st = BackupStatus {

@@ -128,15 +128,54 @@ impl Shared {
         Ok(pw)
     }
 
-    /// `start|stop|restart SERVICE` from the control socket.
+    /// `start|stop|restart SERVICE` from the control socket. With several API
+    /// instances, `api` means all of them, one after the other: a restart waits for
+    /// each to be ready again before the next, so the site stays up.
     pub async fn command(&self, verb: &str, service: &str) -> Result<String, String> {
+        let group: Vec<&ServiceHandle> = if service == "api" && self.cfg.backend.instances > 1 {
+            self.services
+                .iter()
+                .filter(|s| s.name.starts_with("api-"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !group.is_empty() {
+            let mut said = Vec::new();
+            for h in group {
+                said.push(self.command_one(h, verb).await?);
+                if verb == "stop" {
+                    continue;
+                }
+                let mut rx = h.state.clone();
+                let limit = self.cfg.backend.start_timeout + Duration::from_secs(5);
+                let ready = tokio::time::timeout(limit, rx.wait_for(|s| s.ready())).await;
+                if !matches!(ready, Ok(Ok(_))) {
+                    return Err(format!(
+                        "{}; {} was not ready within {}s: the next instances were left as they are",
+                        said.join("; "),
+                        h.name,
+                        limit.as_secs()
+                    ));
+                }
+            }
+            return Ok(said.join("; "));
+        }
         let Some(h) = self.services.iter().find(|s| s.name == service) else {
-            let names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+            let mut names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+            if self.cfg.backend.instances > 1 {
+                names.push("api (all API instances)");
+            }
             return Err(format!(
                 "no service {service:?}: choose one of {}",
                 names.join(", ")
             ));
         };
+        self.command_one(h, verb).await
+    }
+
+    async fn command_one(&self, h: &ServiceHandle, verb: &str) -> Result<String, String> {
+        let service = h.name;
         if *self.stopping.borrow() != Shutdown::Running {
             return Err("koprogo is shutting down".into());
         }
@@ -221,24 +260,39 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         db: db.clone(),
     });
     let (pg_handle, pg_task, pg_ready) = launch(pg, &reaper, pg_log, None);
-    // Secrets are read again before each API start (a restore replaces them).
-    let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService::new(
-        cfg.clone(),
-        secrets,
-        db,
-    )));
+    // `backend.instances` API servers, all logging into api.log. Secrets are read
+    // again before each API start (a restore replaces them).
     let api_io = ServiceIo {
         reaper: reaper.clone(),
         log: api_log.clone(),
     };
-    let (api_handle, api_task, _api_ready) =
-        launch(api.clone(), &reaper, api_log, Some(pg_ready));
-    let tasks = vec![pg_task, api_task];
+    let mut tasks = vec![pg_task];
+    let mut api_handles = Vec::new();
+    let mut instances = Vec::new();
+    for index in 0..cfg.backend.instances.max(1) {
+        let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService::new(
+            cfg.clone(),
+            secrets.clone(),
+            db.clone(),
+            index,
+        )));
+        let (handle, task, _ready) =
+            launch(api.clone(), &reaper, api_log.clone(), Some(pg_ready.clone()));
+        instances.push(crate::update::Instance {
+            api,
+            cmds: handle.cmds.clone(),
+            state: handle.state.clone(),
+        });
+        api_handles.push(handle);
+        tasks.push(task);
+    }
+    let api_states: Vec<watch::Receiver<ServiceState>> =
+        api_handles.iter().map(|h| h.state.clone()).collect();
 
     // The front door answers from the first second (maintenance until the API is ready).
     let tls = Tls::load(&cfg)?;
     let tls_task = tokio::spawn(tls.clone().maintain());
-    let (routes, routes_task) = crate::proxy::balance::publish(vec![api_handle.state.clone()]);
+    let (routes, routes_task) = crate::proxy::balance::publish(api_states.clone());
     let proxy = Arc::new(Proxy::new(cfg.clone(), tls.clone(), routes.clone(), access));
     let frontend_installed = proxy.files.installed();
     if !frontend_installed {
@@ -256,23 +310,21 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         db_shared.clone(),
         reaper.clone(),
         pg_handle.state.clone(),
-        api_handle.cmds.clone(),
-        api_handle.state.clone(),
+        api_handles.iter().map(|h| h.cmds.clone()).collect(),
+        api_states,
     );
     let backup_task = tokio::spawn(backup.clone().run_scheduler());
     let updater = crate::update::Updater::new(
         cfg.clone(),
-        api,
+        instances,
         api_io,
-        api_handle.cmds.clone(),
-        api_handle.state.clone(),
         routes,
         backup.clone(),
         stopping_rx.clone(),
     );
     let watch_task = tokio::spawn(updater.clone().watch());
     let shared = Arc::new(Shared {
-        services: vec![pg_handle, api_handle],
+        services: std::iter::once(pg_handle).chain(api_handles).collect(),
         logs: std::iter::once(("koprogo".to_string(), own_log))
             .chain(logs.iter().map(|l| (l.service.clone(), l.stats.clone())))
             .collect(),

@@ -25,6 +25,9 @@ const READY_POLL: Duration = Duration::from_millis(100);
 /// After the last stop step (SIGKILL of the group), how long to wait for the reaper.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// Between an HTTP service leaving the proxy's routes and its stop signal.
+const LEAVE_ROUTES: Duration = Duration::from_millis(250);
+
 /// How often a service whose program is missing looks for it again.
 const NOT_INSTALLED_POLL: Duration = Duration::from_secs(5);
 
@@ -578,7 +581,13 @@ async fn stop_child<S: ServiceSpec>(
     now: bool,
 ) {
     let name = spec.name();
+    let serving = w.state.borrow().ready() && spec.port().is_some();
     w.state.send_modify(|s| s.set(Phase::Stopping, Some(pid)));
+    if serving && !now {
+        // Out of the proxy's routing table first: a request that picked this server
+        // just before reaches it before it stops listening.
+        sleep(LEAVE_ROUTES).await;
+    }
     let exit = stop_process(
         name,
         pid,

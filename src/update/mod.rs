@@ -9,7 +9,8 @@
 //! 1. takes a backup (`<backup.dir>/koprogo-<UTC>-pre-update.kbk`): the new version
 //!    migrates the database, so going back needs it; no backup, no update;
 //! 2. starts the new API server through the one reaper on the instance's other port
-//!    (`backend.port` and `backend.port + 1` alternate) while the old one serves;
+//!    (its home and spare ports alternate, see `crate::backend`) while the old one
+//!    serves;
 //! 3. waits for it to be ready exactly like a normal start (health 200 AND the
 //!    database answers, within `backend.start_timeout`), then secures the
 //!    superadmin account;
@@ -17,6 +18,11 @@
 //!    and publishes the new port: the proxy's routing table switches in one step;
 //! 5. drains the old one (requests in flight finish; SIGTERM, `backend.stop_timeout`,
 //!    then SIGKILL of its group).
+//!
+//! With `backend.instances` > 1, steps 2-5 run for one instance after the other
+//! (rolling; the others serve meanwhile); an instance that is not ready is skipped
+//! (it starts the new binary at its next start). A failure stops the roll: the
+//! instances already swapped keep the new version, the rest the old one.
 //!
 //! If the new server exits, is not ready in time, or the service refuses it (not
 //! ready itself), the new one is stopped and the old one keeps serving; the reason
@@ -80,8 +86,9 @@ pub struct UpdateRecord {
     pub message: String,
     /// The pre-update backup (None when it could not be made).
     pub backup: Option<String>,
-    pub old_pid: Option<i32>,
-    pub new_pid: Option<i32>,
+    /// The API servers replaced, and their replacements (instance order).
+    pub old_pids: Vec<i32>,
+    pub new_pids: Vec<i32>,
     /// sha256 of the binary that was started.
     pub binary_sha256: Option<String>,
     pub duration_secs: f64,
@@ -105,13 +112,18 @@ pub struct UpdateStatus {
     pub pre_update_backup: Option<String>,
 }
 
+/// One API instance, as the updater drives it.
+pub struct Instance {
+    pub api: Arc<FreshSecrets>,
+    pub cmds: mpsc::Sender<Cmd>,
+    pub state: watch::Receiver<ServiceState>,
+}
+
 /// The updater of a running supervisor.
 pub struct Updater {
     cfg: Arc<Config>,
-    api: Arc<FreshSecrets>,
+    instances: Vec<Instance>,
     io: ServiceIo,
-    cmds: mpsc::Sender<Cmd>,
-    state: watch::Receiver<ServiceState>,
     routes: watch::Receiver<Routes>,
     backups: Arc<Backups>,
     shutdown: watch::Receiver<Shutdown>,
@@ -131,10 +143,8 @@ impl Updater {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Arc<Config>,
-        api: Arc<FreshSecrets>,
+        instances: Vec<Instance>,
         io: ServiceIo,
-        cmds: mpsc::Sender<Cmd>,
-        state: watch::Receiver<ServiceState>,
         routes: watch::Receiver<Routes>,
         backups: Arc<Backups>,
         shutdown: watch::Receiver<Shutdown>,
@@ -155,10 +165,8 @@ impl Updater {
         };
         Arc::new(Updater {
             cfg,
-            api,
+            instances,
             io,
-            cmds,
-            state,
             routes,
             backups,
             shutdown,
@@ -303,79 +311,112 @@ impl Updater {
             .await
             .with_context(|| format!("cannot read {}", path.display()))?;
         rec.binary_sha256 = Some(sha.clone());
-        {
-            let st = self.state.borrow();
-            if st.phase != Phase::Ready {
-                bail!(
-                    "the API server is not ready (it is {:?}): nothing to swap; it starts \
-                     the binary as it is on disk at its next start",
-                    st.phase
-                );
-            }
-            rec.old_pid = st.pid;
+        let serving: Vec<i32> = self
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let st = i.state.borrow();
+                (st.phase == Phase::Ready).then_some(st.pid).flatten()
+            })
+            .collect();
+        if serving.is_empty() {
+            let phase = self.instances.first().map(|i| i.state.borrow().phase);
+            bail!(
+                "no API server is ready (it is {phase:?}): nothing to swap; it starts \
+                 the binary as it is on disk at its next start"
+            );
         }
+        let serving_list = serving
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
 
         self.step("pre-update backup");
         let backup = match self.backups.create_file(Reason::PreUpdate).await {
             Ok((_, f)) => f,
             Err(e) => bail!(
                 "the pre-update backup failed ({e:#}): the API server was not updated \
-                 (pid {} keeps serving); fix the backup, then run `koprogo reload`",
-                rec.old_pid.unwrap_or(0)
+                 (pid {serving_list} keeps serving); fix the backup, then run `koprogo reload`"
             ),
         };
         rec.backup = Some(backup.display().to_string());
         self.set(|s| s.pre_update_backup = rec.backup.clone());
 
-        match self.swap().await {
-            Ok((old, new, port)) => {
-                rec.old_pid = Some(old);
-                rec.new_pid = Some(new);
-                Ok(format!(
-                    "updated: the API server is pid {new} on 127.0.0.1:{port} (was pid {old}), \
-                     binary sha256 {}; pre-update backup: {}",
-                    &sha[..12],
-                    backup.display()
-                ))
-            }
-            Err(f) => {
-                rec.new_pid = f.new_pid;
-                Err(anyhow!(
-                    "{}; the running API server (pid {}) keeps serving. Pre-update backup: {} \
-                     (if the new version migrated the database, the old one may refuse its next \
-                     start: restore that backup). Its log: {}",
-                    f.why,
-                    rec.old_pid.unwrap_or(0),
-                    backup.display(),
-                    self.cfg.paths.logs.join("api.log").display()
-                ))
+        // One instance after the other: the others serve meanwhile.
+        let mut done = Vec::new();
+        let mut skipped = Vec::new();
+        for inst in &self.instances {
+            let (name, phase, pid) = {
+                let st = inst.state.borrow();
+                (st.name, st.phase, st.pid)
+            };
+            let Some(old_pid) = pid.filter(|_| phase == Phase::Ready) else {
+                skipped.push(format!(
+                    "{name} is not ready ({phase:?}): it starts the new binary at its next start"
+                ));
+                continue;
+            };
+            match self.swap(inst).await {
+                Ok((old, new, port)) => {
+                    rec.old_pids.push(old);
+                    rec.new_pids.push(new);
+                    done.push(format!("{name} is pid {new} on 127.0.0.1:{port} (was pid {old})"));
+                }
+                Err(f) => {
+                    rec.new_pids.extend(f.new_pid);
+                    let swapped = if done.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (already updated: {}; they keep the new version)", done.join(", "))
+                    };
+                    return Err(anyhow!(
+                        "{name}: {}; the running API server (pid {old_pid}) keeps serving{swapped}. \
+                         Pre-update backup: {} (if the new version migrated the database, the old \
+                         one may refuse its next start: restore that backup). Its log: {}",
+                        f.why,
+                        backup.display(),
+                        self.cfg.paths.logs.join("api.log").display()
+                    ));
+                }
             }
         }
+        let mut msg = format!(
+            "updated: {}; binary sha256 {}; pre-update backup: {}",
+            done.join(", "),
+            &sha[..12],
+            backup.display()
+        );
+        for s in skipped {
+            msg.push_str("; ");
+            msg.push_str(&s);
+        }
+        Ok(msg)
     }
 
     /// Steps 2-5: the new server beside the old one, the handover, the drain.
     /// Returns (old pid, new pid, new port).
-    async fn swap(&self) -> Result<(i32, i32, u16), Failed> {
+    async fn swap(&self, inst: &Instance) -> Result<(i32, i32, u16), Failed> {
         let fail = |why: String, new_pid: Option<i32>| Failed { why, new_pid };
-        let current = self
+        let api = &inst.api;
+        let current = inst
             .state
             .borrow()
             .port
-            .unwrap_or_else(|| self.api.active_port());
-        let port = crate::backend::other_port(&self.cfg, current);
+            .unwrap_or_else(|| api.active_port());
+        let port = crate::backend::other_port(&self.cfg, api.index(), current);
         // Something else listening there would pass the health check in our place.
         if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             return Err(fail(
                 format!(
-                    "the update port 127.0.0.1:{port} (backend.port + 1 in {}) is in use ({e}): \
-                     stop what listens there",
+                    "the update port 127.0.0.1:{port} (one of the ports after backend.port in {}, \
+                     see backend.instances) is in use ({e}): stop what listens there",
                     self.cfg.file.display()
                 ),
                 None,
             ));
         }
-        let spec = self
-            .api
+        let spec = api
             .prepare_on(port)
             .await
             .map_err(|e| fail(format!("cannot prepare the new API server: {e:#}"), None))?;
@@ -394,7 +435,7 @@ impl Updater {
             "new API server pid {pid} on 127.0.0.1:{port}: waiting until it is ready"
         ));
 
-        if let Err(why) = self.gate(&mut new, port).await {
+        if let Err(why) = self.gate(api, &mut new, port).await {
             if let Some(exit) = why.1 {
                 // Whatever it left in its process group goes too.
                 crate::supervisor::reaper::signal(pid, nix::sys::signal::Signal::SIGKILL, true);
@@ -403,7 +444,7 @@ impl Updater {
                     Some(pid),
                 ));
             }
-            self.stop(new).await;
+            self.stop(api, new).await;
             return Err(fail(why.0, Some(pid)));
         }
 
@@ -414,7 +455,7 @@ impl Updater {
             port,
             reply,
         });
-        if self.cmds.send(offer).await.is_err() {
+        if inst.cmds.send(offer).await.is_err() {
             // The service task is gone (stopping): PDEATHSIG and the final
             // SIGKILL of the supervisor's stop take care of the child.
             return Err(fail("the API service is stopping".into(), Some(pid)));
@@ -422,7 +463,7 @@ impl Updater {
         let old = match timeout(ADOPT_WAIT, answer).await {
             Ok(Ok(Ok(old))) => old,
             Ok(Ok(Err((new, why)))) => {
-                self.stop(new).await;
+                self.stop(api, new).await;
                 return Err(fail(format!("the API service refused the new server: {why}"), Some(pid)));
             }
             Ok(Err(_)) | Err(_) => {
@@ -440,7 +481,7 @@ impl Updater {
         .await;
         sleep(SWITCH_GRACE).await;
         self.step(format!("draining the old API server pid {old_pid}"));
-        self.stop(old).await;
+        self.stop(api, old).await;
         Ok((old_pid, pid, port))
     }
 
@@ -448,10 +489,11 @@ impl Updater {
     /// reaped), Err((why, None)) if it must be stopped.
     async fn gate(
         &self,
+        api: &FreshSecrets,
         new: &mut Spawned,
         port: u16,
     ) -> Result<(), (String, Option<crate::supervisor::reaper::Exit>)> {
-        let limit = self.api.start_timeout();
+        let limit = api.start_timeout();
         let deadline = Instant::now() + limit;
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -473,7 +515,7 @@ impl Updater {
                 _ = shutdown.wait_for(|s| *s != Shutdown::Running) => {
                     return Err(("koprogo is stopping".into(), None));
                 }
-                r = timeout(PROBE_TIMEOUT, self.api.probe_on(port)) => {
+                r = timeout(PROBE_TIMEOUT, api.probe_on(port)) => {
                     if matches!(r, Ok(Ok(()))) {
                         break;
                     }
@@ -490,22 +532,21 @@ impl Updater {
         }
         // KoproGo resets the superadmin's password at every start: close it before
         // the new server gets any traffic.
-        self.api
-            .on_ready()
+        api.on_ready()
             .await
             .map_err(|e| (format!("setup of the new API server failed: {e:#}"), None))
     }
 
     /// SIGTERM, the backend grace, then SIGKILL of the group (hurried by a second
     /// stop signal).
-    async fn stop(&self, child: Spawned) {
+    async fn stop(&self, api: &FreshSecrets, child: Spawned) {
         let mut exit = child.exit;
         stop_process(
-            "api",
+            api.name(),
             child.pid,
             &mut exit,
-            self.api.stop_plan(),
-            self.api.stop_now(),
+            api.stop_plan(),
+            api.stop_now(),
             self.shutdown.clone(),
             false,
         )

@@ -35,6 +35,8 @@ pub struct State {
 
 /// Test knobs read at start (see main.rs).
 pub struct Knobs {
+    /// With `version`: `X-Demo-Port: PORT` tells the instances apart.
+    pub port: u16,
     pub version: Option<String>,
     pub never_ready: bool,
 }
@@ -55,6 +57,8 @@ pub async fn handle(
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
         resp.headers_mut().insert("x-demo-version", v);
+        resp.headers_mut()
+            .insert("x-demo-port", HeaderValue::from(state.knobs.port));
     }
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     log_info!("{method} {path} {} {ms:.1}ms", resp.status().as_u16());

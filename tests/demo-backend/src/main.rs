@@ -22,8 +22,9 @@
 //!   connecting to the database (log-rotation tests).
 //! - `DEMO_START_DELAY_MS=N`: sleep N ms after migrations, before listening
 //!   (readiness tests).
-//! - `DEMO_VERSION=TEXT`: every response carries `X-Demo-Version: TEXT` (update
-//!   tests tell the old binary from the new one).
+//! - `DEMO_VERSION=TEXT`: every response carries `X-Demo-Version: TEXT` and
+//!   `X-Demo-Port: PORT` (update tests tell the old binary from the new one, and
+//!   the instances apart).
 //! - `DEMO_NEVER_READY=1`: the health route answers 503 for ever (a new version
 //!   that never becomes ready).
 
@@ -126,11 +127,13 @@ fn main() {
         let _ = out.flush();
     }
     let delay = knob(&env, "DEMO_START_DELAY_MS");
-    let knobs = http::Knobs {
+    let mut knobs = http::Knobs {
+        port: 0,
         version: env.get("DEMO_VERSION").filter(|v| !v.is_empty()),
         never_ready: env.get("DEMO_NEVER_READY").is_some_and(|v| !v.is_empty()),
     };
     let cfg = config::validate(&env).unwrap_or_else(|e| fatal(e));
+    knobs.port = cfg.port;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
