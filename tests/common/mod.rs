@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod https;
+pub mod load;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
