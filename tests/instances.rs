@@ -70,7 +70,11 @@ fn two_instances_share_the_load_survive_a_kill_restart_and_update_in_turn() {
     let t = load.finish();
     report("restart api (2 instances, one at a time)", &t);
     assert_eq!(code, 0, "restart api: {out}{err}");
-    assert_eq!(t.failed.len(), 0, "failed requests during the rolling restart");
+    assert_eq!(
+        t.failed.len(),
+        0,
+        "failed requests during the rolling restart"
+    );
     let after = (row(&a, "api-1").pid, row(&a, "api-2").pid);
     assert_ne!(after.0, before.0);
     assert_ne!(after.1, before.1);
@@ -84,7 +88,11 @@ fn two_instances_share_the_load_survive_a_kill_restart_and_update_in_turn() {
     let t = load.finish();
     report("rolling update of 2 instances", &t);
     assert_eq!(code, 0, "reload: {out}{err}");
-    assert_eq!(t.failed.len(), 0, "failed requests during the rolling update");
+    assert_eq!(
+        t.failed.len(),
+        0,
+        "failed requests during the rolling update"
+    );
     assert!(t.tail.iter().all(|v| v == "2"), "{:?}", t.tail);
     assert_eq!(row(&a, "api-1").port, Some(base + 2));
     assert_eq!(row(&a, "api-2").port, Some(base + 3));

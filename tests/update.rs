@@ -72,7 +72,11 @@ fn update_swap_under_load_fails_no_request_and_names_the_backup() {
     );
 
     // The pre-update backup exists, and status (JSON and text) names it.
-    let file = st.update.pre_update_backup.clone().expect("pre-update backup");
+    let file = st
+        .update
+        .pre_update_backup
+        .clone()
+        .expect("pre-update backup");
     assert_eq!(last.backup.as_deref(), Some(file.as_str()));
     assert!(file.contains("-pre-update"), "{file}");
     assert!(std::path::Path::new(&file).is_file(), "{file} is missing");
@@ -90,7 +94,9 @@ fn update_swap_under_load_fails_no_request_and_names_the_backup() {
     assert_eq!(now.port, Some(a.backend_port));
     let (code, _, _) = a.cli(&["status"]);
     assert_eq!(code, 0);
-    let (status, body) = a.http("GET", "/api/v1/health", "").expect("health on home port");
+    let (status, body) = a
+        .http("GET", "/api/v1/health", "")
+        .expect("health on home port");
     assert_eq!(status, 200, "{body}");
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
@@ -122,12 +128,18 @@ fn a_broken_new_binary_leaves_the_old_one_serving() {
     let last = st.update.last.clone().expect("last");
     assert!(!last.ok);
     assert!(last.message.contains("exit code 3"), "{last:#?}");
-    assert!(last.backup.as_deref().is_some_and(|b| std::path::Path::new(b).is_file()));
+    assert!(last
+        .backup
+        .as_deref()
+        .is_some_and(|b| std::path::Path::new(b).is_file()));
     let now = Appliance::service(&st, "api");
     assert!(now.ready);
     assert_eq!(now.pid, before.pid, "the old server must keep serving");
     let (_, text, _) = a.cli(&["status"]);
-    assert!(text.contains("FAILED") && text.contains("exit code 3"), "{text}");
+    assert!(
+        text.contains("FAILED") && text.contains("exit code 3"),
+        "{text}"
+    );
 
     // 2. A new binary that never becomes ready, noticed by the watcher.
     let load = Load::start(&a, 2, true);

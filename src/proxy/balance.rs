@@ -113,7 +113,10 @@ mod tests {
         let (mut routes, task) = publish(vec![a_rx, b_rx]);
         assert_eq!(routes.borrow().ready, vec![1000]);
         b_tx.send_modify(|s| *s = state(1001, true));
-        let r = routes.wait_for(|r| r.ready.len() == 2).await.map(|r| r.clone());
+        let r = routes
+            .wait_for(|r| r.ready.len() == 2)
+            .await
+            .map(|r| r.clone());
         assert_eq!(r.ok().map(|r| r.ready), Some(vec![1000, 1001]));
         let p = Picker::default();
         let picks: Vec<Option<u16>> = (0..4).map(|_| p.pick(&routes, None)).collect();
@@ -121,7 +124,10 @@ mod tests {
         assert_eq!(p.pick(&routes, Some(1000)), Some(1001));
         // The swap: instance a moves to its spare port in one step.
         a_tx.send_modify(|s| s.port = Some(1002));
-        let r = routes.wait_for(|r| r.ready.contains(&1002)).await.map(|r| r.clone());
+        let r = routes
+            .wait_for(|r| r.ready.contains(&1002))
+            .await
+            .map(|r| r.clone());
         assert_eq!(r.ok().map(|r| r.ready), Some(vec![1002, 1001]));
         drop(a_tx);
         drop(b_tx);

@@ -250,7 +250,12 @@ impl Proxy {
         let t = Instant::now();
         let first = self
             .upstream
-            .forward(Request::from_parts(parts.clone(), body), client, limit, port)
+            .forward(
+                Request::from_parts(parts.clone(), body),
+                client,
+                limit,
+                port,
+            )
             .await;
         let failure = match first {
             Ok(r) => return (r, Some(t.elapsed())),

@@ -276,8 +276,12 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
             db.clone(),
             index,
         )));
-        let (handle, task, _ready) =
-            launch(api.clone(), &reaper, api_log.clone(), Some(pg_ready.clone()));
+        let (handle, task, _ready) = launch(
+            api.clone(),
+            &reaper,
+            api_log.clone(),
+            Some(pg_ready.clone()),
+        );
         instances.push(crate::update::Instance {
             api,
             cmds: handle.cmds.clone(),

@@ -142,10 +142,14 @@ mod tests {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         std::fs::rename(&tmp, &p).expect("rename");
         assert!(matches!(w.look(&p, Some(first)), Seen::Settling(_)));
-        assert!(matches!(w.look(&p, Some(first)), Seen::Settling(m) if m.contains("not an executable")));
+        assert!(
+            matches!(w.look(&p, Some(first)), Seen::Settling(m) if m.contains("not an executable"))
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         // The mode changed: the wait starts again.
-        assert!(matches!(w.look(&p, Some(first)), Seen::Settling(m) if m.contains("unchanged for")));
+        assert!(
+            matches!(w.look(&p, Some(first)), Seen::Settling(m) if m.contains("unchanged for"))
+        );
         std::thread::sleep(STABLE + Duration::from_millis(100));
         let Seen::Ready(id) = w.look(&p, Some(first)) else {
             panic!("a settled executable is ready");

@@ -361,14 +361,19 @@ impl Updater {
                 Ok((old, new, port)) => {
                     rec.old_pids.push(old);
                     rec.new_pids.push(new);
-                    done.push(format!("{name} is pid {new} on 127.0.0.1:{port} (was pid {old})"));
+                    done.push(format!(
+                        "{name} is pid {new} on 127.0.0.1:{port} (was pid {old})"
+                    ));
                 }
                 Err(f) => {
                     rec.new_pids.extend(f.new_pid);
                     let swapped = if done.is_empty() {
                         String::new()
                     } else {
-                        format!(" (already updated: {}; they keep the new version)", done.join(", "))
+                        format!(
+                            " (already updated: {}; they keep the new version)",
+                            done.join(", ")
+                        )
                     };
                     return Err(anyhow!(
                         "{name}: {}; the running API server (pid {old_pid}) keeps serving{swapped}. \
@@ -464,10 +469,16 @@ impl Updater {
             Ok(Ok(Ok(old))) => old,
             Ok(Ok(Err((new, why)))) => {
                 self.stop(api, new).await;
-                return Err(fail(format!("the API service refused the new server: {why}"), Some(pid)));
+                return Err(fail(
+                    format!("the API service refused the new server: {why}"),
+                    Some(pid),
+                ));
             }
             Ok(Err(_)) | Err(_) => {
-                return Err(fail("the API service did not answer the handover".into(), Some(pid)))
+                return Err(fail(
+                    "the API service did not answer the handover".into(),
+                    Some(pid),
+                ))
             }
         };
         let old_pid = old.pid;

@@ -219,4 +219,3 @@ pub fn report(what: &str, t: &Tally) {
         println!("  failed: {f}");
     }
 }
-
