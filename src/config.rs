@@ -1040,6 +1040,25 @@ mod tests {
     }
 
     #[test]
+    fn instances_need_ports_and_connections() {
+        let c = parse("[backend]\nport = 9000\ninstances = 3\npool_max = 4\n").expect("3");
+        assert_eq!(c.api_ports(), 9000..9006);
+        assert_eq!(parse("").expect("default").api_ports(), 8081..8083);
+        let e = parse("[backend]\ninstances = 0\n").expect_err("0");
+        assert!(e.0.contains("backend.instances"), "{e}");
+        let e = parse("[backend]\ninstances = 3\n").expect_err("pools");
+        assert!(
+            e.0.contains("backend.pool_max") && e.0.contains("instances = 3"),
+            "{e}"
+        );
+        let e = parse("[backend]\nport = 65534\ninstances = 2\npool_max = 4\n").expect_err("ports");
+        assert!(e.0.contains("backend.port"), "{e}");
+        let e = parse("[backend]\nport = 9000\n[proxy]\nhttps = [\"127.0.0.1:9001\"]\n")
+            .expect_err("clash with the spare port");
+        assert!(e.0.contains("proxy.https"), "{e}");
+    }
+
+    #[test]
     fn managed_env_is_refused() {
         let e = parse("[backend.env]\nJWT_SECRET = \"x\"\n").expect_err("managed");
         assert!(e.0.contains("backend.env.JWT_SECRET"), "{e}");
