@@ -416,6 +416,9 @@ fn print_status(st: &StatusReport) {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         let mut note = Vec::new();
+        if let (Some(p), true) = (s.port, s.ready) {
+            note.push(format!("127.0.0.1:{p}"));
+        }
         if let Some(n) = s.next_start_in_secs {
             note.push(format!(
                 "next try in {n:.0}s (crash loop: {} failures)",

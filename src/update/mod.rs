@@ -234,6 +234,16 @@ impl Updater {
                         self.set_applied(id);
                         continue;
                     }
+                    if !self.instances.iter().any(|i| i.state.borrow().ready()) {
+                        // Nothing serves (first install, crash loop, stopped): the
+                        // service starts the new file itself; there is nothing to swap.
+                        tracing::info!(
+                            "update: {} changed while no API server is ready: it is used at the next start",
+                            path.display()
+                        );
+                        self.set_applied(id);
+                        continue;
+                    }
                     let _ = self.update(Trigger::BinaryChanged).await;
                 }
             }
