@@ -85,13 +85,22 @@ fn update_swap_under_load_fails_no_request_and_names_the_backup() {
     let (_, json, _) = a.cli(&["status", "--json"]);
     assert!(json.contains(&file), "status --json does not name {file}");
 
-    // Another update, by command this time, swaps back to the home port.
+    // Another update, by command this time and under load again, swaps back to
+    // the home port (where the proxy's pool had connections to the first server).
+    let load = Load::start(&a, 2, true);
+    std::thread::sleep(Duration::from_millis(500));
     install_backend(&a, "DEMO_VERSION=3");
     let (code, out, err) = a.cli(&["reload"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = load.finish();
+    report("second swap (koprogo reload) under load", &t);
     assert_eq!(code, 0, "reload: {out}{err}");
     assert!(out.contains("updated"), "{out}");
+    assert_eq!(t.failed.len(), 0, "failed requests during the second swap");
+    assert!(t.tail.iter().all(|v| v == "3"), "{:?}", t.tail);
     let now = api(&a);
     assert_eq!(now.port, Some(a.backend_port));
+    assert_eq!(now.swaps, 2);
     let (code, _, _) = a.cli(&["status"]);
     assert_eq!(code, 0);
     let (status, body) = a
