@@ -505,10 +505,10 @@ fn print_update(u: &crate::update::UpdateStatus) {
     }
     if let Some(l) = &u.last {
         println!(
-            "update: last {} ({}): {} {}",
+            "update: last {} ({}): {}{}",
             l.time,
             l.trigger,
-            if l.ok { "ok:" } else { "FAILED:" },
+            if l.ok { "" } else { "FAILED: " },
             l.message
         );
     }

@@ -81,6 +81,7 @@ fn update_swap_under_load_fails_no_request_and_names_the_backup() {
     assert!(file.contains("-pre-update"), "{file}");
     assert!(std::path::Path::new(&file).is_file(), "{file} is missing");
     let (_, text, _) = a.cli(&["status"]);
+    println!("{text}");
     assert!(text.contains(&file), "status does not name {file}:\n{text}");
     let (_, json, _) = a.cli(&["status", "--json"]);
     assert!(json.contains(&file), "status --json does not name {file}");
@@ -182,6 +183,29 @@ fn a_broken_new_binary_leaves_the_old_one_serving() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!std::path::Path::new(&format!("/proc/{new}")).exists());
+
+    // 3. SIGTERM while an update waits for its new server: a clean stop, nothing left.
+    install_backend(&a, "DEMO_VERSION=4 DEMO_NEVER_READY=1");
+    let cfg = a.config.clone();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(common::koprogo_bin())
+            .arg("--config")
+            .arg(cfg)
+            .arg("reload")
+            .output()
+            .expect("reload")
+    });
+    a.wait_for(Duration::from_secs(60), "the update waiting", |s| {
+        s.update
+            .running
+            .as_deref()
+            .is_some_and(|r| r.contains("waiting until it is ready"))
+    });
     a.stop();
+    let out = reload.join().expect("reload thread");
+    assert!(
+        !out.status.success(),
+        "an interrupted update is not a success"
+    );
     a.assert_no_leftovers(Duration::from_secs(5));
 }

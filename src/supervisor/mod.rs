@@ -405,12 +405,14 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     }
     tls_task.abort();
     backup_task.abort();
-    watch_task.abort();
-    routes_task.abort();
-    // An update in progress stops its new server or finishes draining the old one.
+    // An update in progress stops its new server or finishes draining the old one
+    // (the watcher is not aborted before: dropping its update half-way would leave
+    // a child nobody stops).
     updater
         .wait_idle(cfg.backend.stop_timeout + Duration::from_secs(10))
         .await;
+    watch_task.abort();
+    routes_task.abort();
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);
