@@ -215,13 +215,26 @@ impl Default for Upstream {
     }
 }
 
-/// hyper saw the connection end before a response head (incomplete message), or
-/// the pooled connection was closed before the request went out (canceled).
+/// The connection ended before a response head: hyper saw an incomplete message,
+/// the pooled connection was closed before the request went out (canceled), or the
+/// peer reset it (a killed server with unread data sends RST).
 fn closed_early(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(x) = src {
         if let Some(h) = x.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message() || h.is_canceled();
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            );
         }
         src = x.source();
     }
