@@ -2,8 +2,16 @@
 //! started with, the directory it runs in, what "ready" means (its health URL answers
 //! 200 AND the database answers) and how it is stopped (SIGTERM, a little over its
 //! 30 s drain, then SIGKILL).
+//!
+//! `backend.instances` = N servers run side by side, named `api` when N = 1 and
+//! `api-1` … `api-N` otherwise. Instance i (from 0) has two loopback ports: its home
+//! port `backend.port + i`, and a spare one, `backend.port + N + i`, where an update
+//! starts its replacement while the running one keeps serving (see `crate::update`).
+//! The port its current child serves on is shared with the service loop, which
+//! publishes it for the proxy.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +32,37 @@ pub struct ApiService {
     pub cfg: Arc<Config>,
     pub secrets: Secrets,
     pub db: Db,
+    /// The port the current child listens on: home or spare (shared by rebuilds).
+    pub port: Arc<AtomicU16>,
+    /// Which instance (from 0), and its service name.
+    pub index: u16,
+    pub name: &'static str,
+}
+
+/// The service name of instance `index` (from 0).
+pub fn instance_name(cfg: &Config, index: u16) -> String {
+    if cfg.backend.instances <= 1 {
+        "api".into()
+    } else {
+        format!("api-{}", index + 1)
+    }
+}
+
+/// The home and spare ports of instance `index`.
+pub fn ports(cfg: &Config, index: u16) -> (u16, u16) {
+    let home = cfg.backend.port.saturating_add(index);
+    (home, home.saturating_add(cfg.backend.instances.max(1)))
+}
+
+/// The other port of instance `index`'s pair: where a replacement of its child on
+/// `current` starts.
+pub fn other_port(cfg: &Config, index: u16, current: u16) -> u16 {
+    let (home, spare) = ports(cfg, index);
+    if current == home {
+        spare
+    } else {
+        home
+    }
 }
 
 /// Directories the API server uses, all under the state directory.
@@ -59,7 +98,7 @@ pub fn database_url(cfg: &Config) -> Result<String> {
 }
 
 /// The complete environment of the API server (nothing else is inherited).
-pub fn environment(cfg: &Config, secrets: &Secrets) -> Result<Vec<(String, String)>> {
+pub fn environment(cfg: &Config, secrets: &Secrets, port: u16) -> Result<Vec<(String, String)>> {
     let d = dirs(cfg);
     let b = &cfg.backend;
     let workers = if b.workers == 0 {
@@ -73,7 +112,7 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Result<Vec<(String, Strin
         ("HOME".into(), d.work.display().to_string()),
         ("DATABASE_URL".into(), database_url(cfg)?),
         ("SERVER_HOST".into(), "127.0.0.1".into()),
-        ("SERVER_PORT".into(), b.port.to_string()),
+        ("SERVER_PORT".into(), port.to_string()),
         (
             secrets::JWT_SECRET.into(),
             secrets.get(secrets::JWT_SECRET).into(),
@@ -116,12 +155,29 @@ pub fn environment(cfg: &Config, secrets: &Secrets) -> Result<Vec<(String, Strin
     Ok(env)
 }
 
-impl ServiceSpec for ApiService {
-    fn name(&self) -> &'static str {
-        "api"
+impl ApiService {
+    /// Instance `index` (from 0). Its name is made once at boot and lives as long
+    /// as the process (service names are `&'static str`).
+    pub fn new(cfg: Arc<Config>, secrets: Secrets, db: Db, index: u16) -> ApiService {
+        let (home, _) = ports(&cfg, index);
+        let name: &'static str = Box::leak(instance_name(&cfg, index).into_boxed_str());
+        ApiService {
+            cfg,
+            secrets,
+            db,
+            port: Arc::new(AtomicU16::new(home)),
+            index,
+            name,
+        }
     }
 
-    async fn prepare(&self, _io: &ServiceIo) -> Result<Option<ChildSpec>> {
+    /// The port the current child serves on.
+    pub fn active_port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+
+    /// The command of an API server listening on `port`.
+    pub async fn prepare_on(&self, port: u16) -> Result<ChildSpec> {
         let d = dirs(&self.cfg);
         ensure_dir(&d.work, 0o750)
             .with_context(|| format!("cannot create {}", d.work.display()))?;
@@ -137,18 +193,41 @@ impl ServiceSpec for ApiService {
             ))
             .into());
         }
-        Ok(Some(ChildSpec {
+        Ok(ChildSpec {
             program: cmd.clone(),
             args: Vec::new(),
-            env: environment(&self.cfg, &self.secrets)?,
+            env: environment(&self.cfg, &self.secrets, port)?,
             cwd: d.work,
             death_signal: Signal::SIGKILL,
-        }))
+        })
+    }
+
+    /// Readiness of the server on `port`: health 200 and the database answers.
+    pub async fn probe_on(&self, port: u16) -> Result<()> {
+        health(port, &self.cfg.backend.health).await?;
+        self.db.ping().await.context("database not reachable")
+    }
+}
+
+impl ServiceSpec for ApiService {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn prepare(&self, _io: &ServiceIo) -> Result<Option<ChildSpec>> {
+        self.prepare_on(self.active_port()).await.map(Some)
     }
 
     async fn probe(&self) -> Result<()> {
-        health(self.cfg.backend.port, &self.cfg.backend.health).await?;
-        self.db.ping().await.context("database not reachable")
+        self.probe_on(self.active_port()).await
+    }
+
+    fn port(&self) -> Option<u16> {
+        Some(self.active_port())
+    }
+
+    fn switch_port(&self, port: u16) {
+        self.port.store(port, Ordering::Relaxed);
     }
 
     async fn on_ready(&self) -> Result<()> {

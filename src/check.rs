@@ -136,9 +136,11 @@ pub fn preflight(cfg: &Config) -> Preflight {
             "koprogo is running (pid {pid}): port checks skipped"
         ));
     } else {
-        let backend: SocketAddr = ([127, 0, 0, 1], cfg.backend.port).into();
-        let addrs = [("backend.port", backend)]
-            .into_iter()
+        // Every API instance's port and its update spare.
+        let backend = cfg
+            .api_ports()
+            .map(|p| ("backend.port", SocketAddr::from(([127, 0, 0, 1], p))));
+        let addrs = backend
             .chain(cfg.proxy.http.iter().map(|a| ("proxy.http", *a)))
             .chain(cfg.proxy.https.iter().map(|a| ("proxy.https", *a)))
             .chain(

@@ -55,6 +55,9 @@ pub enum Command {
     Stop { service: String },
     /// Restart a service.
     Restart { service: String },
+    /// Update the API server now: pre-update backup, the new binary started beside
+    /// the running one, traffic switched once it is ready, the old one drained.
+    Reload,
     /// Show service logs (all services, merged by time, when none is named).
     Logs {
         service: Option<String>,
@@ -156,6 +159,7 @@ pub fn main() -> ExitCode {
         Command::Start { service } => command(&cfg, Request::Start { service }),
         Command::Stop { service } => command(&cfg, Request::Stop { service }),
         Command::Restart { service } => command(&cfg, Request::Restart { service }),
+        Command::Reload => reload(&cfg),
         Command::Logs {
             service,
             follow,
@@ -458,6 +462,9 @@ fn print_status(st: &StatusReport) {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         let mut note = Vec::new();
+        if let (Some(p), true) = (s.port, s.ready) {
+            note.push(format!("127.0.0.1:{p}"));
+        }
         if let Some(n) = s.next_start_in_secs {
             note.push(format!(
                 "next try in {n:.0}s (crash loop: {} failures)",
@@ -499,6 +506,7 @@ fn print_status(st: &StatusReport) {
         }
     );
     print_backup(&st.backup);
+    print_update(&st.update);
     for (name, v) in &st.logs {
         let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
         if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
@@ -537,6 +545,45 @@ fn print_backup(b: &crate::backup::BackupStatus) {
     }
 }
 
+fn print_update(u: &crate::update::UpdateStatus) {
+    if let Some(r) = &u.running {
+        println!("update: running now: {r}");
+    }
+    if let Some(p) = &u.pending {
+        println!("update: {p}");
+    }
+    if let Some(l) = &u.last {
+        println!(
+            "update: last {} ({}): {}{}",
+            l.time,
+            l.trigger,
+            if l.ok { "" } else { "FAILED: " },
+            l.message
+        );
+    }
+    if let Some(b) = &u.pre_update_backup {
+        println!("update: pre-update backup {b} (to roll back: reinstall the previous version, then `koprogo restore {b}`)");
+    }
+}
+
+/// `koprogo reload`: waits for the whole update (the backup can take minutes).
+fn reload(cfg: &Config) -> ExitCode {
+    match control::request_long(cfg, &Request::Reload) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("koprogo: {}", r.message);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
 fn command(cfg: &Config, req: Request) -> ExitCode {
     match control::request(cfg, &req) {
         Ok(r) if r.ok => {
@@ -556,6 +603,17 @@ fn command(cfg: &Config, req: Request) -> ExitCode {
 
 fn show_logs(cfg: &Config, service: Option<String>, follow: bool, n: usize) -> ExitCode {
     let dir = &cfg.paths.logs;
+    // Every API instance (api-1, api-2, …) writes into api.log.
+    let service = service.map(|s| {
+        let instance = s
+            .strip_prefix("api-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if instance {
+            "api".to_string()
+        } else {
+            s
+        }
+    });
     let names = match &service {
         Some(s) => vec![s.clone()],
         None => match logs::services(dir) {

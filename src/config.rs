@@ -150,9 +150,13 @@ pub struct Backend {
     /// The koprogo-api binary (no arguments are passed, by contract).
     #[serde(default = "default_backend_command")]
     pub command: PathBuf,
-    /// Loopback port it listens on.
+    /// Loopback port it listens on (the first instance's).
     #[serde(default = "default_backend_port")]
     pub port: u16,
+    /// API servers run side by side behind the proxy, on consecutive ports from
+    /// `port`; the next `instances` ports are their spares for update swaps.
+    #[serde(default = "default_instances")]
+    pub instances: u16,
     /// Health URL path; readiness = 200 here AND the database answers.
     #[serde(default = "default_health")]
     pub health: String,
@@ -475,6 +479,11 @@ fn default_backend_start_timeout() -> Duration {
 fn default_backend_stop_timeout() -> Duration {
     Duration::from_secs(35)
 }
+fn default_instances() -> u16 {
+    1
+}
+/// More instances than this do not fit a single machine's connection budget.
+pub const MAX_INSTANCES: u16 = 16;
 fn default_pool_max() -> u32 {
     8
 }
@@ -578,6 +587,7 @@ impl Default for Backend {
         Backend {
             command: default_backend_command(),
             port: default_backend_port(),
+            instances: default_instances(),
             health: default_health(),
             start_timeout: default_backend_start_timeout(),
             stop_timeout: default_backend_stop_timeout(),
@@ -749,6 +759,25 @@ impl Config {
         if b.port == 0 {
             return Err(self.err("backend.port", &0, "choose a free loopback port, e.g. 8081"));
         }
+        if b.instances == 0 || b.instances > MAX_INSTANCES {
+            return Err(self.err(
+                "backend.instances",
+                &b.instances,
+                &format!("use 1 to {MAX_INSTANCES} (one per core is plenty)"),
+            ));
+        }
+        if u32::from(b.port) + 2 * u32::from(b.instances) - 1 > u32::from(u16::MAX) {
+            return Err(self.err(
+                "backend.port",
+                &b.port,
+                &format!(
+                    "{} instances need the ports {}..{} (their own and their update spares): choose a lower port",
+                    b.instances,
+                    b.port,
+                    u32::from(b.port) + 2 * u32::from(b.instances) - 1
+                ),
+            ));
+        }
         if !b.health.starts_with('/') {
             return Err(self.err(
                 "backend.health",
@@ -764,12 +793,15 @@ impl Config {
             ));
         }
         // Room for the supervisor's probe, psql and backups on top of the pool.
-        if b.pool_max + 3 > self.postgres.max_connections {
+        if b.pool_max * u32::from(b.instances) + 3 > self.postgres.max_connections {
             return Err(self.err(
                 "backend.pool_max",
                 &b.pool_max,
                 &format!(
-                    "must leave 3 connections free below postgres.max_connections ({})",
+                    "with backend.instances = {} the pools take {} connections: they must leave 3 \
+                     free below postgres.max_connections ({}); lower pool_max or raise max_connections",
+                    b.instances,
+                    b.pool_max * u32::from(b.instances),
                     self.postgres.max_connections
                 ),
             ));
@@ -805,11 +837,20 @@ impl Config {
             ("proxy.https", &self.proxy.https),
         ] {
             for a in list.iter() {
-                if a.port() == b.port && (a.ip().is_unspecified() || a.ip().is_loopback()) {
+                if self.api_ports().contains(&a.port())
+                    && (a.ip().is_unspecified() || a.ip().is_loopback())
+                {
                     return Err(self.err(
                         key,
                         a,
-                        &format!("clashes with backend.port = {}; pick another port", b.port),
+                        &format!(
+                            "clashes with the API ports {}..{} (backend.port = {}, {} instance(s) \
+                             and their update spares); pick another port",
+                            b.port,
+                            self.api_ports().end - 1,
+                            b.port,
+                            b.instances
+                        ),
                     ));
                 }
             }
@@ -982,6 +1023,14 @@ impl Config {
     }
 
     /// The origins the API server must accept (`CORS_ALLOWED_ORIGINS`).
+    /// Every loopback port the API servers may use: `backend.port` and the next
+    /// ones, one per instance, then one spare per instance (update swaps).
+    pub fn api_ports(&self) -> std::ops::Range<u16> {
+        let n = self.backend.instances.max(1);
+        let end = u32::from(self.backend.port) + 2 * u32::from(n);
+        self.backend.port..end.min(u32::from(u16::MAX)) as u16
+    }
+
     pub fn origins(&self) -> Vec<String> {
         let port = self.proxy.https.first().map(|a| a.port()).unwrap_or(443);
         let suffix = if port == 443 {
@@ -1135,6 +1184,25 @@ mod tests {
     fn smtp_enabled_needs_its_values() {
         let e = parse("[backend.smtp]\nenabled = true\nhost = \"h\"\n").expect_err("smtp");
         assert!(e.0.contains("backend.smtp.port"), "{e}");
+    }
+
+    #[test]
+    fn instances_need_ports_and_connections() {
+        let c = parse("[backend]\nport = 9000\ninstances = 3\npool_max = 4\n").expect("3");
+        assert_eq!(c.api_ports(), 9000..9006);
+        assert_eq!(parse("").expect("default").api_ports(), 8081..8083);
+        let e = parse("[backend]\ninstances = 0\n").expect_err("0");
+        assert!(e.0.contains("backend.instances"), "{e}");
+        let e = parse("[backend]\ninstances = 3\n").expect_err("pools");
+        assert!(
+            e.0.contains("backend.pool_max") && e.0.contains("instances = 3"),
+            "{e}"
+        );
+        let e = parse("[backend]\nport = 65534\ninstances = 2\npool_max = 4\n").expect_err("ports");
+        assert!(e.0.contains("backend.port"), "{e}");
+        let e = parse("[backend]\nport = 9000\n[proxy]\nhttps = [\"127.0.0.1:9001\"]\n")
+            .expect_err("clash with the spare port");
+        assert!(e.0.contains("proxy.https"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum Request {
         #[serde(default)]
         record_as: Option<PathBuf>,
     },
+    /// `koprogo reload`: update the API server now (pre-update backup, new server
+    /// beside the old one, switch, drain).
+    Reload,
     /// `koprogo restore FILE`: `label` names it in messages; `force` skips the
     /// schema check.
     Restore {
@@ -162,6 +165,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
         Ok(Request::Restore { file, label, force }) => {
             backup_response(shared.backup.restore(file, label, force).await)
         }
+        Ok(Request::Reload) => {
+            backup_response(shared.updater.update(crate::update::Trigger::Reload).await)
+        }
         Ok(req) => {
             let (verb, service) = match &req {
                 Request::Start { service } => ("start", service),
@@ -173,6 +179,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 | Request::Capacity
                 | Request::BackupCreate
                 | Request::BackupVerify { .. }
+                | Request::Reload
                 | Request::Restore { .. } => ("status", &String::new()),
             };
             match shared.command(verb, service).await {

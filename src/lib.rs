@@ -18,3 +18,4 @@ pub mod proxy;
 pub mod secrets;
 pub mod supervisor;
 pub mod tls;
+pub mod update;

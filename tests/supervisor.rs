@@ -597,6 +597,32 @@ fn sd_notify_protocol_and_clean_children() {
 }
 
 #[test]
+fn a_notify_socket_nobody_reads_does_not_stall_the_supervisor() {
+    // The receiver's queue (10 datagrams) fills within a second with a watchdog
+    // ping every 50 ms; a blocking send would freeze the supervisor there.
+    let mut a = Appliance::new("");
+    let sock_path = a.path("notify.sock");
+    let _sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let mut cmd = a.cmd();
+    cmd.env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "100000");
+    a.start_with(cmd);
+    a.wait_ready();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    assert!(a.status().is_some_and(|s| s.all_ready));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "status took {:?}",
+        t.elapsed()
+    );
+    assert!(a.stderr().contains("not reading"), "{}", a.stderr());
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+#[test]
 fn api_not_ready_in_time_is_restarted_with_backoff() {
     // The demo backend sleeps 5 s before listening; start_timeout is 2 s.
     let mut a = Appliance::new("[backend.env]\nDEMO_START_DELAY_MS = \"5000\"\n");

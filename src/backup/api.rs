@@ -30,25 +30,12 @@ impl FreshSecrets {
 
 impl ServiceSpec for FreshSecrets {
     fn name(&self) -> &'static str {
-        "api"
+        self.inner.load().name
     }
 
-    async fn prepare(&self, io: &ServiceIo) -> Result<Option<ChildSpec>> {
-        let cur = self.inner.load_full();
-        let secrets = crate::secrets::load_or_create(&cur.cfg.paths.state)?;
-        if secrets.values != cur.secrets.values {
-            tracing::info!(
-                "secrets changed in {}: the API starts with the new ones",
-                secrets.file.display()
-            );
-        }
-        let next = Arc::new(ApiService {
-            cfg: cur.cfg.clone(),
-            secrets,
-            db: cur.db.clone(),
-        });
-        self.inner.store(next.clone());
-        next.prepare(io).await
+    async fn prepare(&self, _io: &ServiceIo) -> Result<Option<ChildSpec>> {
+        let port = self.inner.load().active_port();
+        self.prepare_on(port).await.map(Some)
     }
 
     async fn probe(&self) -> Result<()> {
@@ -69,5 +56,52 @@ impl ServiceSpec for FreshSecrets {
 
     fn stop_now(&self) -> Vec<StopStep> {
         self.inner.load().stop_now()
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.inner.load().port()
+    }
+
+    fn switch_port(&self, port: u16) {
+        self.inner.load().switch_port(port)
+    }
+}
+
+impl FreshSecrets {
+    /// The API server's command on `port`, with the secrets as they are on disk now.
+    pub async fn prepare_on(&self, port: u16) -> Result<ChildSpec> {
+        let cur = self.inner.load_full();
+        let secrets = crate::secrets::load_or_create(&cur.cfg.paths.state)?;
+        if secrets.values != cur.secrets.values {
+            tracing::info!(
+                "secrets changed in {}: the API starts with the new ones",
+                secrets.file.display()
+            );
+        }
+        let next = Arc::new(ApiService {
+            cfg: cur.cfg.clone(),
+            secrets,
+            db: cur.db.clone(),
+            port: cur.port.clone(),
+            index: cur.index,
+            name: cur.name,
+        });
+        self.inner.store(next.clone());
+        next.prepare_on(port).await
+    }
+
+    /// Readiness of the API server on `port`.
+    pub async fn probe_on(&self, port: u16) -> Result<()> {
+        self.inner.load_full().probe_on(port).await
+    }
+
+    /// The port the current child serves on.
+    pub fn active_port(&self) -> u16 {
+        self.inner.load().active_port()
+    }
+
+    /// Which API instance this is (from 0).
+    pub fn index(&self) -> u16 {
+        self.inner.load().index
     }
 }

@@ -209,6 +209,7 @@ async fn create_in(
     let stamp = now.format("%Y%m%dT%H%M%SZ").to_string();
     let suffix = match reason {
         Reason::PreRestore => "-pre-restore",
+        Reason::PreUpdate => "-pre-update",
         _ => "",
     };
     let ext = if recipients.is_some() {

@@ -55,6 +55,9 @@ pub enum Reason {
     Scheduled,
     Manual,
     PreRestore,
+    /// Before an application update swaps the API server (its migrations make a
+    /// rollback need this backup).
+    PreUpdate,
 }
 
 impl Reason {
@@ -63,6 +66,7 @@ impl Reason {
             Reason::Scheduled => "scheduled",
             Reason::Manual => "manual",
             Reason::PreRestore => "pre-restore",
+            Reason::PreUpdate => "pre-update",
         }
     }
 }
@@ -109,8 +113,9 @@ pub struct Backups {
     pub(crate) db: Db,
     pub(crate) reaper: Reaper,
     pub(crate) postgres: watch::Receiver<ServiceState>,
-    pub(crate) api_cmds: mpsc::Sender<Cmd>,
-    pub(crate) api: watch::Receiver<ServiceState>,
+    /// Every API instance (a restore stops and starts them all).
+    pub(crate) api_cmds: Vec<mpsc::Sender<Cmd>>,
+    pub(crate) api: Vec<watch::Receiver<ServiceState>>,
     op: tokio::sync::Mutex<()>,
     status: Mutex<BackupStatus>,
     seq: AtomicU64,
@@ -152,8 +157,8 @@ impl Backups {
         db: Db,
         reaper: Reaper,
         postgres: watch::Receiver<ServiceState>,
-        api_cmds: mpsc::Sender<Cmd>,
-        api: watch::Receiver<ServiceState>,
+        api_cmds: Vec<mpsc::Sender<Cmd>>,
+        api: Vec<watch::Receiver<ServiceState>>,
     ) -> Arc<Backups> {
         let b = &cfg.backup;
         let mut st = BackupStatus {
@@ -235,6 +240,11 @@ impl Backups {
     /// `koprogo backup create` and the schedule: a backup, then retention and the
     /// copy hook. Returns the message for the operator.
     pub async fn create_now(&self, reason: Reason) -> Result<String> {
+        self.create_file(reason).await.map(|(msg, _)| msg)
+    }
+
+    /// `create_now`, also returning the file written.
+    pub async fn create_file(&self, reason: Reason) -> Result<(String, PathBuf)> {
         let started = Instant::now();
         let r = self
             .exclusive("backup", async {
@@ -294,7 +304,7 @@ impl Backups {
                     None => {}
                 }
                 tracing::info!("{msg}");
-                Ok(msg)
+                Ok((msg, made.path))
             }
             Err(e) => {
                 let msg = format!("backup failed: {e:#}");

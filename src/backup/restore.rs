@@ -124,9 +124,11 @@ async fn restore_staged(
     let _ = std::fs::remove_file(&dump);
 
     // From here on the site is down until the API is ready again.
-    let api_phase = b.api.borrow().phase;
-    let api_was_ready = api_phase == Phase::Ready;
-    let api_running = !matches!(api_phase, Phase::Stopped | Phase::NotInstalled);
+    let phases: Vec<Phase> = b.api.iter().map(|a| a.borrow().phase).collect();
+    let api_was_ready = phases.contains(&Phase::Ready);
+    let api_running = phases
+        .iter()
+        .any(|p| !matches!(p, Phase::Stopped | Phase::NotInstalled));
     if api_running {
         tracing::info!("restore of {label}: stopping the API");
         api_command(b, Cmd::Stop).await.map_err(|e| {
@@ -302,56 +304,65 @@ fn exchange(live: &Path, other: &Path) -> Result<()> {
     }
 }
 
+/// Sends the command to every API instance, one after the other.
 async fn api_command(
     b: &Backups,
     make: fn(oneshot::Sender<String>) -> Cmd,
 ) -> Result<String, String> {
-    let (tx, rx) = oneshot::channel();
-    b.api_cmds
-        .send(make(tx))
-        .await
-        .map_err(|_| "the API service is not accepting commands (shutting down?)".to_string())?;
-    match tokio::time::timeout(Duration::from_secs(180), rx).await {
-        Ok(Ok(m)) => Ok(m),
-        Ok(Err(_)) => Err("the API service dropped the command".into()),
-        Err(_) => Err("the API service did not answer within 180 s".into()),
+    let mut said = Vec::new();
+    for cmds in &b.api_cmds {
+        let (tx, rx) = oneshot::channel();
+        cmds.send(make(tx)).await.map_err(|_| {
+            "the API service is not accepting commands (shutting down?)".to_string()
+        })?;
+        match tokio::time::timeout(Duration::from_secs(180), rx).await {
+            Ok(Ok(m)) => said.push(m),
+            Ok(Err(_)) => return Err("the API service dropped the command".into()),
+            Err(_) => return Err("the API service did not answer within 180 s".into()),
+        }
     }
+    Ok(said.join("; "))
 }
 
-/// Starts the API and, when it was ready before, waits until it is ready again: a
-/// crash or `backend.start_timeout` without readiness is a failure.
+/// Starts the API and, when it was ready before, waits until every instance is
+/// ready again: a crash or `backend.start_timeout` without readiness is a failure.
 async fn api_start_and_wait(b: &Backups, wait: bool) -> Result<()> {
-    let failures = b.api.borrow().failures;
+    let failures: Vec<u64> = b.api.iter().map(|a| a.borrow().failures).collect();
     api_command(b, Cmd::Start).await.map_err(|e| anyhow!(e))?;
     if !wait {
         return Ok(());
     }
     let limit = b.cfg.backend.start_timeout + Duration::from_secs(5);
-    let mut rx = b.api.clone();
-    let r = tokio::time::timeout(
-        limit,
-        rx.wait_for(|s| {
-            s.phase == Phase::Ready || s.failures > failures || s.phase == Phase::NotInstalled
-        }),
-    )
-    .await;
-    match r {
-        Ok(Ok(s)) if s.phase == Phase::Ready => Ok(()),
-        Ok(Ok(s)) => {
-            let why = s
-                .last_error
-                .clone()
-                .or_else(|| s.last_exit.clone())
-                .unwrap_or_else(|| format!("{:?}", s.phase));
-            Err(anyhow!(
-                "the API did not start ({why}; its log: {})",
-                b.cfg.paths.logs.join("api.log").display()
-            ))
+    for (rx, failures) in b.api.iter().zip(failures) {
+        let mut rx = rx.clone();
+        let r = tokio::time::timeout(
+            limit,
+            rx.wait_for(|s| {
+                s.phase == Phase::Ready || s.failures > failures || s.phase == Phase::NotInstalled
+            }),
+        )
+        .await;
+        match r {
+            Ok(Ok(s)) if s.phase == Phase::Ready => {}
+            Ok(Ok(s)) => {
+                let why = s
+                    .last_error
+                    .clone()
+                    .or_else(|| s.last_exit.clone())
+                    .unwrap_or_else(|| format!("{:?}", s.phase));
+                return Err(anyhow!(
+                    "the API did not start ({why}; its log: {})",
+                    b.cfg.paths.logs.join("api.log").display()
+                ));
+            }
+            Ok(Err(_)) => return Err(anyhow!("the API service is gone (shutting down?)")),
+            Err(_) => {
+                return Err(anyhow!(
+                    "the API was not ready within {}s (backend.start_timeout)",
+                    limit.as_secs()
+                ))
+            }
         }
-        Ok(Err(_)) => Err(anyhow!("the API service is gone (shutting down?)")),
-        Err(_) => Err(anyhow!(
-            "the API was not ready within {}s (backend.start_timeout)",
-            limit.as_secs()
-        )),
     }
+    Ok(())
 }

@@ -177,7 +177,14 @@ async fn postgres(
     shared: &Shared,
     m: &mut BTreeMap<String, Metric>,
 ) -> (Option<i64>, Option<i64>, String) {
-    let pool = shared.cfg.backend.pool_max;
+    // Every API instance has its own pool of backend.pool_max connections.
+    let instances = u32::from(shared.cfg.backend.instances.max(1));
+    let pool = shared.cfg.backend.pool_max * instances;
+    let pool_source = if instances > 1 {
+        format!("backend.pool_max × {instances} instances")
+    } else {
+        "backend.pool_max".to_string()
+    };
     let (st, condos) = match crate::postgres::stats::collect(&shared.db, true).await {
         Ok(x) => x,
         Err(e) => {
@@ -205,7 +212,7 @@ async fn postgres(
             "connections",
             levels::connections(pool),
             format!(
-                "{} open by the API's role {} of its pool of {pool} (backend.pool_max)",
+                "{} open by the API's role {} of its pool of {pool} ({pool_source})",
                 st.app_connections,
                 shared.db.app_role()
             ),

@@ -3,8 +3,10 @@
 //! `/api/`, `/swagger-ui/`, `/api-docs/`, `/mcp/` to the API server and everything
 //! else to the frontend on disk, with security headers, body limits, a per-IP rate
 //! limit and, while the API is not ready, a bounded wait then a maintenance answer.
-//! It reads the API's state through a watch channel and never writes back.
+//! It reads which API servers are ready (their ports, [`balance::Routes`]) through a
+//! watch channel and never writes back; requests go round robin to the ready ones.
 
+pub mod balance;
 pub mod limits;
 pub mod server;
 pub mod static_files;
@@ -22,8 +24,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::supervisor::state::ServiceState;
 use crate::tls::Tls;
+use balance::{Picker, Routes};
 use limits::RateLimiter;
 use static_files::{StaticFiles, StaticOptions};
 use stats::{AccessEntry, AccessLog, ProxyStats};
@@ -44,7 +46,8 @@ pub struct Proxy {
     pub tls: Arc<Tls>,
     pub files: StaticFiles,
     upstream: Upstream,
-    api: watch::Receiver<ServiceState>,
+    api: watch::Receiver<Routes>,
+    picker: Picker,
     rate: RateLimiter,
     pub stats: Arc<ProxyStats>,
     access: AccessLog,
@@ -56,7 +59,7 @@ impl Proxy {
     pub fn new(
         cfg: Arc<Config>,
         tls: Arc<Tls>,
-        api: watch::Receiver<ServiceState>,
+        api: watch::Receiver<Routes>,
         access: Option<crate::logs::PipeWriter>,
     ) -> Proxy {
         let https_port = cfg.proxy.https.first().map_or(443, |a| a.port());
@@ -72,7 +75,8 @@ impl Proxy {
                     config_js,
                 },
             ),
-            upstream: Upstream::new(cfg.backend.port),
+            upstream: Upstream::new(),
+            picker: Picker::default(),
             rate: RateLimiter::new(cfg.proxy.rate, cfg.proxy.burst),
             stats: Arc::default(),
             access: AccessLog::new(access),
@@ -211,17 +215,17 @@ impl Proxy {
     }
 
     fn api_ready(&self) -> bool {
-        self.api.borrow().ready()
+        !self.api.borrow().ready.is_empty()
     }
 
-    /// Waits (bounded) for the API server to be ready; false if it is not.
+    /// Waits (bounded) for an API server to be ready; false if none is.
     async fn wait_api(&self, limit: Duration) -> bool {
         let mut rx = self.api.clone();
         if rx.borrow().held {
             // Stopped by the operator: no point waiting.
             return false;
         }
-        tokio::time::timeout(limit, rx.wait_for(|s| s.ready()))
+        tokio::time::timeout(limit, rx.wait_for(|r| !r.ready.is_empty()))
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -240,10 +244,18 @@ impl Proxy {
             && req.headers().get(header::CONTENT_LENGTH).is_none()
             && req.headers().get(header::TRANSFER_ENCODING).is_none();
         let (parts, body) = req.into_parts();
+        let Some(port) = self.picker.pick(&self.api, None) else {
+            return (api_unavailable(), None);
+        };
         let t = Instant::now();
         let first = self
             .upstream
-            .forward(Request::from_parts(parts.clone(), body), client, limit)
+            .forward(
+                Request::from_parts(parts.clone(), body),
+                client,
+                limit,
+                port,
+            )
             .await;
         let failure = match first {
             Ok(r) => return (r, Some(t.elapsed())),
@@ -257,18 +269,23 @@ impl Proxy {
                 ),
                 None,
             ),
-            Failure::Connect if bodyless => {
-                // The API is restarting under us: wait for it, then try once more.
+            Failure::Connect | Failure::Closed if bodyless => {
+                // The API server is restarting or was replaced under us (nothing
+                // came back, and a GET may be repeated): wait for a ready one, then
+                // try once more, on another instance when there is one.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !self.wait_api(left).await {
                     return (api_unavailable(), None);
                 }
+                let Some(port) = self.picker.pick(&self.api, Some(port)) else {
+                    return (api_unavailable(), None);
+                };
                 let empty = http_body_util::Empty::<Bytes>::new();
                 let t = Instant::now();
                 match self
                     .upstream
-                    .forward(Request::from_parts(parts, empty), client, limit)
+                    .forward(Request::from_parts(parts, empty), client, limit, port)
                     .await
                 {
                     Ok(r) => (r, Some(t.elapsed())),
@@ -276,6 +293,13 @@ impl Proxy {
                 }
             }
             Failure::Connect => (api_unavailable(), None),
+            Failure::Closed => {
+                tracing::warn!("proxy: the API server closed the connection before answering");
+                (
+                    json_error(StatusCode::BAD_GATEWAY, "the API server did not answer"),
+                    None,
+                )
+            }
             Failure::Other(e) => {
                 tracing::warn!("proxy: API request failed: {e}");
                 (

@@ -31,20 +31,22 @@ const HOP_BY_HOP: [&str; 8] = [
 
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
-    port: u16,
 }
 
 /// Why forwarding failed before a response came back.
 pub enum Failure {
     /// Nothing was sent: the API server was not listening (safe to retry).
     Connect,
+    /// The connection closed before any response (the server died or was
+    /// replaced): safe to retry for a request that may be repeated.
+    Closed,
     /// The request body passed the limit.
     TooLarge,
     Other(String),
 }
 
 impl Upstream {
-    pub fn new(port: u16) -> Upstream {
+    pub fn new() -> Upstream {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -52,15 +54,17 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build(http);
-        Upstream { client, port }
+        Upstream { client }
     }
 
-    /// Forwards `req` from `client_ip`; `limit` caps the request body.
+    /// Forwards `req` from `client_ip` to the API server on 127.0.0.1:`port`;
+    /// `limit` caps the request body.
     pub async fn forward<B>(
         &self,
         mut req: Request<B>,
         client_ip: IpAddr,
         limit: u64,
+        port: u16,
     ) -> Result<Response<Body>, Failure>
     where
         B: hyper::body::Body<Data = hyper::body::Bytes> + Send + 'static,
@@ -90,7 +94,7 @@ impl Upstream {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        parts.uri = match format!("http://127.0.0.1:{}{path}", self.port).parse() {
+        parts.uri = match format!("http://127.0.0.1:{port}{path}").parse() {
             Ok(u) => u,
             Err(e) => return Err(Failure::Other(format!("bad path: {e}"))),
         };
@@ -134,6 +138,9 @@ impl Upstream {
                 }
                 if e.is_connect() {
                     return Err(Failure::Connect);
+                }
+                if closed_early(&e) {
+                    return Err(Failure::Closed);
                 }
                 return Err(Failure::Other(error_chain(&e)));
             }
@@ -200,6 +207,38 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if !keep_upgrade {
         h.remove(header::UPGRADE);
     }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream::new()
+    }
+}
+
+/// The connection ended before a response head: hyper saw an incomplete message,
+/// the pooled connection was closed before the request went out (canceled), or the
+/// peer reset it (a killed server with unread data sends RST).
+fn closed_early(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = src {
+        if let Some(h) = x.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            );
+        }
+        src = x.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

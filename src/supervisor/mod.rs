@@ -63,6 +63,7 @@ pub struct Shared {
     pub backup: Arc<crate::backup::Backups>,
     /// The capacity watch (last report, CPU window).
     pub capacity: Arc<crate::capacity::Monitor>,
+    pub updater: Arc<crate::update::Updater>,
 }
 
 /// `koprogo status --json`.
@@ -84,6 +85,9 @@ pub struct StatusReport {
     /// Backups: last success (time, file, size), last error, next run.
     #[serde(default)]
     pub backup: crate::backup::BackupStatus,
+    /// Application updates: the watched binary, the last update, the pre-update backup.
+    #[serde(default)]
+    pub update: crate::update::UpdateStatus,
 }
 
 impl Shared {
@@ -113,6 +117,7 @@ impl Shared {
             proxy: self.proxy.snapshot(),
             frontend_installed: self.frontend_installed,
             backup: self.backup.status(),
+            update: self.updater.status(),
             logs: self
                 .logs
                 .iter()
@@ -132,15 +137,54 @@ impl Shared {
         Ok(pw)
     }
 
-    /// `start|stop|restart SERVICE` from the control socket.
+    /// `start|stop|restart SERVICE` from the control socket. With several API
+    /// instances, `api` means all of them, one after the other: a restart waits for
+    /// each to be ready again before the next, so the site stays up.
     pub async fn command(&self, verb: &str, service: &str) -> Result<String, String> {
+        let group: Vec<&ServiceHandle> = if service == "api" && self.cfg.backend.instances > 1 {
+            self.services
+                .iter()
+                .filter(|s| s.name.starts_with("api-"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !group.is_empty() {
+            let mut said = Vec::new();
+            for h in group {
+                said.push(self.command_one(h, verb).await?);
+                if verb == "stop" {
+                    continue;
+                }
+                let mut rx = h.state.clone();
+                let limit = self.cfg.backend.start_timeout + Duration::from_secs(5);
+                let ready = tokio::time::timeout(limit, rx.wait_for(|s| s.ready())).await;
+                if !matches!(ready, Ok(Ok(_))) {
+                    return Err(format!(
+                        "{}; {} was not ready within {}s: the next instances were left as they are",
+                        said.join("; "),
+                        h.name,
+                        limit.as_secs()
+                    ));
+                }
+            }
+            return Ok(said.join("; "));
+        }
         let Some(h) = self.services.iter().find(|s| s.name == service) else {
-            let names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+            let mut names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+            if self.cfg.backend.instances > 1 {
+                names.push("api (all API instances)");
+            }
             return Err(format!(
                 "no service {service:?}: choose one of {}",
                 names.join(", ")
             ));
         };
+        self.command_one(h, verb).await
+    }
+
+    async fn command_one(&self, h: &ServiceHandle, verb: &str) -> Result<String, String> {
+        let service = h.name;
         if *self.stopping.borrow() != Shutdown::Running {
             return Err("koprogo is shutting down".into());
         }
@@ -239,24 +283,44 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
             launch(pg, &reaper, pg_log, None)
         }
     };
-    // Secrets are read again before each API start (a restore replaces them).
-    let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService {
-        cfg: cfg.clone(),
-        secrets,
-        db,
-    }));
-    let (api_handle, api_task, _api_ready) = launch(api, &reaper, api_log, Some(pg_ready));
-    let tasks = vec![pg_task, api_task];
+    // `backend.instances` API servers, all logging into api.log. Secrets are read
+    // again before each API start (a restore replaces them).
+    let api_io = ServiceIo {
+        reaper: reaper.clone(),
+        log: api_log.clone(),
+    };
+    let mut tasks = vec![pg_task];
+    let mut api_handles = Vec::new();
+    let mut instances = Vec::new();
+    for index in 0..cfg.backend.instances.max(1) {
+        let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService::new(
+            cfg.clone(),
+            secrets.clone(),
+            db.clone(),
+            index,
+        )));
+        let (handle, task, _ready) = launch(
+            api.clone(),
+            &reaper,
+            api_log.clone(),
+            Some(pg_ready.clone()),
+        );
+        instances.push(crate::update::Instance {
+            api,
+            cmds: handle.cmds.clone(),
+            state: handle.state.clone(),
+        });
+        api_handles.push(handle);
+        tasks.push(task);
+    }
+    let api_states: Vec<watch::Receiver<ServiceState>> =
+        api_handles.iter().map(|h| h.state.clone()).collect();
 
     // The front door answers from the first second (maintenance until the API is ready).
     let tls = Tls::load(&cfg)?;
     let tls_task = tokio::spawn(tls.clone().maintain());
-    let proxy = Arc::new(Proxy::new(
-        cfg.clone(),
-        tls.clone(),
-        api_handle.state.clone(),
-        access,
-    ));
+    let (routes, routes_task) = crate::proxy::balance::publish(api_states.clone());
+    let proxy = Arc::new(Proxy::new(cfg.clone(), tls.clone(), routes.clone(), access));
     let frontend_installed = proxy.files.installed();
     if !frontend_installed {
         tracing::warn!(
@@ -273,12 +337,21 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         db_shared.clone(),
         reaper.clone(),
         pg_handle.state.clone(),
-        api_handle.cmds.clone(),
-        api_handle.state.clone(),
+        api_handles.iter().map(|h| h.cmds.clone()).collect(),
+        api_states,
     );
     let backup_task = tokio::spawn(backup.clone().run_scheduler());
+    let updater = crate::update::Updater::new(
+        cfg.clone(),
+        instances,
+        api_io,
+        routes,
+        backup.clone(),
+        stopping_rx.clone(),
+    );
+    let watch_task = tokio::spawn(updater.clone().watch());
     let shared = Arc::new(Shared {
-        services: vec![pg_handle, api_handle],
+        services: std::iter::once(pg_handle).chain(api_handles).collect(),
         logs: std::iter::once(("koprogo".to_string(), own_log))
             .chain(logs.iter().map(|l| (l.service.clone(), l.stats.clone())))
             .collect(),
@@ -292,6 +365,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         db: db_shared,
         backup,
         capacity: crate::capacity::Monitor::new(),
+        updater: updater.clone(),
     });
 
     let control = crate::control::serve(&cfg, shared.clone())?;
@@ -324,7 +398,11 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload yet (configuration changes need a restart)"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: updating the API server (configuration changes need a restart)");
+                let u = updater.clone();
+                tokio::spawn(async move { let _ = u.update(crate::update::Trigger::Sighup).await; });
+            }
         }
     }
     let _ = stopping_tx.send(Shutdown::Graceful);
@@ -338,6 +416,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
             _ = int.recv() => {}
         }
         tracing::warn!("second signal: stopping now");
+        let _ = stopping_tx.send(Shutdown::Now);
         for s in &stops {
             let _ = s.send(Shutdown::Now);
         }
@@ -352,6 +431,14 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     tls_task.abort();
     backup_task.abort();
     capacity.abort();
+    // An update in progress stops its new server or finishes draining the old one
+    // (the watcher is not aborted before: dropping its update half-way would leave
+    // a child nobody stops).
+    updater
+        .wait_idle(cfg.backend.stop_timeout + Duration::from_secs(10))
+        .await;
+    watch_task.abort();
+    routes_task.abort();
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);

@@ -8,13 +8,48 @@ use sd_notify::NotifyState;
 
 use super::Shared;
 
+/// One datagram to NOTIFY_SOCKET, never blocking: `sd_notify::notify` blocks while
+/// the receiver's queue is full (10 datagrams by default), which stalled the
+/// supervisor's runtime when the listener did not read. A full queue drops the
+/// message and says so.
 fn send(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
+    };
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    if let Err(e) = send_to(&path, msg.as_bytes()) {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            tracing::warn!(
+                "sd_notify: the service manager is not reading {}: dropped {:?}",
+                path.to_string_lossy(),
+                msg.trim_end()
+            );
+        } else {
+            tracing::warn!("sd_notify failed: {e}");
+        }
     }
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!("sd_notify failed: {e}");
+}
+
+fn send_to(path: &std::ffi::OsStr, msg: &[u8]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = path.as_bytes();
+    // "@name" is Linux's abstract namespace.
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(path)?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let n = sock.send_to_addr(msg, &addr)?;
+    if n != msg.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ));
     }
+    Ok(())
 }
 
 pub fn stopping() {

@@ -29,6 +29,9 @@ const READY_POLL: Duration = Duration::from_millis(100);
 /// After the last stop step (SIGKILL of the group), how long to wait for the reaper.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// Between an HTTP service leaving the proxy's routes and its stop signal.
+const LEAVE_ROUTES: Duration = Duration::from_millis(250);
+
 /// How often a service whose program is missing looks for it again.
 const NOT_INSTALLED_POLL: Duration = Duration::from_secs(5);
 
@@ -81,6 +84,14 @@ pub trait ServiceSpec: Send + Sync + 'static {
     fn stop_plan(&self) -> Vec<StopStep>;
     /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
     fn stop_now(&self) -> Vec<StopStep>;
+    /// The loopback port its child serves on, for an HTTP server (what the proxy
+    /// routes to while the service is ready).
+    fn port(&self) -> Option<u16> {
+        None
+    }
+    /// A replacement child serves on `port` from now on (an update swap): later
+    /// probes and restarts use that port.
+    fn switch_port(&self, _port: u16) {}
 }
 
 /// What a service needs from the supervisor to run children.
@@ -103,6 +114,24 @@ pub enum Cmd {
     Start(oneshot::Sender<String>),
     Stop(oneshot::Sender<String>),
     Restart(oneshot::Sender<String>),
+    /// A replacement child, started and found ready by the updater, takes over.
+    Adopt(Takeover),
+}
+
+/// A ready replacement child (started by `crate::update` through the same reaper)
+/// offered to a running service. A ready service makes it its own child at once and
+/// answers with the child it replaced, which the updater then drains and stops; a
+/// service that is not ready gives the new child back with the reason.
+pub struct Takeover {
+    pub child: Spawned,
+    pub port: u16,
+    pub reply: oneshot::Sender<Result<Spawned, (Spawned, String)>>,
+}
+
+impl Takeover {
+    fn refuse(self, why: String) {
+        let _ = self.reply.send(Err((self.child, why)));
+    }
 }
 
 /// The channels a service task works with.
@@ -154,6 +183,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 Event::Cmd(Cmd::Stop(r)) => {
                     let _ = r.send(format!("{name}: already stopped"));
                 }
+                Event::Cmd(Cmd::Adopt(t)) => t.refuse(format!("{name} is stopped")),
                 _ => {}
             }
             continue;
@@ -219,7 +249,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
         // No child (a remote service): an exit that never comes (its sender is
         // kept for the run: a receiver whose sender is gone must not be polled again).
         let mut _never: Option<oneshot::Sender<Exit>> = None;
-        let (pid, mut exit_rx) = match child {
+        let (mut pid, mut exit_rx) = match child {
             Some(Spawned { pid, exit }) => (Some(pid), exit),
             None => {
                 let (tx, rx) = oneshot::channel();
@@ -227,7 +257,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                 (None, rx)
             }
         };
-        let started = Instant::now();
+        let mut started = Instant::now();
         w.state.send_modify(|s| {
             s.set_running(Phase::Starting, pid);
             s.started = Some(started);
@@ -283,11 +313,16 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                         });
                     }
                 },
-                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => match absorb(name, e) {
+                    Some(e) => break Err(e),
+                    None => continue,
+                },
             }
             tokio::select! {
                 _ = sleep(spec.ready_poll()) => {}
-                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => break Err(e),
+                e = next_event(&mut w, Some(&mut exit_rx), dep_gen) => if let Some(e) = absorb(name, e) {
+                    break Err(e);
+                },
             }
         };
         if let Err(ev) = outcome {
@@ -326,6 +361,7 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
             s.set_running(Phase::Ready, pid);
             s.last_error = None;
             s.ready_since = Some(Instant::now());
+            s.port = spec.port();
         });
         let _ = w.ready.send(Some(generation));
         tracing::info!(service = name, pid, "ready after {:.2?}", started.elapsed());
@@ -339,6 +375,38 @@ pub async fn run<S: ServiceSpec>(spec: Arc<S>, mut w: Wiring) {
                     match e {
                         Event::Cmd(Cmd::Start(r)) => {
                             let _ = r.send(format!("{name}: already running"));
+                            continue;
+                        }
+                        Event::Cmd(Cmd::Adopt(t)) => {
+                            if failures > 0 {
+                                t.refuse(format!("{name} is failing its health checks"));
+                                continue;
+                            }
+                            // The new child is ready: it serves from now on (the proxy
+                            // follows the port); the old one goes to the updater to drain.
+                            let Some(old_pid) = pid else {
+                                t.refuse(format!("{name} has no child to replace"));
+                                continue;
+                            };
+                            let old = Spawned { pid: old_pid, exit: exit_rx };
+                            pid = Some(t.child.pid);
+                            exit_rx = t.child.exit;
+                            started = Instant::now();
+                            spec.switch_port(t.port);
+                            w.state.send_modify(|s| {
+                                s.set_running(Phase::Ready, pid);
+                                s.started = Some(started);
+                                s.ready_since = Some(started);
+                                s.port = Some(t.port);
+                                s.swaps += 1;
+                            });
+                            tracing::info!(service = name, pid, port = t.port, "took over from pid {}", old.pid);
+                            if let Err(Ok(old)) = t.reply.send(Ok(old)) {
+                                // The updater is gone: stop the old child here.
+                                let mut exit = old.exit;
+                                let shutdown = w.shutdown.clone();
+                                stop_process(name, old.pid, &mut exit, spec.stop_plan(), spec.stop_now(), shutdown, false).await;
+                            }
                             continue;
                         }
                         e => break e,
@@ -485,6 +553,10 @@ async fn finish<S: ServiceSpec>(
             let _ = r.send(format!("{name}: already running"));
             false
         }
+        Event::Cmd(Cmd::Adopt(t)) => {
+            t.refuse(format!("{name} is not ready"));
+            false
+        }
         Event::Shutdown(mode) => {
             stop_child(spec, w, pid, exit_rx, mode == Shutdown::Now).await;
             w.state.send_modify(|s| s.set(Phase::Stopped, None));
@@ -505,7 +577,24 @@ fn handle_idle(name: &str, e: Event, want: &mut bool, delay: &mut Option<Duratio
             *delay = None;
             let _ = r.send(format!("{name}: starting"));
         }
+        Event::Cmd(Cmd::Adopt(t)) => t.refuse(format!("{name} is not running")),
         _ => {}
+    }
+}
+
+/// Commands that do not end a start in progress are answered here (None); the
+/// rest come back to the caller.
+fn absorb(name: &str, e: Event) -> Option<Event> {
+    match e {
+        Event::Cmd(Cmd::Start(r)) => {
+            let _ = r.send(format!("{name}: starting"));
+            None
+        }
+        Event::Cmd(Cmd::Adopt(t)) => {
+            t.refuse(format!("{name} is starting, not ready yet"));
+            None
+        }
+        e => Some(e),
     }
 }
 
@@ -554,8 +643,7 @@ async fn next_event(
     }
 }
 
-/// Stops the child with the spec's plan; a "stop now" arriving meanwhile skips to
-/// the end. Always ends with SIGKILL of the process group.
+/// Stops the child with the spec's plan and records it in the service state.
 async fn stop_child<S: ServiceSpec>(
     spec: &S,
     w: &mut Wiring,
@@ -569,14 +657,45 @@ async fn stop_child<S: ServiceSpec>(
         w.state.send_modify(|s| s.set(Phase::Stopped, None));
         return;
     };
+    let serving = w.state.borrow().ready() && spec.port().is_some();
     w.state
         .send_modify(|s| s.set_running(Phase::Stopping, Some(pid)));
-    let mut shutdown = w.shutdown.clone();
-    let mut steps = if now {
-        spec.stop_now()
-    } else {
-        spec.stop_plan()
-    };
+    if serving && !now {
+        // Out of the proxy's routing table first: a request that picked this server
+        // just before reaches it before it stops listening.
+        sleep(LEAVE_ROUTES).await;
+    }
+    let exit = stop_process(
+        name,
+        pid,
+        &mut exit_rx,
+        spec.stop_plan(),
+        spec.stop_now(),
+        w.shutdown.clone(),
+        now,
+    )
+    .await;
+    w.state.send_modify(|s| {
+        if let Some(e) = exit {
+            s.last_exit = Some(e.to_string());
+        }
+        s.set(Phase::Stopped, None);
+    });
+}
+
+/// Stops one child: the `plan` steps (`now_plan` when `now`, or as soon as a "stop
+/// now" arrives on `shutdown`), always ending with SIGKILL of its process group.
+/// Returns how it exited (None: not even after SIGKILL).
+pub async fn stop_process(
+    name: &str,
+    pid: i32,
+    exit_rx: &mut oneshot::Receiver<Exit>,
+    plan: Vec<StopStep>,
+    now_plan: Vec<StopStep>,
+    mut shutdown: watch::Receiver<Shutdown>,
+    now: bool,
+) -> Option<Exit> {
+    let mut steps = if now { now_plan.clone() } else { plan };
     let mut hurried = now;
     let mut i = 0;
     let exit = loop {
@@ -593,13 +712,13 @@ async fn stop_child<S: ServiceSpec>(
             let _ = shutdown.wait_for(|s| *s == Shutdown::Now).await;
         };
         tokio::select! {
-            r = &mut exit_rx => break r.ok(),
+            r = &mut *exit_rx => break r.ok(),
             _ = sleep(step.wait) => {
                 tracing::warn!(service = name, pid, "still running {:.0?} after {}", step.wait, step.signal);
             }
             _ = hurry => {
                 hurried = true;
-                steps = spec.stop_now();
+                steps = now_plan.clone();
                 i = 0;
             }
         }
@@ -609,7 +728,7 @@ async fn stop_child<S: ServiceSpec>(
         None => {
             tracing::warn!(service = name, pid, "sending SIGKILL to the process group");
             signal(pid, Signal::SIGKILL, true);
-            timeout(KILL_WAIT, &mut exit_rx)
+            timeout(KILL_WAIT, &mut *exit_rx)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
@@ -618,16 +737,8 @@ async fn stop_child<S: ServiceSpec>(
     // Whatever the main process left in its group goes too.
     signal(pid, Signal::SIGKILL, true);
     match exit {
-        Some(e) => {
-            tracing::info!(service = name, pid, "stopped ({e})");
-            w.state.send_modify(|s| {
-                s.last_exit = Some(e.to_string());
-                s.set(Phase::Stopped, None);
-            });
-        }
-        None => {
-            tracing::error!(service = name, pid, "did not exit even after SIGKILL");
-            w.state.send_modify(|s| s.set(Phase::Stopped, None));
-        }
+        Some(e) => tracing::info!(service = name, pid, "stopped ({e})"),
+        None => tracing::error!(service = name, pid, "did not exit even after SIGKILL"),
     }
+    exit
 }

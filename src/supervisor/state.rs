@@ -42,6 +42,11 @@ pub struct ServiceState {
     pub last_error: Option<String>,
     /// Stopped by the operator (`koprogo stop`): stays down until `start`.
     pub held: bool,
+    /// The loopback port the running child serves on (HTTP services; what the
+    /// proxy routes to while the service is ready).
+    pub port: Option<u16>,
+    /// Children that took over from a running one (application update swaps).
+    pub swaps: u64,
 }
 
 impl ServiceState {
@@ -58,6 +63,8 @@ impl ServiceState {
             last_exit: None,
             last_error: None,
             held: false,
+            port: None,
+            swaps: 0,
         }
     }
 
@@ -67,6 +74,7 @@ impl ServiceState {
         if pid.is_none() {
             self.started = None;
             self.ready_since = None;
+            self.port = None;
         }
     }
 
@@ -99,6 +107,8 @@ impl ServiceState {
             last_exit: self.last_exit.clone(),
             last_error: self.last_error.clone(),
             external: None,
+            port: self.port,
+            swaps: self.swaps,
         }
     }
 }
@@ -121,6 +131,12 @@ pub struct ServiceReport {
     /// A service run elsewhere (external PostgreSQL): where, password redacted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<String>,
+    /// The loopback port it serves on (API instances).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Times a new child took over from a running one (application updates).
+    #[serde(default)]
+    pub swaps: u64,
 }
 
 /// Memory of every process in the process group led by `pgid`: PSS where the kernel

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod https;
+pub mod load;
 pub mod pg;
 
 use std::io::{Read, Write};
@@ -88,8 +89,16 @@ impl Appliance {
             None => demo,
         };
         let backend_port = free_port();
-        let (http, https) = (free_port(), free_port());
-        let metrics_port = free_port();
+        // backend.port and the next ones belong to the API instances and their
+        // update spares: keep the other ports out of that range.
+        let other_port = || loop {
+            let p = free_port();
+            if !(backend_port..backend_port.saturating_add(8)).contains(&p) {
+                return p;
+            }
+        };
+        let (http, https) = (other_port(), other_port());
+        let metrics_port = other_port();
         let mut text = format!(
             r#"domain = "localhost"
 user = "koprogo"

@@ -30,6 +30,15 @@ pub struct State {
     pub db: Db,
     pub totp_key: String,
     pub requests: AtomicU64,
+    pub knobs: Knobs,
+}
+
+/// Test knobs read at start (see main.rs).
+pub struct Knobs {
+    /// With `version`: `X-Demo-Port: PORT` tells the instances apart.
+    pub port: u16,
+    pub version: Option<String>,
+    pub never_ready: bool,
 }
 
 /// The hyper service: routes, then logs `METHOD PATH STATUS TIMEms`.
@@ -40,7 +49,17 @@ pub async fn handle(
     state.requests.fetch_add(1, Ordering::Relaxed);
     let start = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let resp = route(&state, req).await;
+    let mut resp = route(&state, req).await;
+    if let Some(v) = state
+        .knobs
+        .version
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        resp.headers_mut().insert("x-demo-version", v);
+        resp.headers_mut()
+            .insert("x-demo-port", HeaderValue::from(state.knobs.port));
+    }
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     log_info!("{method} {path} {} {ms:.1}ms", resp.status().as_u16());
     Ok(resp)
@@ -48,6 +67,10 @@ pub async fn handle(
 
 async fn route(state: &State, req: Request<Incoming>) -> Response<RespBody> {
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/api/v1/health") if state.knobs.never_ready => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"service": "koprogo-api", "status": "DEMO_NEVER_READY"}),
+        ),
         (&Method::GET, "/api/v1/health") => json(
             StatusCode::OK,
             json!({"service": "koprogo-api", "status": "ok"}),

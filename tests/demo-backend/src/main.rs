@@ -22,6 +22,11 @@
 //!   connecting to the database (log-rotation tests).
 //! - `DEMO_START_DELAY_MS=N`: sleep N ms after migrations, before listening
 //!   (readiness tests).
+//! - `DEMO_VERSION=TEXT`: every response carries `X-Demo-Version: TEXT` and
+//!   `X-Demo-Port: PORT` (update tests tell the old binary from the new one, and
+//!   the instances apart).
+//! - `DEMO_NEVER_READY=1`: the health route answers 503 for ever (a new version
+//!   that never becomes ready).
 
 use std::fmt;
 use std::io::Write;
@@ -122,7 +127,13 @@ fn main() {
         let _ = out.flush();
     }
     let delay = knob(&env, "DEMO_START_DELAY_MS");
+    let mut knobs = http::Knobs {
+        port: 0,
+        version: env.get("DEMO_VERSION").filter(|v| !v.is_empty()),
+        never_ready: env.get("DEMO_NEVER_READY").is_some_and(|v| !v.is_empty()),
+    };
     let cfg = config::validate(&env).unwrap_or_else(|e| fatal(e));
+    knobs.port = cfg.port;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -131,10 +142,10 @@ fn main() {
         .unwrap_or_else(|e| fatal(format!("cannot start the async runtime: {e}")));
     // A panic inside block_on's own future (database connection) unwinds out of
     // main: exit code 101, like the real server.
-    runtime.block_on(run(cfg, delay));
+    runtime.block_on(run(cfg, delay, knobs));
 }
 
-async fn run(cfg: config::Config, delay: Option<u64>) {
+async fn run(cfg: config::Config, delay: Option<u64>, knobs: http::Knobs) {
     let client = db::connect_at_start(&cfg.database).await;
     log_info!("connected to the database");
     db::migrate(&client).await.unwrap_or_else(|e| fatal(e));
@@ -164,6 +175,7 @@ async fn run(cfg: config::Config, delay: Option<u64>) {
         db: db::Db::new(cfg.database, client),
         totp_key: cfg.totp_key,
         requests: AtomicU64::new(0),
+        knobs,
     });
     serve(listener, state, signals).await
 }
