@@ -423,9 +423,29 @@ check "active after reinstall" wait_for 120 ready
 check "reinstall keeps the secrets" is_eq "$(sha256sum /var/lib/koprogo/secrets.env)" "$sha"
 step_done
 
-step "upgrade prev -> cur (apt-get install ./cur)"
+step "upgrade refused while the pre-upgrade backup fails"
 pid=$(systemctl show -p MainPID --value koprogo)
-check "upgrade" apt-get install -y -q /root/debs/cur.deb
+backups() { ls /var/lib/koprogo/backups/*.kbk 2>/dev/null | wc -l; }
+# backup.dir is a file now: the backup fails with a clear error.
+mv /var/lib/koprogo/backups /var/lib/koprogo/backups.away && touch /var/lib/koprogo/backups
+out=$(apt-get install -y -q /root/debs/cur.deb 2>&1); code=$?
+echo "$out" | grep "koprogo:"
+rm -f /var/lib/koprogo/backups && mv /var/lib/koprogo/backups.away /var/lib/koprogo/backups
+check "apt-get install fails" [ "$code" -ne 0 ]
+check "says why and what to do" has "$out" "the backup before the upgrade failed"
+check "old version still installed" is_eq "$(dpkg-query -W -f '${Version} ${Status}' koprogo)" "$PREV_V install ok installed"
+# (dpkg's abort-upgrade runs the old postinst, whose debhelper part restarts it.)
+check "old version running" wait_for 120 ready
+check "the data untouched" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/$(cat /root/item.id))" "row written before the upgrade"
+pid=$(systemctl show -p MainPID --value koprogo)
+step_done
+step "upgrade prev -> cur (apt-get install ./cur)"
+before=$(backups)
+out=$(apt-get install -y -q /root/debs/cur.deb 2>&1); code=$?
+echo "$out" | grep "koprogo:"
+check "upgrade" is_eq "$code" 0
+check "a backup taken before the upgrade" is_eq "$(backups)" "$((before + 1))"
+check "the upgrade names it" has "$out" "backup written: /var/lib/koprogo/backups/"
 check "status ready after the upgrade" wait_for 120 ready
 step_done
 check "new version installed" is_eq "$(dpkg-query -W -f '${Version}' koprogo)" "$CUR_V"
