@@ -155,19 +155,7 @@ fn may(meta: &std::fs::Metadata, who: &Identity, bit: u32) -> bool {
 /// readable for it? (Supplementary groups are not considered.)
 pub fn readable_by(path: &Path, who: &Identity) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let mut dir = path.to_path_buf();
-    while dir.pop() {
-        if let Ok(meta) = std::fs::metadata(&dir) {
-            if !may(&meta, who, 0o1) {
-                return Err(format!(
-                    "user {} cannot enter {} (mode {:o})",
-                    who.name,
-                    dir.display(),
-                    meta.mode() & 0o7777
-                ));
-            }
-        }
-    }
+    parents_searchable(path, who, "")?;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read it: {e}"))?;
     if !may(&meta, who, 0o4) {
         return Err(format!(
@@ -182,16 +170,16 @@ pub fn readable_by(path: &Path, who: &Identity) -> Result<(), String> {
     Ok(())
 }
 
-/// Can `who` run the program `path`: every parent directory searchable and the
-/// file executable for it? (Writing is not needed: programs belong to root.)
-pub fn executable_by(path: &Path, who: &Identity) -> Result<(), String> {
+/// Can `who` enter every existing parent directory of `path`? The error names the
+/// first one it cannot enter, followed by `fix`.
+fn parents_searchable(path: &Path, who: &Identity, fix: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let mut dir = path.to_path_buf();
     while dir.pop() {
         if let Ok(meta) = std::fs::metadata(&dir) {
             if !may(&meta, who, 0o1) {
-                use std::os::unix::fs::MetadataExt;
                 return Err(format!(
-                    "user {} cannot enter {} (mode {:o}): chmod o+x it or move the program",
+                    "user {} cannot enter {} (mode {:o}){fix}",
                     who.name,
                     dir.display(),
                     meta.mode() & 0o7777
@@ -199,6 +187,13 @@ pub fn executable_by(path: &Path, who: &Identity) -> Result<(), String> {
             }
         }
     }
+    Ok(())
+}
+
+/// Can `who` run the program `path`: every parent directory searchable and the
+/// file executable for it? (Writing is not needed: programs belong to root.)
+pub fn executable_by(path: &Path, who: &Identity) -> Result<(), String> {
+    parents_searchable(path, who, ": chmod o+x it or move the program")?;
     match std::fs::metadata(path) {
         Ok(meta) if may(&meta, who, 0o1) => Ok(()),
         Ok(_) => Err(format!("not executable by user {}: chmod o+x it", who.name)),
@@ -216,19 +211,7 @@ pub fn reachable(path: &Path, who: &Identity) -> Result<(), String> {
             break;
         }
     }
-    let allowed = |meta: &std::fs::Metadata, bit: u32| -> bool {
-        if who.uid.is_root() {
-            return true;
-        }
-        let mode = meta.mode();
-        if meta.uid() == who.uid.as_raw() {
-            mode & (bit << 6) != 0
-        } else if meta.gid() == who.gid.as_raw() {
-            mode & (bit << 3) != 0
-        } else {
-            mode & bit != 0
-        }
-    };
+    let allowed = |meta: &std::fs::Metadata, bit: u32| may(meta, who, bit);
     let mut anc = existing.clone();
     loop {
         if let Ok(meta) = std::fs::metadata(&anc) {
