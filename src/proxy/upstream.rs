@@ -29,6 +29,36 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+/// After an early 413, what may still be read and discarded of the client's body.
+const LINGER_BYTES: u64 = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// After an early 413 (declared length over the limit): reads and discards what the
+/// client is still sending, at most [`LINGER_BYTES`] within [`LINGER_TIME`], so it
+/// gets to read the answer instead of a reset connection (nginx's lingering close).
+/// Past either bound the body is dropped and the connection closes.
+fn linger<B>(body: B)
+where
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let mut body = Box::pin(body);
+        let mut seen = 0u64;
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    seen += data.len() as u64;
+                    if seen > LINGER_BYTES {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
 }
@@ -76,6 +106,7 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
+            linger(req.into_body());
             return Err(Failure::TooLarge);
         }
         let upgrade = is_upgrade(req.headers());
