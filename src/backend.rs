@@ -83,6 +83,11 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
 
 /// The API's `DATABASE_URL`: the private cluster's socket, or the external URL
 /// (with its password from the URL or `postgres.password_file`).
+///
+/// koprogo-api parses it with sqlx 0.8 (the `url` crate), not libpq: an EMPTY host
+/// (`postgresql://user@/db?host=/dir`) is refused at start with
+/// `Configuration(EmptyHost)`. So the authority names `localhost`, which sqlx then
+/// overrides with the `host=` socket directory (no TCP connection is made).
 pub fn database_url(cfg: &Config) -> Result<String> {
     match &cfg.postgres.external {
         Some(url) => {
@@ -90,8 +95,8 @@ pub fn database_url(cfg: &Config) -> Result<String> {
             Ok(url.api_url(cfg, pw.as_deref()))
         }
         None => Ok(format!(
-            "postgresql://{APP_ROLE}@/{APP_DB}?host={}&port={}",
-            cfg.paths.run.display(),
+            "postgresql://{APP_ROLE}@localhost/{APP_DB}?host={}&port={}",
+            crate::postgres::external::encode_path(&cfg.paths.run.display().to_string()),
             cfg.postgres.port
         )),
     }

@@ -7,6 +7,7 @@
 pub mod https;
 pub mod load;
 pub mod pg;
+pub mod real;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
