@@ -1,8 +1,13 @@
 //! Environment of the demo backend: `./.env` loading (real environment variables
 //! win) and the same start-up validation as `koprogo-api`. Every rejection is a
-//! reported start-up error: one line on stdout, exit code 1.
+//! reported start-up error: one line on stdout, exit code 1, except what the real
+//! server panics on (exit 101): `DATABASE_URL` unset here, and any `DATABASE_URL`
+//! that sqlx refuses when the pool is created (db.rs), which this module leaves
+//! to sqlx so that both refuse exactly the same URLs.
 
 use std::collections::HashMap;
+
+use crate::db::PoolSize;
 
 /// The built-in JWT secret of koprogo-api, refused at start.
 const DEFAULT_JWT_SECRET: &str = "your-secret-key-change-this-in-production";
@@ -51,7 +56,9 @@ impl Env {
 
 /// What the server needs once validated.
 pub struct Config {
-    pub database: tokio_postgres::Config,
+    /// As given: parsed by sqlx when the pool is created, like koprogo-api.
+    pub database_url: String,
+    pub pool: PoolSize,
     pub host: String,
     pub port: u16,
     pub totp_key: String,
@@ -59,13 +66,12 @@ pub struct Config {
 
 /// Validates the environment like koprogo-api; `Err` is the one-line reason.
 pub fn validate(env: &Env) -> Result<Config, String> {
-    let database_url = env
-        .get("DATABASE_URL")
-        .filter(|v| !v.is_empty())
-        .ok_or("DATABASE_URL must be set")?;
-    let database = database_url
-        .parse()
-        .map_err(|e| format!("DATABASE_URL is invalid: {e}"))?;
+    // koprogo-api: `env::var("DATABASE_URL").expect("DATABASE_URL must be set")`.
+    // Set but empty is not refused here: sqlx refuses it at pool creation.
+    let Some(database_url) = env.get("DATABASE_URL") else {
+        log_error!("DATABASE_URL must be set");
+        panic!("DATABASE_URL must be set: NotPresent");
+    };
 
     match env.get("JWT_SECRET") {
         None => return Err("JWT_SECRET must be set".into()),
@@ -130,9 +136,23 @@ pub fn validate(env: &Env) -> Result<Config, String> {
     };
 
     Ok(Config {
-        database,
+        database_url,
+        pool: pool_size(env),
         host,
         port,
         totp_key,
     })
+}
+
+/// The pool settings as koprogo-api reads them (`create_pool`): a missing or
+/// unparsable value falls back to its default without a word (10, 2, 30 s).
+fn pool_size(env: &Env) -> PoolSize {
+    fn read<T: std::str::FromStr>(env: &Env, key: &str, default: T) -> T {
+        env.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+    }
+    PoolSize {
+        max_connections: read(env, "DB_POOL_MAX_CONNECTIONS", 10),
+        min_connections: read(env, "DB_POOL_MIN_CONNECTIONS", 2),
+        acquire_timeout_s: read(env, "DB_POOL_ACQUIRE_TIMEOUT", 30),
+    }
 }

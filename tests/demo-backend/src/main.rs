@@ -1,8 +1,9 @@
 //! `demo-backend`: a test double of `koprogo-api` for the supervisor's tests (not
 //! shipped). It honours the same contract (see shared/koprogo-backend.md): no CLI
 //! arguments, `./.env` read from the working directory (real environment wins),
-//! the same environment validation (exit 1 with one line on stdout), a panic
-//! (exit 101) on a missing socket or an authentication failure, migrations with
+//! the same environment validation (exit 1 with one line on stdout), the same
+//! database pool (sqlx 0.8: a `DATABASE_URL` it refuses, a missing socket or an
+//! authentication failure panic with its message, exit 101), migrations with
 //! an advisory lock at every start, the `admin@koprogo.com`/`admin123` reset,
 //! logs on stdout only (ANSI colour unless `NO_COLOR` is set), SIGTERM = graceful
 //! drain up to 30 s then exit 0, SIGINT/SIGQUIT = immediate exit 0.
@@ -146,10 +147,10 @@ fn main() {
 }
 
 async fn run(cfg: config::Config, delay: Option<u64>, knobs: http::Knobs) {
-    let client = db::connect_at_start(&cfg.database).await;
+    let pool = db::create_pool(&cfg.database_url, &cfg.pool).await;
     log_info!("connected to the database");
-    db::migrate(&client).await.unwrap_or_else(|e| fatal(e));
-    db::reset_admin(&client).await.unwrap_or_else(|e| fatal(e));
+    db::migrate(&pool).await.unwrap_or_else(|e| fatal(e));
+    db::reset_admin(&pool).await.unwrap_or_else(|e| fatal(e));
     if let Some(ms) = delay {
         log_info!("DEMO_START_DELAY_MS: waiting {ms} ms before listening");
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -172,7 +173,7 @@ async fn run(cfg: config::Config, delay: Option<u64>, knobs: http::Knobs) {
     log_info!("listening on {addr}");
 
     let state = Arc::new(http::State {
-        db: db::Db::new(cfg.database, client),
+        db: db::Db::new(pool),
         totp_key: cfg.totp_key,
         requests: AtomicU64::new(0),
         knobs,
