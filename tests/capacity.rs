@@ -129,7 +129,8 @@ fn capacity_reports_every_metric_in_text_and_json() {
     }
     assert!(num(&v, "ram") > 0.0 && num(&v, "disk") > 0.0);
     assert!(num(&v, "load_per_core") >= 0.0);
-    // The demo backend holds one connection as the API's role; a pool of 4 warns at 2.8.
+    // The demo backend holds its pool (DB_POOL_MIN_CONNECTIONS, at least one) as the
+    // API's role; a pool of 4 warns at 2.8.
     assert!(num(&v, "postgres_connections") >= 1.0, "{v:#}");
     let t = &v["metrics"]["postgres_connections"]["thresholds"];
     assert_eq!(t["warn"].as_f64(), Some(2.8), "{t}");

@@ -18,12 +18,17 @@ struct Outcome {
     panic: String,
 }
 
-/// Runs `bin` in an empty working directory (no `.env`) with a clean, otherwise
-/// valid environment plus `extra`; bounded to 20 s.
-fn run(bin: &Path, database_url: &str, extra: &[(&str, &str)]) -> (Outcome, String) {
-    let cwd = tempfile::tempdir().expect("tempdir");
+/// `bin` in `cwd` (no `.env` there) with a clean, otherwise valid environment
+/// plus `extra`, listening on `port`.
+fn command(
+    bin: &Path,
+    cwd: &Path,
+    port: u16,
+    database_url: &str,
+    extra: &[(&str, &str)],
+) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.current_dir(cwd.path())
+    cmd.current_dir(cwd)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("NO_COLOR", "1")
@@ -35,18 +40,27 @@ fn run(bin: &Path, database_url: &str, extra: &[(&str, &str)]) -> (Outcome, Stri
         )
         .env("CORS_ALLOWED_ORIGINS", "https://localhost")
         .env("SERVER_HOST", "127.0.0.1")
-        .env("SERVER_PORT", common::free_port().to_string())
+        .env("SERVER_PORT", port.to_string())
         .env("ENABLE_RATE_LIMITING", "false")
         .env("SMTP_ENABLED", "false")
         .env("STORAGE_PROVIDER", "local")
-        .env("UPLOAD_DIR", cwd.path())
+        .env("UPLOAD_DIR", cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn");
+    cmd
+}
+
+/// Runs `bin` until it exits (bounded to 20 s).
+fn run(bin: &Path, database_url: &str, extra: &[(&str, &str)]) -> (Outcome, String) {
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port();
+    let mut child = command(bin, cwd.path(), port, database_url, extra)
+        .spawn()
+        .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().expect("try_wait").is_none() {
         if Instant::now() > deadline {
@@ -181,4 +195,114 @@ fn refused_connections_are_retried_until_the_acquire_timeout() {
         let (real, log) = run(&r.api, &url, &[("DB_POOL_ACQUIRE_TIMEOUT", "2")]);
         assert_eq!(real, demo, "real koprogo-api disagrees:\n{log}");
     }
+}
+
+/// A demo backend left running; killed and reaped when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `f` until it holds, for at most `limit`.
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// On a real PostgreSQL, through its Unix socket like the appliance: the pool is
+/// sized by DB_POOL_MIN/MAX_CONNECTIONS (the capacity report counts these
+/// connections), requests answer 503 JSON at once while PostgreSQL is down, and
+/// the same process serves again once it is back, with the data kept.
+#[test]
+fn demo_pool_is_sized_by_the_environment_and_survives_a_postgres_restart() {
+    let mut pg = common::pg::ExternalPg::start("kpdemo", "kpdemo");
+    let url = format!(
+        "postgresql://kpdemo@localhost/kpdemo?host={}&port={}",
+        pg.dir.path().display(),
+        pg.port
+    );
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port();
+    let mut cmd = command(
+        &common::demo_bin(),
+        cwd.path(),
+        port,
+        &url,
+        &[
+            ("DB_POOL_MAX_CONNECTIONS", "3"),
+            ("DB_POOL_MIN_CONNECTIONS", "3"),
+        ],
+    );
+    let log = cwd.path().join("demo.log");
+    let out = std::fs::File::create(&log).expect("log");
+    cmd.stdout(out.try_clone().expect("fd")).stderr(out);
+    let mut demo = Running(cmd.spawn().expect("spawn demo"));
+    let show = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually(Duration::from_secs(30), "demo listening", || {
+        assert!(
+            demo.0.try_wait().expect("wait").is_none(),
+            "demo exited:\n{}",
+            show()
+        );
+        common::http(port, "GET", "/api/v1/health", "").is_ok_and(|(c, _)| c == 200)
+    });
+    let (code, body) = common::http(port, "POST", "/api/v1/items", "kept").expect("post");
+    assert_eq!(code, 201, "{body}");
+    let conns = |pg: &common::pg::ExternalPg| {
+        pg.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'kpdemo'",
+        )
+    };
+    eventually(Duration::from_secs(10), "3 pooled connections", || {
+        conns(&pg) == "3"
+    });
+
+    pg.stop();
+    let t = Instant::now();
+    let (code, body) = common::http(port, "GET", "/api/v1/items", "").expect("get while down");
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["error"], "database unavailable", "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "503 after {:?}",
+        t.elapsed()
+    );
+
+    pg.run();
+    eventually(Duration::from_secs(20), "served again", || {
+        common::http(port, "GET", "/api/v1/items", "")
+            .is_ok_and(|(c, b)| c == 200 && b.contains("\"count\":1"))
+    });
+    assert!(
+        demo.0.try_wait().expect("wait").is_none(),
+        "same process:\n{}",
+        show()
+    );
+    // sqlx refills up to the minimum only at its next maintenance pass (every
+    // min(idle_timeout, max_lifetime) = 600 s), as in the real server: here the
+    // requests' connection, and never more than the maximum.
+    let n: u32 = conns(&pg).parse().expect("count");
+    assert!((1..=3).contains(&n), "{n} connections after the restart");
+
+    // SIGTERM: graceful exit 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let mut status = None;
+    eventually(Duration::from_secs(10), "demo exits on SIGTERM", || {
+        status = demo.0.try_wait().expect("wait");
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", show());
 }
