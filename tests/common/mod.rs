@@ -100,6 +100,13 @@ impl Appliance {
         };
         let (http, https) = (other_port(), other_port());
         let metrics_port = other_port();
+        // max_connections = 18: the demo backend holds a real sqlx pool like
+        // koprogo-api. PostgreSQL refuses the API's role once fewer than
+        // superuser_reserved_connections (3) slots are free, and koprogo's own
+        // connections (probe, stats, pg_dump) count too, so a rolling update of
+        // `instances = 2` under load needs pool_max 4 × (2 + the spare) + 3 + 3 = 18
+        // (with 12 the new instance's pool met "remaining connection slots are
+        // reserved" and an update failed its 30 s readiness now and then).
         let mut text = format!(
             r#"domain = "localhost"
 user = "koprogo"
@@ -111,7 +118,7 @@ run = "run"
 
 [postgres]
 memory = "128MB"
-max_connections = 12
+max_connections = 18
 start_timeout = "60s"
 stop_timeout = "20s"
 
