@@ -84,7 +84,9 @@ fn two_instances_share_the_load_survive_a_kill_restart_and_update_in_turn() {
     std::thread::sleep(Duration::from_millis(500));
     install_backend(&a, "DEMO_VERSION=2");
     let (code, out, err) = a.cli(&["reload"]);
-    std::thread::sleep(Duration::from_millis(800));
+    // Every client's last 50 answers come after the update (a fixed pause was too
+    // short for that on a loaded machine).
+    load.wait_each(60, Duration::from_secs(30));
     let t = load.finish();
     report("rolling update of 2 instances", &t);
     assert_eq!(code, 0, "reload: {out}{err}");

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,8 @@ impl Tally {
 pub struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<Tally>>,
+    /// Successful requests so far, per thread.
+    done: Vec<Arc<AtomicU64>>,
 }
 
 impl Load {
@@ -83,19 +85,47 @@ impl Load {
         let https = a.cfg().proxy.https[0].port();
         let client = Arc::new(Client::new(&root_pem(a), &[b"http/1.1"]));
         let stop = Arc::new(AtomicBool::new(false));
+        let done: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::default()).collect();
         let threads = (0..threads)
             .map(|n| {
-                let (client, stop) = (client.clone(), stop.clone());
+                let (client, stop, ok) = (client.clone(), stop.clone(), done[n].clone());
                 std::thread::spawn(move || {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .expect("runtime")
-                        .block_on(client_loop(client, https, stop, n, writes))
+                        .block_on(client_loop(client, https, stop, ok, n, writes))
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load {
+            stop,
+            threads,
+            done,
+        }
+    }
+
+    /// Waits until every thread has had `n` more successful requests (so its
+    /// `tail` is all from now on when `n` >= 50), for at most `limit`.
+    pub fn wait_each(&self, n: u64, limit: Duration) {
+        let from: Vec<u64> = self
+            .done
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect();
+        let deadline = Instant::now() + limit;
+        while self
+            .done
+            .iter()
+            .zip(&from)
+            .any(|(d, f)| d.load(Ordering::Relaxed) < f + n)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not {n} more successful requests per client thread within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn finish(self) -> Tally {
@@ -124,6 +154,7 @@ async fn client_loop(
     client: Arc<Client>,
     port: u16,
     stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
     n: usize,
     writes: bool,
 ) -> Tally {
@@ -181,6 +212,7 @@ async fn client_loop(
         match tokio::time::timeout(REQUEST_TIMEOUT, one).await {
             Ok(Ok((status, version, from, _))) if (200..300).contains(&status) => {
                 t.ok += 1;
+                ok.fetch_add(1, Ordering::Relaxed);
                 *t.ports.entry(from).or_default() += 1;
                 *t.versions.entry(version.clone()).or_default() += 1;
                 t.tail.push_back(version);
