@@ -50,3 +50,205 @@ fn first_boot_secures_the_superadmin_and_serves_the_site() {
     assert_eq!(a.cluster_state(), "shut down");
     a.assert_no_leftovers(Duration::from_secs(10));
 }
+
+/// `koprogo psql -tAc SQL` on the appliance's database: the trimmed output.
+fn psql(a: &common::Appliance, sql: &str) -> String {
+    let (code, out, err) = a.cli(&["psql", "--", "-v", "ON_ERROR_STOP=1", "-tAc", sql]);
+    assert_eq!(code, 0, "psql {sql}: {out}{err}");
+    out.trim().to_string()
+}
+
+/// Row counts and a digest of every row of the tables the demo data fills.
+fn fingerprint(a: &common::Appliance) -> Vec<(String, String)> {
+    [
+        "organizations",
+        "buildings",
+        "units",
+        "owners",
+        "expenses",
+        "meetings",
+        "users",
+        "documents",
+    ]
+    .iter()
+    .map(|t| {
+        // The superadmin's hash is made again after every API start (KoproGo resets
+        // it, the appliance closes it with a new salt): compare the rest of its row.
+        let row = if *t == "users" {
+            "CASE WHEN x.email = 'admin@koprogo.com' \
+             THEN to_jsonb(x) - 'password_hash' - 'updated_at' ELSE to_jsonb(x) END"
+        } else {
+            "to_jsonb(x)"
+        };
+        (
+            t.to_string(),
+            psql(
+                a,
+                &format!("SELECT count(*) || ' ' || coalesce(md5(string_agg(({row})::text, '|' ORDER BY ({row})::text)), '-') FROM {t} x"),
+            ),
+        )
+    })
+    .collect()
+}
+
+fn backup_file(a: &common::Appliance) -> std::path::PathBuf {
+    let (code, out, err) = a.cli(&["backup", "create"]);
+    assert_eq!(code, 0, "backup create: {out}{err}");
+    out.split_whitespace()
+        .find(|w| w.contains("/koprogo-") && w.contains(".kbk"))
+        .map(|w| std::path::PathBuf::from(w.trim_end_matches(':')))
+        .unwrap_or_else(|| panic!("no file in: {out}"))
+}
+
+fn secret(a: &common::Appliance, key: &str) -> String {
+    std::fs::read_to_string(a.path("state/secrets.env"))
+        .expect("secrets.env")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+        .unwrap_or_else(|| panic!("{key} not in secrets.env"))
+}
+
+/// Demo data, a syndic's lists, a document upload of a few MiB stored under the
+/// state directory and served back; then backup → a fresh appliance → restore: the
+/// same rows, the same uploaded bytes, the same keys (a token issued before the
+/// backup still verifies after the restore).
+#[test]
+fn demo_data_upload_backup_and_restore_on_a_fresh_box() {
+    let Some(r) = real::real("demo_data_upload_backup_and_restore_on_a_fresh_box") else {
+        return;
+    };
+    let mut a = real::appliance(&r, "[backup]\nenabled = false\n");
+    a.start();
+    a.wait_for(real::BOOT, "all ready", |s| s.all_ready);
+    let rt = common::https::runtime();
+    let doc: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (token, doc_id, building) = rt.block_on(async {
+        real::seed_demo(&a).await;
+        let syndic = real::syndic(&a).await;
+        let buildings = real::items(&syndic.get_ok("/api/v1/buildings").await);
+        assert!(!buildings.is_empty(), "the syndic sees no building");
+        for list in ["/api/v1/owners", "/api/v1/expenses", "/api/v1/meetings"] {
+            let v = syndic.get_ok(list).await;
+            assert!(!real::items(&v).is_empty(), "{list} is empty: {v}");
+        }
+        // This build of koprogo-api panics in its units list (units.quota is
+        // DOUBLE PRECISION, the repository decodes a Decimal): the handler's thread
+        // dies and the connection closes without an answer. The proxy must say so
+        // with a 502, not pretend the site is in maintenance, and the server stays up.
+        let (status, v) = syndic.call("GET", "/api/v1/units", None).await;
+        match status {
+            200 => assert!(!real::items(&v).is_empty(), "units is empty: {v}"),
+            502 => assert_eq!(v["error"], "the API server failed to answer this request"),
+            _ => panic!("GET /api/v1/units: {status} {v}"),
+        }
+        let building = buildings[0]["id"]
+            .as_str()
+            .expect("building id")
+            .to_string();
+        let me = syndic.get_ok("/api/v1/auth/me").await;
+        let user_id = me["id"].as_str().expect("user id").to_string();
+        let (ct, body) = real::multipart(
+            &[
+                ("building_id", &building),
+                ("document_type", "invoice"),
+                ("title", "Facture chaudière"),
+                ("uploaded_by", &user_id),
+            ],
+            ("facture.pdf", "application/pdf", &doc),
+        );
+        let up = syndic
+            .send("POST", "/api/v1/documents", Some((ct, body)))
+            .await;
+        assert_eq!(up.status, 201, "upload: {}", up.text());
+        let v: serde_json::Value = serde_json::from_slice(&up.body).expect("document JSON");
+        let id = v["id"].as_str().expect("document id").to_string();
+        let back = syndic
+            .send("GET", &format!("/api/v1/documents/{id}/download"), None)
+            .await;
+        assert_eq!(back.status, 200);
+        assert!(back.body == doc[..], "the download differs from the upload");
+        (syndic.token.clone().expect("token"), id, building)
+    });
+    assert!(
+        psql(&a, "SELECT count(*) FROM units")
+            .parse::<i64>()
+            .unwrap_or(0)
+            > 0,
+        "the demo data has no unit"
+    );
+    let st = a.status().expect("status");
+    let api = common::Appliance::service(&st, "api");
+    assert!(api.ready && api.restarts == 0, "{api:?}");
+    // The file is under the state directory, in the building's folder.
+    let stored: Vec<_> = std::fs::read_dir(a.path("state/uploads").join(&building))
+        .expect("the building's upload folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(std::fs::read(&stored[0]).expect("read upload") == doc);
+
+    let before = fingerprint(&a);
+    let keys: Vec<String> = [
+        "JWT_SECRET",
+        "TOTP_ENCRYPTION_KEY",
+        "ENERGY_ENCRYPTION_MASTER_KEY",
+    ]
+    .iter()
+    .map(|k| secret(&a, k))
+    .collect();
+    let admin_pw = real::admin_password(&a);
+    let file = backup_file(&a);
+    a.stop();
+
+    // A fresh box: other keys, no data, then the restore.
+    let mut b = real::appliance(&r, "[backup]\nenabled = false\n");
+    b.start();
+    b.wait_for(real::BOOT, "all ready", |s| s.all_ready);
+    assert_ne!(secret(&b, "JWT_SECRET"), keys[0]);
+    let copy = b.path("from-a.kbk");
+    std::fs::copy(&file, &copy).expect("copy the backup");
+    if common::is_root() {
+        // The supervisor reads it as the service user, like an operator's copy.
+        let st = std::process::Command::new("chown")
+            .arg("koprogo")
+            .arg(&copy)
+            .status()
+            .expect("chown");
+        assert!(st.success());
+    }
+    let (code, out, err) = b.cli(&["restore", copy.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "restore: {out}{err}\n{}", b.stderr());
+    b.wait_for(real::BOOT, "all ready after the restore", |s| s.all_ready);
+    assert_eq!(fingerprint(&b), before, "rows differ after the restore");
+    let restored_keys: Vec<String> = [
+        "JWT_SECRET",
+        "TOTP_ENCRYPTION_KEY",
+        "ENERGY_ENCRYPTION_MASTER_KEY",
+    ]
+    .iter()
+    .map(|k| secret(&b, k))
+    .collect();
+    assert_eq!(restored_keys, keys, "the keys were not restored");
+    rt.block_on(async {
+        let mut old = real::Api::new(&b);
+        old.token = Some(token);
+        let me = old.get_ok("/api/v1/auth/me").await;
+        assert_eq!(me["email"], real::SYNDIC.0, "{me}");
+        let back = old
+            .send("GET", &format!("/api/v1/documents/{doc_id}/download"), None)
+            .await;
+        assert_eq!(back.status, 200, "{}", back.text());
+        assert!(back.body == doc[..], "the restored upload differs");
+        // The superadmin is still closed on the restored database.
+        let mut admin = real::Api::new(&b);
+        assert_eq!(admin.login("admin@koprogo.com", "admin123").await, 401);
+        // … and its password is the one of the restored secrets.
+        assert_eq!(admin.login("admin@koprogo.com", &admin_pw).await, 200);
+    });
+    b.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+    b.assert_no_leftovers(Duration::from_secs(10));
+}

@@ -261,14 +261,9 @@ impl Proxy {
             Ok(r) => return (r, Some(t.elapsed())),
             Err(f) => f,
         };
+        // Named in the log when the request fails (path only: no query, no secrets).
+        let what = format!("{} {}", parts.method, parts.uri.path());
         match failure {
-            Failure::TooLarge => (
-                json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("request body over {limit} bytes"),
-                ),
-                None,
-            ),
             Failure::Connect | Failure::Closed if bodyless => {
                 // The API server is restarting or was replaced under us (nothing
                 // came back, and a GET may be repeated): wait for a ready one, then
@@ -289,24 +284,10 @@ impl Proxy {
                     .await
                 {
                     Ok(r) => (r, Some(t.elapsed())),
-                    Err(_) => (api_unavailable(), None),
+                    Err(f) => (failed(f, limit, port, &what), None),
                 }
             }
-            Failure::Connect => (api_unavailable(), None),
-            Failure::Closed => {
-                tracing::warn!("proxy: the API server closed the connection before answering");
-                (
-                    json_error(StatusCode::BAD_GATEWAY, "the API server did not answer"),
-                    None,
-                )
-            }
-            Failure::Other(e) => {
-                tracing::warn!("proxy: API request failed: {e}");
-                (
-                    json_error(StatusCode::BAD_GATEWAY, "the API server did not answer"),
-                    None,
-                )
-            }
+            f => (failed(f, limit, port, &what), None),
         }
     }
 
@@ -432,6 +413,34 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Res
 pub fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": msg }).to_string();
     text(status, "application/json", body)
+}
+
+/// The answer to a request the API server did not answer. Not listening: 503 (it
+/// is starting, restarting or being replaced; the client may retry). A connection
+/// closed without an answer while the server is up (it crashed on this request,
+/// e.g. a panic in a handler): 502, logged with the request, so a bug is not shown
+/// as maintenance.
+fn failed(f: Failure, limit: u64, port: u16, what: &str) -> Response<Body> {
+    match f {
+        Failure::TooLarge => json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over {limit} bytes"),
+        ),
+        Failure::Connect => api_unavailable(),
+        Failure::Closed => {
+            tracing::warn!(
+                "proxy: the API server on port {port} closed the connection without answering {what} (see api.log)"
+            );
+            json_error(
+                StatusCode::BAD_GATEWAY,
+                "the API server failed to answer this request",
+            )
+        }
+        Failure::Other(e) => {
+            tracing::warn!("proxy: {what} to the API server on port {port} failed: {e}");
+            json_error(StatusCode::BAD_GATEWAY, "the API server did not answer")
+        }
+    }
 }
 
 fn api_unavailable() -> Response<Body> {

@@ -288,3 +288,43 @@ pub fn items(v: &serde_json::Value) -> Vec<serde_json::Value> {
         .cloned()
         .unwrap_or_default()
 }
+
+pub const SYNDIC: (&str, &str) = ("syndic@grandplace.be", "syndic123");
+
+/// Logs in as the superadmin and creates the demo data (`POST /api/v1/seed/demo`).
+pub async fn seed_demo(a: &Appliance) {
+    let mut admin = Api::new(a);
+    let pw = admin_password(a);
+    assert_eq!(admin.login("admin@koprogo.com", &pw).await, 200);
+    let (status, v) = admin.call("POST", "/api/v1/seed/demo", None).await;
+    assert!((200..300).contains(&status), "seed/demo: {status} {v}");
+}
+
+/// A logged-in syndic of the demo data.
+pub async fn syndic(a: &Appliance) -> Api {
+    let mut api = Api::new(a);
+    assert_eq!(api.login(SYNDIC.0, SYNDIC.1).await, 200, "syndic login");
+    api
+}
+
+/// A multipart/form-data body: text fields, then one file.
+pub fn multipart(fields: &[(&str, &str)], file: (&str, &str, &[u8])) -> (String, Vec<u8>) {
+    let boundary = "----koprogo-test-boundary-7d1c2f";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    let (name, mime, bytes) = file;
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: {mime}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
