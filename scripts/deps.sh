@@ -13,6 +13,8 @@ KOPROGO_NEEDS=(
   "/usr/bin/chromium:chromium"
   "certutil:libnss3-tools"
   "pebble:pebble"
+  "curl:curl"
+  "xz:xz-utils"
 )
 
 koprogo_missing_packages() {

@@ -490,6 +490,22 @@ fn default_pool_max() -> u32 {
 fn default_pool_min() -> u32 {
     2
 }
+/// `local@domain` with no spaces, no angle brackets and one `@` (what a mail
+/// server takes in MAIL FROM; the API builds its sender from it).
+fn is_mail_address(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !s[local.len() + 1..].contains('@')
+                && !s.chars().any(|c| c.is_whitespace() || "<>,;\"".contains(c))
+        }
+        None => false,
+    }
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -817,11 +833,16 @@ impl Config {
         }
         if b.smtp.enabled {
             let s = &b.smtp;
+            // What koprogo-api's EmailService::from_env requires (it panics at boot
+            // without one of them); the port defaults to 587 there.
             for (k, missing) in [
                 ("host", s.host.as_deref().is_none_or(str::is_empty)),
-                ("port", s.port.is_none()),
                 ("username", s.username.as_deref().is_none_or(str::is_empty)),
                 ("password", s.password.as_deref().is_none_or(str::is_empty)),
+                (
+                    "from_email",
+                    s.from_email.as_deref().is_none_or(str::is_empty),
+                ),
             ] {
                 if missing {
                     return Err(self.err(
@@ -831,6 +852,25 @@ impl Config {
                     ));
                 }
             }
+            if let Some(from) = s.from_email.as_deref().filter(|f| !is_mail_address(f)) {
+                return Err(self.err(
+                    "backend.smtp.from_email",
+                    &format!("{from:?}"),
+                    "must be one address like \"syndic@example.be\" (no name, no spaces)",
+                ));
+            }
+            if s.port == Some(0) {
+                return Err(self.err("backend.smtp.port", &0, "must be 1-65535 (usually 587)"));
+            }
+        }
+        // koprogo-api reads RUST_LOG with tracing's EnvFilter and silently falls
+        // back to "info" on a value it cannot parse: refuse it here instead.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&b.log_level) {
+            return Err(self.err(
+                "backend.log_level",
+                &format!("{:?}", b.log_level),
+                &format!("is not a log filter ({e}): use error, warn, info, debug or trace, or directives like \"info,sqlx=warn\""),
+            ));
         }
         for (key, list) in [
             ("proxy.http", &self.proxy.http),
@@ -1183,7 +1223,30 @@ mod tests {
     #[test]
     fn smtp_enabled_needs_its_values() {
         let e = parse("[backend.smtp]\nenabled = true\nhost = \"h\"\n").expect_err("smtp");
-        assert!(e.0.contains("backend.smtp.port"), "{e}");
+        assert!(e.0.contains("backend.smtp.username"), "{e}");
+        // The four koprogo-api requires; the port is optional (587 there).
+        let base =
+            "[backend.smtp]\nenabled = true\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
+        let e = parse(base).expect_err("no from_email");
+        assert!(e.0.contains("backend.smtp.from_email"), "{e}");
+        parse(&format!("{base}from_email = \"syndic@example.be\"\n")).expect("port optional");
+        for bad in [
+            "syndic",
+            "Syndic <s@example.be>",
+            "a@b@example.be",
+            "s@",
+            "s @x.be",
+        ] {
+            let e = parse(&format!("{base}from_email = \"{bad}\"\n")).expect_err(bad);
+            assert!(e.0.contains("backend.smtp.from_email"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        parse("[backend]\nlog_level = \"info,sqlx=warn\"\n").expect("directives");
+        let e = parse("[backend]\nlog_level = \"info,sqlx=loud\"\n").expect_err("bad level");
+        assert!(e.0.contains("backend.log_level"), "{e}");
     }
 
     #[test]
