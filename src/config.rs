@@ -233,6 +233,11 @@ pub struct Proxy {
     /// Open connections allowed per client IP; 0 = no limit.
     #[serde(default = "default_max_conns_per_ip")]
     pub max_conns_per_ip: u32,
+    /// An IPv6 client is its network of this prefix length (one site gets a /64 and
+    /// picks any address in it): in the rate limit, the connection cap, the address
+    /// the API server sees (its login limiter) and the access log.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
     /// How long an API request waits for the API server during a restart.
     #[serde(default = "default_backend_wait", deserialize_with = "de_duration")]
     pub backend_wait: Duration,
@@ -540,6 +545,9 @@ fn default_rate() -> u32 {
 fn default_burst() -> u32 {
     1000
 }
+fn default_ipv6_prefix() -> u8 {
+    64
+}
 fn default_max_conns_per_ip() -> u32 {
     256
 }
@@ -629,6 +637,7 @@ impl Default for Proxy {
             rate: default_rate(),
             burst: default_burst(),
             max_conns_per_ip: default_max_conns_per_ip(),
+            ipv6_prefix: default_ipv6_prefix(),
             backend_wait: default_backend_wait(),
             hsts: default_hsts(),
         }
@@ -862,6 +871,13 @@ impl Config {
             if s.port == Some(0) {
                 return Err(self.err("backend.smtp.port", &0, "must be 1-65535 (usually 587)"));
             }
+        }
+        if !(32..=128).contains(&self.proxy.ipv6_prefix) {
+            return Err(self.err(
+                "proxy.ipv6_prefix",
+                &self.proxy.ipv6_prefix,
+                "must be 32-128 (64: one client per /64, what a site is usually given)",
+            ));
         }
         // koprogo-api reads RUST_LOG with tracing's EnvFilter and silently falls
         // back to "info" on a value it cannot parse: refuse it here instead.
