@@ -105,6 +105,15 @@ fn https_internal_ca_h2_redirect_and_headers() {
         raw.contains(&format!("location: https://localhost:{https}/")),
         "{raw}"
     );
+    // Nor to an address a client made up.
+    let raw = common::http_raw(
+        http,
+        "GET /x HTTP/1.1\r\nHost: 10.9.8.7\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        raw.contains(&format!("location: https://localhost:{https}/x")),
+        "{raw}"
+    );
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
@@ -224,7 +233,49 @@ fn forwarded_headers_websocket_sse_and_limits() {
         );
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["host"], format!("localhost:{https}"));
+        assert_eq!(h["x-forwarded-host"], format!("localhost:{https}"));
         assert!(h.get("forwarded").is_none());
+
+        // Host: only our names reach the API, as our canonical name and port.
+        let echo_host = |host: &'static str| {
+            hyper::Request::get("/api/v1/echo")
+                .header("host", host)
+                .body(Full::new(Bytes::new()))
+                .expect("req")
+        };
+        for (sent, seen) in [
+            ("LOCALHOST", format!("localhost:{https}")),
+            ("localhost:1", format!("localhost:{https}")),
+            ("127.0.0.1", format!("127.0.0.1:{https}")),
+        ] {
+            let r = c
+                .request(https, "localhost", echo_host(sent))
+                .await
+                .expect("echo");
+            assert_eq!(r.status, 200, "Host {sent}: {}", r.text());
+            let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+            assert_eq!(v["headers"]["host"], seen.as_str(), "Host {sent}");
+            assert_eq!(
+                v["headers"]["x-forwarded-host"],
+                seen.as_str(),
+                "Host {sent}"
+            );
+        }
+        for evil in [
+            "evil.example",
+            "10.9.8.7",
+            "[2001:db8::1]",
+            "localhost.evil.example",
+            "a b",
+        ] {
+            let r = c
+                .request(https, "localhost", echo_host(evil))
+                .await
+                .expect("421");
+            assert_eq!(r.status, 421, "Host {evil}: {}", r.text());
+            let r = c.get(https, "/").await.expect("page");
+            assert_eq!(r.status, 200, "our own name still works after {evil}");
+        }
 
         // Body limits: small for JSON, large for uploads.
         let big = "x".repeat(100 * 1024);

@@ -13,7 +13,7 @@ pub mod static_files;
 pub mod stats;
 pub mod upstream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,8 +91,9 @@ impl Proxy {
     /// when TLS is off (behind another terminator).
     pub async fn handle_site(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client: IpAddr,
+        local: SocketAddr,
         secure: bool,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -100,7 +101,29 @@ impl Proxy {
         let version = format!("{:?}", req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
-        let (mut resp, upstream) = self.route(req, client).await;
+        let (mut resp, upstream) = match self.served_name(&host, local.ip()) {
+            Some(name) => {
+                // The API builds links from Host: it gets our name, never the client's.
+                let default = if secure { 443 } else { 80 };
+                let canonical = if local.port() == default {
+                    name
+                } else {
+                    format!("{name}:{}", local.port())
+                };
+                if let Ok(v) = HeaderValue::from_str(&canonical) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                self.route(req, client).await
+            }
+            None => (
+                text(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "text/plain; charset=utf-8",
+                    "421 this server does not serve that host name\n".into(),
+                ),
+                None,
+            ),
+        };
         self.security_headers(resp.headers_mut(), secure);
         self.finish(
             &resp, client, &method, &path, &version, &host, started, upstream,
@@ -291,31 +314,50 @@ impl Proxy {
         }
     }
 
+    /// The name to serve a request for `host` (its Host or `:authority`) under, or
+    /// None when it is not ours: the domain, an alias, `localhost` (lowercased, port
+    /// dropped), or an IP literal of the address the client reached (`local`). A
+    /// request without a host is for the domain.
+    fn served_name(&self, host: &str, local: IpAddr) -> Option<String> {
+        if host.is_empty() {
+            return Some(self.cfg.domain.clone());
+        }
+        let (name, _) = split_host(host)?;
+        let name = name.to_ascii_lowercase();
+        if name == self.cfg.domain.to_ascii_lowercase()
+            || self
+                .cfg
+                .aliases
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&name))
+            || name == "localhost"
+        {
+            return Some(name);
+        }
+        let literal = name.trim_start_matches('[').trim_end_matches(']');
+        let local = server::client_key(local, 128);
+        match literal.parse::<IpAddr>() {
+            Ok(ip) if server::client_key(ip, 128) == local => Some(match ip {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => format!("[{ip}]"),
+                _ => local.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
     fn redirect(&self, req: &Request<Incoming>) -> Response<Body> {
         let host = host_of(req);
-        let name = host.rsplit_once(':').map_or(host.as_str(), |(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') && h.contains(':') {
-                host.as_str()
-            } else if p.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                host.as_str()
+        let name = split_host(&host).map(|(n, _)| n.to_ascii_lowercase());
+        // Only to configured names (no open redirect, no address a client made up).
+        let target_host = match name {
+            Some(n)
+                if n == self.cfg.domain.to_ascii_lowercase()
+                    || self.cfg.aliases.iter().any(|a| a.eq_ignore_ascii_case(&n))
+                    || n == "localhost" =>
+            {
+                n
             }
-        });
-        // Only redirect to names we serve (no open redirect).
-        let known = name == self.cfg.domain
-            || self.cfg.aliases.iter().any(|a| a == name)
-            || name.parse::<IpAddr>().is_ok()
-            || name
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok()
-            || name == "localhost";
-        let target_host = if known {
-            name
-        } else {
-            self.cfg.domain.as_str()
+            _ => self.cfg.domain.clone(),
         };
         let port = if self.https_port == 443 {
             String::new()
@@ -352,6 +394,29 @@ impl Proxy {
             HeaderValue::from_static("strict-origin-when-cross-origin"),
         );
     }
+}
+
+/// `name[:port]` or `[v6][:port]` → (name, port); None when it is not a host.
+fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (&host[..v6.len() + 2], port)
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p.parse().ok()?)),
+            None => (host, None),
+        }
+    };
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    ok.then_some((name, port))
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

@@ -117,6 +117,8 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     _ = stopped(&mut stop) => break,
                 };
                 let ip = client_key(peer.ip(), proxy.cfg.proxy.ipv6_prefix);
+                // The address the client reached: a Host naming it is ours.
+                let local = tcp.local_addr().unwrap_or(addr);
                 let Some(slot) = conns.acquire(ip) else {
                     continue; // over the per-IP cap: dropped at once
                 };
@@ -133,7 +135,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     stats.connections.fetch_add(1, Ordering::Relaxed);
                     stats.open_connections.fetch_add(1, Ordering::Relaxed);
                     if secure {
-                        connection_tls(proxy, builder, acceptor, tcp, ip, stop).await;
+                        connection_tls(proxy, builder, acceptor, tcp, ip, local, stop).await;
                     } else {
                         let site = plain_site;
                         let idle = proxy.cfg.proxy.idle_timeout;
@@ -142,7 +144,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                             let p = p.clone();
                             async move {
                                 Ok::<_, Infallible>(if site {
-                                    p.handle_site(req, ip, false).await
+                                    p.handle_site(req, ip, local, false).await
                                 } else {
                                     p.handle_http(req, ip).await
                                 })
@@ -176,6 +178,7 @@ async fn connection_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     ip: IpAddr,
+    local: SocketAddr,
     stop: watch::Receiver<bool>,
 ) {
     let stats = proxy.stats.clone();
@@ -195,7 +198,7 @@ async fn connection_tls(
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
-        async move { Ok::<_, Infallible>(p.handle_site(req, ip, true).await) }
+        async move { Ok::<_, Infallible>(p.handle_site(req, ip, local, true).await) }
     });
     run_conn(&builder, stop, tls, svc, idle).await;
 }
