@@ -238,6 +238,12 @@ pub struct Proxy {
     /// the API server sees (its login limiter) and the access log.
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: u8,
+    /// Proxies in front of this one (CIDRs, e.g. "10.0.0.5/32"): a connection from
+    /// one of them is believed about the client (the rightmost `X-Forwarded-For`
+    /// entry that is not itself a trusted proxy) and is not counted in the
+    /// per-client connection cap.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long an API request waits for the API server during a restart.
     #[serde(default = "default_backend_wait", deserialize_with = "de_duration")]
     pub backend_wait: Duration,
@@ -638,6 +644,7 @@ impl Default for Proxy {
             burst: default_burst(),
             max_conns_per_ip: default_max_conns_per_ip(),
             ipv6_prefix: default_ipv6_prefix(),
+            trusted_proxies: Vec::new(),
             backend_wait: default_backend_wait(),
             hsts: default_hsts(),
         }

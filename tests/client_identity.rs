@@ -131,3 +131,73 @@ fn ipv6_addresses_of_one_64_share_one_rate_limit_and_one_address_for_the_api() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// `GET /api/v1/echo` on plain HTTP with `X-Forwarded-For: xff`: (status, the
+/// X-Forwarded-For the API saw).
+fn echo_with_xff(port: u16, xff: &str) -> (u16, String) {
+    let raw = common::http_raw(
+        port,
+        &format!(
+            "GET /api/v1/echo HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let seen = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["headers"]["x-forwarded-for"].as_str().map(String::from))
+        .unwrap_or_default();
+    (status, seen)
+}
+
+/// Behind another proxy (`tls.mode = "off"`): without `trusted_proxies` every
+/// client is that proxy (and `check` says so); with it, the client is the
+/// rightmost forwarded address that is not a trusted proxy, in the API's header and
+/// in the rate limit.
+#[test]
+fn behind_a_trusted_proxy_the_forwarded_client_counts() {
+    let tls_off = "rate = 1\nburst = 2\n[tls]\nmode = \"off\"\n";
+    let mut a = Appliance::new(tls_off);
+    let (code, out, err) = a.cli(&["check"]);
+    assert!(
+        format!("{out}{err}").contains("trusted_proxies"),
+        "check says nothing ({code}): {out}{err}"
+    );
+    a.start();
+    a.wait_ready();
+    let http = a.cfg().proxy.http[0].port();
+    let (status, seen) = echo_with_xff(http, "203.0.113.9");
+    assert_eq!(
+        (status, seen.as_str()),
+        (200, "127.0.0.1"),
+        "untrusted peer"
+    );
+    a.stop();
+
+    let mut b = Appliance::new(&format!("trusted_proxies = [\"127.0.0.0/8\"]\n{tls_off}"));
+    let (_, out, err) = b.cli(&["check"]);
+    assert!(
+        !format!("{out}{err}").contains("trusted_proxies"),
+        "{out}{err}"
+    );
+    b.start();
+    b.wait_ready();
+    let http = b.cfg().proxy.http[0].port();
+    // What a client wrote left of the last untrusted hop is not believed.
+    let (status, seen) = echo_with_xff(http, "6.6.6.6, 203.0.113.9, 127.0.0.2");
+    assert_eq!((status, seen.as_str()), (200, "203.0.113.9"));
+    let (status, _) = echo_with_xff(http, "203.0.113.9");
+    assert_eq!(status, 200);
+    // 203.0.113.9 has used its burst of 2; another client has its own bucket.
+    let (status, _) = echo_with_xff(http, "203.0.113.9");
+    assert_eq!(status, 429, "the forwarded client was not rate limited");
+    let (status, seen) = echo_with_xff(http, "198.51.100.4");
+    assert_eq!((status, seen.as_str()), (200, "198.51.100.4"));
+    b.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+    b.assert_no_leftovers(Duration::from_secs(5));
+}

@@ -89,13 +89,45 @@ impl Proxy {
 
     /// One request for the site: on an HTTPS listener (`secure`), or on a plain one
     /// when TLS is off (behind another terminator).
+    /// Is `ip` one of `proxy.trusted_proxies`?
+    pub fn trusted(&self, ip: IpAddr) -> bool {
+        let ip = server::client_key(ip, 128);
+        self.cfg
+            .proxy
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+
+    /// The client a trusted proxy forwarded: the rightmost `X-Forwarded-For` entry
+    /// that is not itself a trusted proxy (entries left of it could be made up by
+    /// the client). None when the header is missing or that entry is not an address.
+    fn forwarded_client(&self, req: &Request<Incoming>) -> Option<IpAddr> {
+        let mut entries: Vec<&str> = Vec::new();
+        for v in req.headers().get_all("x-forwarded-for") {
+            entries.extend(v.to_str().ok()?.split(','));
+        }
+        for e in entries.iter().rev() {
+            let ip = e.trim().parse::<IpAddr>().ok()?;
+            if !self.trusted(ip) {
+                return Some(server::client_key(ip, self.cfg.proxy.ipv6_prefix));
+            }
+        }
+        None
+    }
+
     pub async fn handle_site(
         &self,
         mut req: Request<Incoming>,
-        client: IpAddr,
-        local: SocketAddr,
+        peer: Peer,
         secure: bool,
     ) -> Response<Body> {
+        let local = peer.local;
+        let client = if peer.trusted {
+            self.forwarded_client(&req).unwrap_or(peer.client)
+        } else {
+            peer.client
+        };
         let started = Instant::now();
         let method = req.method().clone();
         let version = format!("{:?}", req.version());
@@ -417,6 +449,17 @@ fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
     ok.then_some((name, port))
+}
+
+/// A connection's other end, as the proxy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's key (`server::client_key`): an IPv4 address or an IPv6 network.
+    pub client: IpAddr,
+    /// The address and port the client connected to.
+    pub local: SocketAddr,
+    /// The peer is one of `proxy.trusted_proxies`.
+    pub trusted: bool,
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

@@ -117,10 +117,20 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     _ = stopped(&mut stop) => break,
                 };
                 let ip = client_key(peer.ip(), proxy.cfg.proxy.ipv6_prefix);
-                // The address the client reached: a Host naming it is ours.
-                let local = tcp.local_addr().unwrap_or(addr);
-                let Some(slot) = conns.acquire(ip) else {
-                    continue; // over the per-IP cap: dropped at once
+                let peer = super::Peer {
+                    client: ip,
+                    // The address the client reached: a Host naming it is ours.
+                    local: tcp.local_addr().unwrap_or(addr),
+                    trusted: proxy.trusted(peer.ip()),
+                };
+                // A trusted proxy in front carries many clients: not capped as one.
+                let slot = if peer.trusted {
+                    None
+                } else {
+                    match conns.acquire(ip) {
+                        Some(s) => Some(s),
+                        None => continue, // over the per-IP cap: dropped at once
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let (proxy, builder, acceptor, stop) = (
@@ -135,7 +145,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     stats.connections.fetch_add(1, Ordering::Relaxed);
                     stats.open_connections.fetch_add(1, Ordering::Relaxed);
                     if secure {
-                        connection_tls(proxy, builder, acceptor, tcp, ip, local, stop).await;
+                        connection_tls(proxy, builder, acceptor, tcp, peer, stop).await;
                     } else {
                         let site = plain_site;
                         let idle = proxy.cfg.proxy.idle_timeout;
@@ -144,7 +154,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                             let p = p.clone();
                             async move {
                                 Ok::<_, Infallible>(if site {
-                                    p.handle_site(req, ip, local, false).await
+                                    p.handle_site(req, peer, false).await
                                 } else {
                                     p.handle_http(req, ip).await
                                 })
@@ -177,8 +187,7 @@ async fn connection_tls(
     builder: Arc<Builder<TokioExecutor>>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
-    ip: IpAddr,
-    local: SocketAddr,
+    peer: super::Peer,
     stop: watch::Receiver<bool>,
 ) {
     let stats = proxy.stats.clone();
@@ -198,7 +207,7 @@ async fn connection_tls(
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
-        async move { Ok::<_, Infallible>(p.handle_site(req, ip, local, true).await) }
+        async move { Ok::<_, Infallible>(p.handle_site(req, peer, true).await) }
     });
     run_conn(&builder, stop, tls, svc, idle).await;
 }
