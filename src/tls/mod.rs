@@ -582,6 +582,8 @@ fn server_config(store: Arc<CertStore>) -> anyhow::Result<Arc<rustls::ServerConf
         .with_no_client_auth()
         .with_cert_resolver(store);
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    // Our cipher suite order (strongest first), not the client's.
+    sc.ignore_client_order = true;
     match rustls::crypto::ring::Ticketer::new() {
         Ok(t) => sc.ticketer = t,
         Err(e) => tracing::warn!("TLS session tickets disabled: {e}"),
