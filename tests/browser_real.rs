@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::chromium::{self, Browser};
 use common::real::{self, Api};
@@ -118,12 +118,15 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     let (code, _, err) = a.cli(&["ca", "export", root.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{err}");
     chromium::trust_root(&home, &root);
+    let t = Instant::now();
     let mut b = Browser::launch(&bin, &home, 1280, 900);
+    let launched = t.elapsed();
     let out = artifacts();
 
     // The login page, rendered by its scripts: the form is a Svelte island, usable
     // once hydrated (Astro then drops the island's `ssr` attribute; a click before
     // that is a plain HTML form GET).
+    let t = Instant::now();
     b.navigate(&format!("https://localhost:{https}/login"));
     let form = "document.readyState === 'complete' \
                 && document.querySelector('[data-testid=login-email]') \
@@ -132,6 +135,7 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     if let Err(e) = b.wait_for(form, Duration::from_secs(30)) {
         page_failure(&mut b, "the login form did not render within 30 s", &e);
     }
+    let form_after = t.elapsed();
     let size = b.screenshot(&out.join("real-login.png"));
     assert!(
         size > 10_000,
@@ -142,6 +146,7 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     b.type_into("[data-testid=login-email]", SYNDIC);
     b.type_into("[data-testid=login-password]", SYNDIC_PASSWORD);
     b.click("[data-testid=login-submit]");
+    let t = Instant::now();
 
     // The dashboard: /syndic, loaded (no spinner), naming the building.
     let wanted = serde_json::to_string(&building).expect("json");
@@ -159,6 +164,7 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
             &e,
         )
     }
+    let dashboard_after = t.elapsed();
     let text = b.text();
     assert!(
         text.contains(&first_name),
@@ -171,7 +177,9 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     );
     b.drain_events();
     println!(
-        "dashboard shows {building}; screenshots in {}; page log:\n  {}",
+        "browser started in {launched:?}; login form usable {form_after:?} after the \
+         navigation; dashboard naming {building} {dashboard_after:?} after the click; \
+         screenshots in {}; page log:\n  {}",
         out.display(),
         b.log.lines.join("\n  ")
     );
@@ -202,7 +210,9 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     }
 
     let marker = home.display().to_string();
+    let t = Instant::now();
     b.close();
+    println!("browser closed in {:?}", t.elapsed());
     assert!(
         common::processes()
             .iter()

@@ -223,6 +223,18 @@ impl Browser {
     /// Sends one command (to the page's session when `on_page`) and waits, bounded,
     /// for its reply; panics on a protocol error.
     pub fn call(&mut self, method: &str, params: Value, on_page: bool) -> Value {
+        self.try_call(method, params, on_page)
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// Like [`Browser::call`], but a protocol error (e.g. the page's context went
+    /// away during a navigation) is an `Err`; no reply or a dead browser still panic.
+    pub fn try_call(
+        &mut self,
+        method: &str,
+        params: Value,
+        on_page: bool,
+    ) -> Result<Value, String> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "id": id, "method": method, "params": params });
@@ -240,9 +252,9 @@ impl Browser {
             match self.from_browser.recv_timeout(left) {
                 Ok(v) if v["id"].as_u64() == Some(id) => {
                     if let Some(e) = v.get("error") {
-                        panic!("{method}: {e}");
+                        return Err(e.to_string());
                     }
-                    return v["result"].clone();
+                    return Ok(v["result"].clone());
                 }
                 Ok(v) => self.event(v),
                 Err(RecvTimeoutError::Timeout) => {
@@ -361,14 +373,14 @@ impl Browser {
         }
     }
 
-    /// Evaluates `expr` in the page (promises awaited); its value. An exception
-    /// gives `Err` with its description.
+    /// Evaluates `expr` in the page (promises awaited); its value. An exception,
+    /// or a context destroyed by a navigation, gives `Err` with its description.
     pub fn eval(&mut self, expr: &str) -> Result<Value, String> {
-        let r = self.call(
+        let r = self.try_call(
             "Runtime.evaluate",
             json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
             true,
-        );
+        )?;
         if let Some(d) = r.get("exceptionDetails") {
             return Err(d["exception"]["description"]
                 .as_str()
