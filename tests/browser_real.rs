@@ -210,6 +210,16 @@ fn a_syndic_logs_in_through_the_real_frontend_in_chromium() {
     }
 
     let marker = home.display().to_string();
+    // Reported, not asserted: this build's service worker precaches
+    // /icons/icon-192x192.png and /icons/icon-512x512.png, which it does not ship,
+    // so its install fails and the browser drops it ("none"): no offline mode.
+    let sw = b.eval(
+        "navigator.serviceWorker.getRegistration().then(r => (r ? (r.active \
+         ? 'active ' + r.active.scriptURL : r.installing ? 'installing' \
+         : r.waiting ? 'waiting' : 'registered, not installed') : 'none') \
+         + (navigator.serviceWorker.controller ? ', controls the page' : ''))",
+    );
+    println!("service worker: {sw:?}");
     let t = Instant::now();
     b.close();
     println!("browser closed in {:?}", t.elapsed());
