@@ -528,6 +528,35 @@ impl Drop for Browser {
     }
 }
 
+/// JS: true when `el` has a size, its middle is inside the viewport and no other
+/// element (an overlay, a spinner screen) covers that point: what a person sees.
+const ON_TOP: &str = "(el) => { const r = el.getBoundingClientRect(); \
+    if (r.width === 0 || r.height === 0) return false; \
+    const x = r.left + r.width / 2, y = r.top + r.height / 2; \
+    if (x < 0 || y < 0 || x >= innerWidth || y >= innerHeight) return false; \
+    const top = document.elementFromPoint(x, y); \
+    return !!top && (top === el || el.contains(top)); }";
+
+/// A JS expression: true when the element matching `selector` is seen (see
+/// [`ON_TOP`]).
+pub fn seen_element(selector: &str) -> String {
+    let sel = serde_json::to_string(selector).expect("json");
+    format!("(() => {{ const e = document.querySelector({sel}); return !!e && ({ON_TOP})(e); }})()")
+}
+
+/// A JS expression: true when some element whose own text contains `text` is seen
+/// (see [`ON_TOP`]), not merely present in the DOM under an overlay.
+pub fn seen_text(text: &str) -> String {
+    let t = serde_json::to_string(text).expect("json");
+    format!(
+        "(() => {{ const on = {ON_TOP}; \
+         const w = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT); \
+         for (let n = w.nextNode(); n; n = w.nextNode()) {{ \
+           if (n.data.includes({t}) && n.parentElement && on(n.parentElement)) return true; \
+         }} return false; }})()"
+    )
+}
+
 fn truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
