@@ -511,3 +511,57 @@ fn ipv6_and_ipv4_listeners_serve_the_same_site() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// A ready API server that drops one request without answering (a panic in its
+/// handler: the real API does that on some demo data) gets a 502 naming the failure
+/// and a warning in the supervisor's log, not the "starting, retry shortly" 503, and
+/// the next request is served as usual.
+#[test]
+fn a_request_the_api_drops_is_a_502_not_maintenance() {
+    let mut a = site("");
+    a.start();
+    a.wait_ready();
+    let (_, https) = ports(&a);
+    let c = Client::new(&root_pem(&a), &[b"http/1.1"]);
+    runtime().block_on(async {
+        // As a browser sends it (no Content-Length): the proxy retries it once, as
+        // after an API restart, and gets no answer again.
+        let raw = c
+            .raw(
+                https,
+                b"GET /api/v1/panic HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .expect("raw request");
+        assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+        assert!(raw.contains("failed to answer this request"), "{raw}");
+        assert!(!raw.to_ascii_lowercase().contains("retry-after"), "{raw}");
+        // With `Content-Length: 0` (not retried).
+        let r = c.get(https, "/api/v1/panic").await.expect("request");
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(
+            r.text().contains("failed to answer this request"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            r.header("retry-after").is_empty(),
+            "no Retry-After on a 502"
+        );
+        let r = c.get(https, "/api/v1/health").await.expect("health");
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    let log = common::all_log_lines(&a.path("logs"), "koprogo").join("\n");
+    assert!(
+        log.contains("closed the connection without answering GET /api/v1/panic"),
+        "{log}"
+    );
+    let st = a.status().expect("status");
+    assert_eq!(
+        Appliance::service(&st, "api").restarts,
+        0,
+        "a panicking handler is not a dead server"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
