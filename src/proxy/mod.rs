@@ -89,6 +89,23 @@ impl Proxy {
 
     /// One request for the site: on an HTTPS listener (`secure`), or on a plain one
     /// when TLS is off (behind another terminator).
+    /// The local CA's revocation list (what the leaves' CRL distribution point names).
+    fn crl(&self) -> Response<Body> {
+        match self.tls.crl() {
+            Some(der) => {
+                let mut r = Response::new(full(Bytes::from(der.to_vec())));
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pkix-crl"));
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
+                if let Ok(v) = HeaderValue::from_str(&der.len().to_string()) {
+                    h.insert(header::CONTENT_LENGTH, v);
+                }
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "text/plain", "no local CA here\n".into()),
+        }
+    }
+
     /// Is `ip` one of `proxy.trusted_proxies`?
     pub fn trusted(&self, ip: IpAddr) -> bool {
         let ip = server::client_key(ip, 128);
@@ -170,7 +187,9 @@ impl Proxy {
         let version = format!("{:?}", req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
-        let resp = if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+        let resp = if path == Tls::CRL_PATH {
+            self.crl()
+        } else if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
             match self.tls.http01_key_authorization(token) {
                 Some(ka) => text(StatusCode::OK, "application/octet-stream", ka),
                 None => text(
@@ -231,6 +250,9 @@ impl Proxy {
         client: IpAddr,
     ) -> (Response<Body>, Option<Duration>) {
         let path = req.uri().path();
+        if path == Tls::CRL_PATH {
+            return (self.crl(), None);
+        }
         if path == "/metrics" || path.starts_with("/metrics/") {
             // The API's metrics have no auth: never exposed.
             return (json_error(StatusCode::NOT_FOUND, "not found"), None);
