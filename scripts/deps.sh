@@ -15,6 +15,7 @@ KOPROGO_NEEDS=(
   "pebble:pebble"
   "curl:curl"
   "xz:xz-utils"
+  "testssl:testssl.sh"
 )
 
 koprogo_missing_packages() {

@@ -95,14 +95,24 @@ impl Proxy {
             Some(der) => {
                 let mut r = Response::new(full(Bytes::from(der.to_vec())));
                 let h = r.headers_mut();
-                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pkix-crl"));
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=3600"));
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/pkix-crl"),
+                );
+                h.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("max-age=3600"),
+                );
                 if let Ok(v) = HeaderValue::from_str(&der.len().to_string()) {
                     h.insert(header::CONTENT_LENGTH, v);
                 }
                 r
             }
-            None => text(StatusCode::NOT_FOUND, "text/plain", "no local CA here\n".into()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no local CA here\n".into(),
+            ),
         }
     }
 

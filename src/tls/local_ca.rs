@@ -262,7 +262,9 @@ pub(crate) fn reusable_leaf(
         return None;
     }
     if !has_crl_url(&leaf, crl_url) {
-        tracing::info!("stored local-CA leaf does not name {crl_url} for revocation: issuing a new one");
+        tracing::info!(
+            "stored local-CA leaf does not name {crl_url} for revocation: issuing a new one"
+        );
         return None;
     }
     if Utc::now() >= leaf.info.renew_at() {
@@ -331,7 +333,11 @@ const CRL_VALIDITY_DAYS: i64 = 7;
 pub(crate) fn crl_url(cfg: &Config) -> String {
     let (scheme, port, default) = match cfg.proxy.http.first() {
         Some(a) => ("http", a.port(), 80),
-        None => ("https", cfg.proxy.https.first().map_or(443, |a| a.port()), 443),
+        None => (
+            "https",
+            cfg.proxy.https.first().map_or(443, |a| a.port()),
+            443,
+        ),
     };
     let port = if port == default {
         String::new()
@@ -361,21 +367,23 @@ pub(crate) fn crl_der(ca: &LocalCa) -> anyhow::Result<Vec<u8>> {
 
 /// Does `leaf` name `url` as its CRL distribution point?
 fn has_crl_url(leaf: &Cert, url: &str) -> bool {
-    use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
     use x509_parser::extensions::{DistributionPointName, GeneralName};
+    use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
     let Some(der) = leaf.leaf_der() else {
         return false;
     };
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return false;
     };
-    cert.extensions().iter().any(|e| match e.parsed_extension() {
-        ParsedExtension::CRLDistributionPoints(points) => points.points.iter().any(|p| {
-            matches!(&p.distribution_point, Some(DistributionPointName::FullName(names))
+    cert.extensions()
+        .iter()
+        .any(|e| match e.parsed_extension() {
+            ParsedExtension::CRLDistributionPoints(points) => points.points.iter().any(|p| {
+                matches!(&p.distribution_point, Some(DistributionPointName::FullName(names))
                 if names.iter().any(|n| matches!(n, GeneralName::URI(u) if *u == url)))
-        }),
-        _ => false,
-    })
+            }),
+            _ => false,
+        })
 }
 
 /// Verifies, as a TLS client trusting only `ca` would, that `leaf` is valid for `name`.

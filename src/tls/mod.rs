@@ -150,9 +150,12 @@ pub struct Tls {
     wake: Notify,
     ca: Mutex<Option<LocalCa>>,
     /// The local CA's signed revocation list and when it was signed.
-    crl: Mutex<Option<(DateTime<Utc>, Arc<Vec<u8>>)>>,
+    crl: Mutex<Option<SignedCrl>>,
     files_seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
 }
+
+/// A signed revocation list (DER) and when it was signed.
+type SignedCrl = (DateTime<Utc>, Arc<Vec<u8>>);
 
 impl Tls {
     /// Loads or creates what the mode needs so a certificate can be served at once
