@@ -23,7 +23,8 @@
 #   (seconds, per mode, before the first round), BENCH_THREADS=2, BENCH_CONNS=10,
 #   BENCH_QUIET_WAIT=30 (seconds to wait, before each run, for other jobs to leave the
 #   CPUs), KOPROGO_REAL_DIR (default: the first shared/koprogo-real above the checkout),
-#   BENCH_KEEP=1 (keep the temp dir and its logs), BENCH_KOPROGO=path (debugging the
+#   BENCH_RESET=1 (before each run, delete the rows created since the seed; 0: let the
+#   lists grow over the whole run), BENCH_KEEP=1 (keep the temp dir and its logs), BENCH_KOPROGO=path (debugging the
 #   script: that koprogo binary instead of the release build).
 set -euo pipefail
 umask 022
@@ -46,6 +47,7 @@ fi
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNS:-10}
 QUIET_WAIT=${BENCH_QUIET_WAIT:-30}
+RESET=${BENCH_RESET:-1}
 LUA=$ROOT/scripts/bench-real.lua
 export PATH="$PATH:$HOME/.cargo/bin"
 
@@ -298,6 +300,17 @@ say "seeding the demo data (POST /api/v1/seed/demo)"
 seed=$(curl -sS -m 120 -o "$TMP/seed.json" -w '%{http_code}' -X POST -H "authorization: Bearer $ADMIN_TOKEN" "$API/seed/demo") || die "seed: no answer"
 [[ $seed == 2* ]] || die "POST /seed/demo -> $seed: $(head -c 300 "$TMP/seed.json")"
 SYNDIC_TOKEN=$(login "$SYNDIC_EMAIL" "$SYNDIC_PW")
+# Every run starts from the seeded data: the rows created later (by the checks and the
+# runs) are deleted before each run, so the lists do not grow from run to run.
+T0=$(timeout 30 "$KOPROGO" --config "$TMP/koprogo.toml" psql -- -qAtc "SELECT now()") || die "koprogo psql: cannot read the time"
+reset_data() {
+  [[ $RESET == 1 ]] || return 0
+  local t q=""
+  for t in units owners meetings expenses; do q+="DELETE FROM $t WHERE created_at > '$T0'; "; done
+  timeout 120 "$KOPROGO" --config "$TMP/koprogo.toml" psql -- -v ON_ERROR_STOP=1 -qAt \
+    -c "BEGIN; $q COMMIT;" -c "VACUUM ANALYZE units, owners, meetings, expenses;" >/dev/null 2>"$TMP/reset.err" ||
+    { cat "$TMP/reset.err" >&2; die "could not delete the rows created by the benchmark"; }
+}
 ORG=$(curl -sS -m 10 -H "authorization: Bearer $SYNDIC_TOKEN" "$API/auth/me" | jq -r '.organization_id // empty')
 [[ -n $ORG ]] || die "GET /auth/me names no organisation for $SYNDIC_EMAIL"
 BUILDINGS=$(curl -sS -m 10 -H "authorization: Bearer $SYNDIC_TOKEN" "$API/buildings" |
@@ -494,6 +507,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
   order=()
   for ((k = 0; k < ${#MODES[@]}; k++)); do order+=("${MODES[(k + r - 1) % ${#MODES[@]}]}"); done
   for mode in "${order[@]}"; do
+    reset_data
     wait_quiet
     out=$RES/$mode-$r
     snapshot s0
@@ -574,10 +588,19 @@ row "… of which other jobs (not measured processes)" %.0f others
 row "busy % of the load CPU" %.0f load_busy
 echo
 echo "Ratios of median req/s: koprogo/nginx $(ratio "$K" "$N"), koprogo/direct $(ratio "$K" "$D"), nginx/direct $(ratio "$N" "$D")."
+per_round() { # a b: the ratio of a's to b's req/s in each round, then their median
+  local -a x y out=(); local i
+  read -ra x <<<"${R[$1.rps]}"; read -ra y <<<"${R[$2.rps]}"
+  for i in "${!x[@]}"; do out+=("$(ratio "${x[i]}" "${y[i]}")"); done
+  echo "[${out[*]}] median $(median "${out[@]}")"
+}
+echo "Per-round ratios of req/s: koprogo/nginx $(per_round koprogo nginx), koprogo/direct $(per_round koprogo direct), nginx/direct $(per_round nginx direct)."
 echo "Runs, req/s: koprogo [$(runs koprogo.rps)], nginx [$(runs nginx.rps)], direct [$(runs direct.rps)]."
 for mode in "${MODES[@]}"; do
   if [[ ${R[$mode.non2xx]} != 0 ]]; then echo "non-2xx statuses through $mode, per run: ${R[$mode.statuses]}"; fi
 done
-echo "POSTs sent: koprogo ${R[koprogo.posts]}, nginx ${R[nginx.posts]}, direct ${R[direct.posts]} (the lists grow during the run; the rotating order spreads that over the modes)."
+if [[ $RESET == 1 ]]; then GROWTH="each run started from the seeded data: the rows created before it were deleted"
+else GROWTH="BENCH_RESET=0: the lists grew over the whole run; the rotating order spreads that over the modes"; fi
+echo "POSTs sent: koprogo ${R[koprogo.posts]}, nginx ${R[nginx.posts]}, direct ${R[direct.posts]} ($GROWTH)."
 echo "API restarts during the run: $RESTARTS; panics in the API's log: $PANICS."
 if ((NOISY > 0)); then echo "warning: $NOISY run(s) started while other jobs kept the CPUs busy (see the 'other jobs' row)."; fi
