@@ -22,11 +22,12 @@
 # Knobs (environment): BENCH_SECONDS=20 (one run), BENCH_ROUNDS=3, BENCH_WARMUP=5
 #   (seconds, per mode, before the first round), BENCH_THREADS=2, BENCH_CONNS=10,
 #   BENCH_QUIET_WAIT=30 (seconds to wait, before each run, for other jobs to leave the
-#   CPUs), KOPROGO_REAL_DIR (default: the first shared/koprogo-real above the checkout),
-#   BENCH_PROXY_LIMITS=1 (keep koprogo's default per-client rate limit: the one address
-#   of wrk is then throttled, unlike nginx), BENCH_RESET=1 (before each run, delete the rows created since the seed; 0: let the
-#   lists grow over the whole run), BENCH_KEEP=1 (keep the temp dir and its logs), BENCH_KOPROGO=path (debugging the
-#   script: that koprogo binary instead of the release build).
+#   CPUs), BENCH_RESET=1 (before each run, delete the rows created since the seed; 0:
+#   let the lists grow over the whole run), BENCH_PROXY_LIMITS=1 (keep koprogo's default
+#   per-client rate limit: wrk's one address is then throttled with 429, nginx has no
+#   limit), KOPROGO_REAL_DIR (default: the first shared/koprogo-real above the
+#   checkout), BENCH_KEEP=1 (keep the temp dir and its logs), BENCH_KOPROGO=path
+#   (debugging the script: that koprogo binary instead of the release build).
 set -euo pipefail
 umask 022
 cd "$(dirname "$0")/.."
