@@ -1,5 +1,5 @@
 -- wrk script of scripts/bench-real.sh: a mixed, authenticated KoproGo workload against
--- the real koprogo-api. Every connection runs the same cycle of 20 requests:
+-- the real koprogo-api. Every wrk thread (its connections in turn) runs a cycle of 20 requests:
 -- 16 GETs of the paginated list endpoints (80 %) and 4 POSTs (20 %) creating an
 -- expense, an owner, a meeting (as the syndic of the demo's first organisation) and a
 -- unit (as the superadmin: only it may create units). Bodies carry ids read from the
