@@ -106,6 +106,10 @@ awk -v syn="$SYNOPSIS" -v long=debian/description '
   skip && /^ / { next }
   { skip = 0; print }' "$root/DEBIAN/control" > "$raw/control"
 install -m 0644 "$raw/control" "$root/DEBIAN/control"
+# A frontend is a web site with remote resources of its own (see the file).
+if [[ -n $frontend ]]; then
+  grep -v '^#' debian/frontend.lintian-overrides >> "$root/usr/share/lintian/overrides/koprogo"
+fi
 (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |
   xargs -0 md5sum > DEBIAN/md5sums)
 chmod 0644 "$root/DEBIAN/md5sums"

@@ -16,6 +16,14 @@
 #               reinstall keeps secrets, upgrade to cur keeps a row, clean stop;
 #               then koprogo as PID 1 of a container; then remove keeps data, purge
 #               leaves nothing
+#   real        the whole KoproGo site: build-deb.sh --api --frontend with the real
+#               koprogo-api and frontend (../shared/koprogo-real, unpacked once into
+#               target/koprogo-real; without it one "skipped: …" line), Depends
+#               checked against dpkg-shlibdeps, lintian; installed with apt in a fresh
+#               booted Debian 12 (private network): all ready, admin123 refused, the
+#               generated password logs in over HTTPS (local CA), the real index.html
+#               and /config.js served, stop/start timed, purge leaves nothing.
+#               Prints package size, install and start times, memory of the tree
 #   offline     offline-bundle.sh, installed in a root with no apt sources and no
 #               network (nspawn --private-network)
 #   pg-upgrade  a PostgreSQL 15 cluster with data, the root upgraded to Debian 13
@@ -24,7 +32,7 @@
 #               clean restart
 #   watchdog    an API crash loop after READY for 150 s: the supervisor must keep
 #               pinging systemd's watchdog (not in "all": see the packaging notes)
-#   all         build lint install offline pg-upgrade
+#   all         build lint install real offline pg-upgrade
 #   clean       remove the work directory and the cached roots
 #
 # Every wait is bounded; the roots are removed at the end (KEEP=1 keeps them on
@@ -48,6 +56,8 @@ FAILED=()
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 timing() { TIMINGS+=("$(printf '%-60s %7s s' "$1" "$2")"); kp_log "$1: $2 s"; }
+MEASURES=()
+measure() { MEASURES+=("$(printf '%-60s %s' "$1" "$2")"); kp_log "$1: $2"; }
 
 # Installs what the tests need from Debian's packages when missing (as root).
 need_root_tools() {
@@ -105,17 +115,24 @@ ensure_built() {
 }
 
 # ---------------------------------------------------------------- lint
+# lint_deb DEB: lintian --fail-on error,warning (its I: lines are shown too).
+lint_deb() {
+  local deb=$1 name t
+  name=$(basename "$(dirname "$deb")")
+  t=$(now)
+  kp_log "lintian --fail-on error,warning $name/$(basename "$deb")"
+  # lintian warns on stderr when run as root; its findings go to stdout.
+  if ! lintian --fail-on error,warning --display-info "$deb" 2>/dev/null; then
+    FAILED+=("lintian $deb"); timing "lint: lintian $name" "$(since "$t")"; return 1
+  fi
+  timing "lint: lintian $name" "$(since "$t")"
+}
+
 cmd_lint() {
   ensure_built || return 1
   local t deb rc=0
   for deb in "$(deb_of base)" "$(deb_of cur)"; do
-    t=$(now)
-    kp_log "lintian --fail-on error,warning $(basename "$(dirname "$deb")")/$(basename "$deb")"
-    # lintian warns on stderr when run as root; its findings go to stdout.
-    if ! lintian --fail-on error,warning --display-info "$deb" 2>/dev/null; then
-      FAILED+=("lintian $deb"); rc=1
-    fi
-    timing "lint: lintian $(basename "$(dirname "$deb")")" "$(since "$t")"
+    lint_deb "$deb" || rc=1
   done
 
   # systemd-analyze on the packaged unit, its ExecStart pointing at the packaged
@@ -188,10 +205,14 @@ unit_pids() {
   done
   echo $all
 }
-# Processes of a user (by uid), from /proc (minbase has no ps).
+# Processes of a user (by name, or by uid once the user is gone), from /proc
+# (minbase has no ps).
 user_procs() {
   local uid s
-  uid=$(id -u "$1" 2>/dev/null) || return 0
+  case $1 in
+    *[!0-9]*) uid=$(id -u "$1" 2>/dev/null) || return 0 ;;
+    *) uid=$1 ;;
+  esac
   for s in /proc/[0-9]*/status; do
     awk -v u="$uid" '/^Uid:/ && $2 == u { found = 1 } END { exit !found }' "$s" 2>/dev/null &&
       { s=${s#/proc/}; echo "${s%/status}"; }
@@ -223,6 +244,52 @@ check_processes() {
   done
   echo "  $n processes, all uid $uid; children without capabilities"
   [ $n -ge 3 ] && [ $bad = 0 ]
+}
+# What every installed package must look like once it runs under systemd: unit,
+# PostgreSQL, the site and API through the proxy, the user, modes, processes.
+installed_checks() {
+  check "enabled" [ "$(systemctl is-enabled koprogo)" = enabled ]
+  check "PostgreSQL installed as a dependency" test -x /usr/lib/postgresql/15/bin/postgres
+  check "no distro cluster created" [ -z "$(ls /etc/postgresql 2>/dev/null)" ]
+  check "no distro cluster running" [ -z "$(pg_lsclusters -h 2>/dev/null)" ]
+  check "site through the proxy" is_eq "$(http https://localhost/)" 200
+  check "site is the frontend" grep -q "<html" /tmp/body
+  check "API health through the proxy" is_eq "$(http https://localhost/api/v1/health)" 200
+  check "plain HTTP answers (redirect)" [ "$(http http://localhost/)" -lt 500 ]
+  check "user koprogo (system, nologin)" is_eq "$(getent passwd koprogo | cut -d: -f6,7)" "/var/lib/koprogo:/usr/sbin/nologin"
+  check "state dir" is_eq "$(perm /var/lib/koprogo)" "750 koprogo:koprogo"
+  check "log dir" is_eq "$(perm /var/log/koprogo)" "750 koprogo:koprogo"
+  check "run dir" is_eq "$(perm /run/koprogo)" "750 koprogo:koprogo"
+  check "cluster dir" is_eq "$(perm /var/lib/koprogo/pgdata)" "700 koprogo:koprogo"
+  check "secrets generated, 0600" is_eq "$(perm /var/lib/koprogo/secrets.env)" "600 koprogo:koprogo"
+  check "secrets complete" grep -q '^JWT_SECRET=.' /var/lib/koprogo/secrets.env
+  check "config dir" is_eq "$(perm /etc/koprogo)" "750 root:koprogo"
+  check "config file (conffile)" is_eq "$(perm /etc/koprogo/koprogo.toml)" "640 root:koprogo"
+  check "no secret in the package" sh -c '! dpkg -L koprogo | grep -qi secret'
+  check "apt keeps PostgreSQL 15" grep -q '"^postgresql-15\$"' /etc/apt/apt.conf.d/02autoremove-koprogo
+  check "processes: service user, no stray capabilities" check_processes
+  check "supervisor has CAP_NET_BIND_SERVICE only" is_eq "$(field "$(systemctl show -p MainPID --value koprogo)" CapEff)" 0000000000000400
+}
+# apt-get purge, then nothing of koprogo may be left: files, user, group, overrides,
+# systemd links, dpkg records, processes.
+purge_checks() {
+  local uid
+  uid=$(id -u koprogo 2>/dev/null)
+  step "purge"
+  check "purge" apt-get purge -y -q koprogo
+  step_done
+  check "package gone" sh -c '! dpkg -l koprogo 2>/dev/null | grep -q "^[ir]"'
+  for p in /var/lib/koprogo /var/log/koprogo /run/koprogo /etc/koprogo \
+           /etc/apt/apt.conf.d/02autoremove-koprogo /etc/postgresql-common/createcluster.d/koprogo.conf \
+           /usr/bin/koprogo /usr/lib/koprogo /usr/share/koprogo; do
+    check "purged: $p" test ! -e "$p"
+  done
+  check "purged: user" sh -c '! getent passwd koprogo'
+  check "purged: group" sh -c '! getent group koprogo'
+  check "purged: statoverrides" sh -c '! dpkg-statoverride --list | grep -q koprogo'
+  check "purged: systemd links" [ -z "$(find /etc/systemd /var/lib/systemd -name 'koprogo*' 2>/dev/null)" ]
+  check "purged: nothing under /var/lib/dpkg/info" [ -z "$(ls /var/lib/dpkg/info/koprogo.* 2>/dev/null)" ]
+  if [ -n "$uid" ]; then check "purged: no process of uid $uid left" [ -z "$(user_procs "$uid")" ]; fi
 }
 finish() {
   journalctl -u koprogo --no-pager > /root/koprogo.journal 2>&1 || true
@@ -307,6 +374,9 @@ EOF
   while IFS= read -r line; do
     timing "$name: ${line%|*}" "${line#*|}"
   done < <(sed -n 's/^STEP //p' "$root/root/ci.log" 2>/dev/null)
+  while IFS= read -r line; do
+    measure "$name: ${line%%|*}" "${line#*|}"
+  done < <(sed -n 's/^MEASURE //p' "$root/root/ci.log" 2>/dev/null)
   rm -f "$root/etc/systemd/system/multi-user.target.wants/ci.service"
   local result
   result=$(cat "$root/root/ci.result" 2>/dev/null || echo "no result: timed out or crashed (console: $W/$name.console)")
@@ -384,27 +454,7 @@ must "unit active" wait_for 120 active
 must "status all ready" wait_for 120 ready
 step_done
 koprogo status
-check "enabled" [ "$(systemctl is-enabled koprogo)" = enabled ]
-check "PostgreSQL installed as a dependency" test -x /usr/lib/postgresql/15/bin/postgres
-check "no distro cluster created" [ -z "$(ls /etc/postgresql 2>/dev/null)" ]
-check "no distro cluster running" [ -z "$(pg_lsclusters -h 2>/dev/null)" ]
-check "site through the proxy" is_eq "$(http https://localhost/)" 200
-check "site is the frontend" grep -q "<html" /tmp/body
-check "API health through the proxy" is_eq "$(http https://localhost/api/v1/health)" 200
-check "plain HTTP answers (redirect)" [ "$(http http://localhost/)" -lt 500 ]
-check "user koprogo (system, nologin)" is_eq "$(getent passwd koprogo | cut -d: -f6,7)" "/var/lib/koprogo:/usr/sbin/nologin"
-check "state dir" is_eq "$(perm /var/lib/koprogo)" "750 koprogo:koprogo"
-check "log dir" is_eq "$(perm /var/log/koprogo)" "750 koprogo:koprogo"
-check "run dir" is_eq "$(perm /run/koprogo)" "750 koprogo:koprogo"
-check "cluster dir" is_eq "$(perm /var/lib/koprogo/pgdata)" "700 koprogo:koprogo"
-check "secrets generated, 0600" is_eq "$(perm /var/lib/koprogo/secrets.env)" "600 koprogo:koprogo"
-check "secrets complete" grep -q '^JWT_SECRET=.' /var/lib/koprogo/secrets.env
-check "config dir" is_eq "$(perm /etc/koprogo)" "750 root:koprogo"
-check "config file (conffile)" is_eq "$(perm /etc/koprogo/koprogo.toml)" "640 root:koprogo"
-check "no secret in the package" sh -c '! dpkg -L koprogo | grep -qi secret'
-check "apt keeps PostgreSQL 15" grep -q '"^postgresql-15\$"' /etc/apt/apt.conf.d/02autoremove-koprogo
-check "processes: service user, no stray capabilities" check_processes
-check "supervisor has CAP_NET_BIND_SERVICE only" is_eq "$(field "$(systemctl show -p MainPID --value koprogo)" CapEff)" 0000000000000400
+installed_checks
 
 step "write a row through the proxy"
 id=$(curl -ksS --max-time 10 -X POST --data 'row written before the upgrade' https://localhost/api/v1/items | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
@@ -478,20 +528,7 @@ check "user kept on remove" getent passwd koprogo
 check "config kept on remove" test -f /etc/koprogo/koprogo.toml
 check "apt still keeps PostgreSQL 15" test -f /etc/apt/apt.conf.d/02autoremove-koprogo
 
-step "purge"
-check "purge" apt-get purge -y -q koprogo
-step_done
-check "package gone" sh -c '! dpkg -l koprogo 2>/dev/null | grep -q "^[ir]"'
-for p in /var/lib/koprogo /var/log/koprogo /run/koprogo /etc/koprogo \
-         /etc/apt/apt.conf.d/02autoremove-koprogo /etc/postgresql-common/createcluster.d/koprogo.conf \
-         /usr/bin/koprogo /usr/lib/koprogo /usr/share/koprogo; do
-  check "purged: $p" test ! -e "$p"
-done
-check "purged: user" sh -c '! getent passwd koprogo'
-check "purged: group" sh -c '! getent group koprogo'
-check "purged: statoverrides" sh -c '! dpkg-statoverride --list | grep -q koprogo'
-check "purged: systemd links" [ -z "$(find /etc/systemd /var/lib/systemd -name 'koprogo*' 2>/dev/null)" ]
-check "purged: nothing under /var/lib/dpkg/info" [ -z "$(ls /var/lib/dpkg/info/koprogo.* 2>/dev/null)" ]
+purge_checks
 EOF
   boot "$root" install-1 900 "$W/install-1.sh" --private-network || rc=1
   if [[ $rc -eq 0 ]]; then pid1_test "$root" || rc=1; fi
@@ -560,6 +597,205 @@ pid1_test() {
   in_root "$root" /usr/lib/postgresql/15/bin/pg_controldata -D /var/lib/koprogo/pgdata 2>/dev/null |
     grep -q "cluster state: *shut down$" || pid1_fail "PostgreSQL not shut down cleanly"
   if [[ $rc -eq 0 ]]; then kp_log "PID 1: PASS"; else tail -n 30 "$W/pid1.console" >&2; fi
+  return $rc
+}
+
+# ---------------------------------------------------------------- real
+# The real KoproGo (../shared/koprogo-real: koprogo-api and the Astro frontend built
+# from the public repository, see its README), unpacked the way tests/common/real.rs
+# does: into target/koprogo-real, once, with the same stamp file, so the Rust tests
+# and this script share one copy and a newer build in the folder is unpacked again.
+
+# The folder: KOPROGO_REAL_DIR, else the first shared/koprogo-real beside the
+# checkout or one of its parents.
+real_src() {
+  if [[ -n ${KOPROGO_REAL_DIR:-} ]]; then echo "$KOPROGO_REAL_DIR"; return 0; fi
+  local d
+  d=$(pwd -P)
+  while :; do
+    [[ -f ${d%/}/shared/koprogo-real/koprogo-api.xz ]] && { echo "${d%/}/shared/koprogo-real"; return 0; }
+    [[ $d == / ]] && return 1
+    d=$(dirname "$d")
+  done
+}
+
+# What real.rs writes for a file: "PATH SIZE Some(SECS.NANOSs)" (Rust's Debug of the
+# modification time since the epoch: trailing zeros of the fraction dropped).
+real_fingerprint() {
+  local m
+  m=$(stat -c '%.9Y' "$1")
+  [[ $m == *.* ]] && { m=${m%"${m##*[!0]}"}; m=${m%.}; }
+  echo "$1 $(stat -c %s "$1") Some(${m}s)"
+}
+
+# Sets REAL_API and REAL_FRONTEND. Returns 1 after one "skipped: …" line when the
+# folder is absent (2 when it is required or broken).
+real_artifacts() {
+  local src dest=target/koprogo-real tmp stamp f
+  if ! src=$(real_src); then
+    if [[ -n ${KOPROGO_REAL_REQUIRED:-} ]]; then
+      FAILED+=("real: KOPROGO_REAL_REQUIRED is set but no shared/koprogo-real was found"); return 2
+    fi
+    echo "skipped: real (the whole KoproGo site as a package) needs the real KoproGo (../shared/koprogo-real or KOPROGO_REAL_DIR), which is not on this machine"
+    return 1
+  fi
+  for f in koprogo-api.xz frontend-dist.tar.xz; do
+    [[ -f $src/$f ]] || { FAILED+=("real: $src/$f is missing (KOPROGO_REAL_DIR must hold koprogo-api.xz and frontend-dist.tar.xz)"); return 2; }
+  done
+  stamp="$(real_fingerprint "$src/koprogo-api.xz")
+$(real_fingerprint "$src/frontend-dist.tar.xz")"
+  if [[ ! -f $dest/.unpacked-from || $(cat "$dest/.unpacked-from") != "$stamp" ]]; then
+    command -v xz >/dev/null || kp_die "xz is missing: apt-get install xz-utils"
+    kp_log "real: unpacking $src into $dest"
+    tmp=target/koprogo-real.tmp.$$
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if ! xz -dc "$src/koprogo-api.xz" > "$tmp/koprogo-api" || ! chmod 0755 "$tmp/koprogo-api" ||
+       ! tar -C "$tmp" -xJf "$src/frontend-dist.tar.xz" </dev/null; then
+      rm -rf "$tmp"; FAILED+=("real: unpacking $src failed"); return 2
+    fi
+    printf '%s\n' "$stamp" > "$tmp/.unpacked-from"
+    # A Rust test may have unpacked it meanwhile: theirs is as good as ours.
+    rm -rf "$dest"
+    mv -T "$tmp" "$dest" 2>/dev/null || rm -rf "$tmp"
+  fi
+  REAL_API=$PWD/$dest/koprogo-api
+  REAL_FRONTEND=$PWD/$dest/frontend-dist
+  [[ -x $REAL_API && -f $REAL_FRONTEND/index.html ]] ||
+    { FAILED+=("real: $REAL_API or $REAL_FRONTEND/index.html missing after unpacking"); return 2; }
+}
+
+# The package names dpkg-shlibdeps derives for the ELF files of DEB, one a line.
+shlib_packages() {
+  local deb=$1 x
+  x=$(mktemp -d)
+  mkdir -p "$x/debian" "$x/root"
+  dpkg-deb -x "$deb" "$x/root"
+  printf 'Source: koprogo\n\nPackage: koprogo\nArchitecture: any\n' > "$x/debian/control"
+  (cd "$x" && find root -type f -perm -u+x -exec sh -c 'head -c 4 "$1" | grep -q ELF' sh {} \; -print |
+    xargs dpkg-shlibdeps -O 2>/dev/null) |
+    sed -n 's/^shlibs:Depends=//p' | tr ',' '\n' | awk '{ print $1 }' | sort -u
+  rm -rf "$x"
+}
+
+# The whole KoproGo site as one package: build-deb.sh --api --frontend with the real
+# artifacts, lintian, then installed with apt in a fresh booted Debian 12 (private
+# network; packages downloaded first from the Debian mirror): all ready under
+# systemd, admin123 refused, the generated password logs in over HTTPS checked
+# against the local CA, the real frontend and /config.js served, stop and start
+# timed, purge leaves nothing.
+cmd_real() {
+  local r=0
+  real_artifacts || r=$?
+  case $r in 0) ;; 1) return 0 ;; *) return 1 ;; esac
+  ensure_built || return 1
+  local root=$W/real rc=0 t deb pkg depends files index_sha
+  t=$(now)
+  packaging/build-deb.sh --no-build --out "$DEBS/real" --api "$REAL_API" --frontend "$REAL_FRONTEND" >/dev/null ||
+    { FAILED+=("real: build-deb.sh --api --frontend (the real KoproGo)"); return 1; }
+  timing "real: build-deb.sh --api koprogo-api --frontend frontend-dist" "$(since "$t")"
+  deb=$(deb_of real)
+  measure "real: package size" "$(du -h "$deb" | cut -f1) ($(stat -c %s "$deb") bytes; installed $(dpkg-deb -f "$deb" Installed-Size) KiB)"
+
+  # Depends must name every library package of its binaries (koprogo-api links
+  # libssl.so.3 and libcrypto.so.3: libssl3).
+  depends=$(dpkg-deb -f "$deb" Depends)
+  kp_log "real: Depends: $depends"
+  # (cargo-deb leaves out libgcc-s1 on purpose: priority required, always installed.)
+  for pkg in $(shlib_packages "$deb" | grep -v '^libgcc'); do
+    [[ ", $depends," == *", $pkg "* || ", $depends," == *", $pkg,"* ]] || { FAILED+=("real: Depends lacks $pkg (dpkg-shlibdeps): $depends"); rc=1; }
+  done
+  [[ ", $depends," == *", libssl3 "* ]] || { FAILED+=("real: Depends lacks libssl3: $depends"); rc=1; }
+  files=$(find "$REAL_FRONTEND" -type f | wc -l)
+  [[ $(dpkg-deb -c "$deb" | grep -c '^-.* \./usr/share/koprogo/frontend/') -eq $files ]] ||
+    { FAILED+=("real: the package does not hold the $files files of $REAL_FRONTEND"); rc=1; }
+  lint_deb "$deb" || rc=1
+  [[ $rc -eq 0 ]] || return 1
+
+  new_root "$root"
+  mkdir -p "$root/root/debs"
+  cp "$deb" "$root/root/debs/real.deb"
+  predownload "$root" curl /root/debs/real.deb || { FAILED+=("real: apt download"); drop_root "$root" 1; return 1; }
+  index_sha=$(sha256sum < "$REAL_FRONTEND/index.html" | cut -d' ' -f1)
+  cat > "$W/real.sh" <<EOF
+INDEX_SHA='$index_sha' FILES='$files'
+EOF
+  cat >> "$W/real.sh" <<'EOF'
+apt-get install -y -qq curl >/dev/null
+step "apt-get install ./koprogo (whole site: pulls PostgreSQL, libssl3; first start)"
+must "install" apt-get install -y -q /root/debs/real.deb
+step_done
+step "unit active and status all ready"
+must "unit active" wait_for 300 active
+must "status all ready" wait_for 300 ready
+step_done
+koprogo status
+usec() { systemctl show -p "$1" --value koprogo; }
+echo "MEASURE first start (initdb, migrations): koprogo run to READY=1|$(awk -v a="$(usec ExecMainStartTimestampMonotonic)" -v b="$(usec ActiveEnterTimestampMonotonic)" 'BEGIN { printf "%.1f s", (b - a) / 1e6 }')"
+installed_checks
+check "libssl3 installed" is_eq "$(dpkg-query -W -f '${Status}' libssl3)" "install ok installed"
+check "koprogo-api finds its libraries" sh -c 'ldd /usr/lib/koprogo/koprogo-api && ! ldd /usr/lib/koprogo/koprogo-api | grep -q "not found"'
+
+# Over HTTPS, the certificate checked against the appliance's local CA.
+tls() { curl -sS --max-time 30 --cacert <(koprogo ca export) "$@"; }
+login() {
+  tls -o /tmp/login -w '%{http_code}' -H 'Content-Type: application/json' \
+    --data "{\"email\":\"admin@koprogo.com\",\"password\":\"$1\"}" https://localhost/api/v1/auth/login
+}
+superadmin_checks() {
+  local pw token
+  pw=$(koprogo admin-password)
+  check "koprogo admin-password: a generated password" sh -c '[ -n "$1" ] && [ "$1" != admin123 ]' sh "$pw"
+  check "admin123 refused" is_eq "$(login admin123)" 401
+  check "the generated password logs in" is_eq "$(login "$pw")" 200
+  token=$(sed -n 's/.*"token" *: *"\([^"]*\)".*/\1/p' /tmp/login)
+  check "the login answer has a token" [ -n "$token" ]
+  check "the token works (/api/v1/auth/me)" has "$(tls -H "Authorization: Bearer $token" https://localhost/api/v1/auth/me)" '"admin@koprogo.com"'
+}
+superadmin_checks
+check "/ answers" is_eq "$(tls -o /tmp/index.html -w '%{http_code}' https://localhost/)" 200
+check "/ is the real frontend's index.html" is_eq "$(sha256sum < /tmp/index.html | cut -d' ' -f1)" "$INDEX_SHA"
+check "/config.js answers" is_eq "$(tls -o /tmp/config.js -w '%{http_code}' https://localhost/config.js)" 200
+cat /tmp/config.js
+check "/config.js points to /api/v1" grep -Eq "API_URL: *[\"']/api/v1[\"']" /tmp/config.js
+asset=$(cd /usr/share/koprogo/frontend && find _astro -type f -name '*.js' | head -n 1)
+check "an asset (/$asset)" sh -c 'curl -sS --max-time 30 --cacert "$1" -o /tmp/asset "https://localhost/$2" && cmp /tmp/asset "/usr/share/koprogo/frontend/$2"' sh <(koprogo ca export) "$asset"
+check "the frontend installed ($FILES files)" is_eq "$(find /usr/share/koprogo/frontend -type f | wc -l)" "$FILES"
+
+# Memory of the whole tree (supervisor, PostgreSQL, API) after start and these requests.
+rss=0 pss=0 n=0
+for p in $(unit_pids); do
+  r=$(field "$p" VmRSS); s=$(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null)
+  echo "  $p $(cat "/proc/$p/comm"): RSS ${r:-0} kB, PSS ${s:-0} kB"
+  rss=$((rss + ${r:-0})); pss=$((pss + ${s:-0})); n=$((n + 1))
+done
+echo "MEASURE memory of the tree ($n processes)|RSS $((rss / 1024)) MiB (sum), PSS $((pss / 1024)) MiB"
+check "the tree has processes" [ "$n" -ge 3 ]
+
+step "systemctl stop"
+check "stop" systemctl stop koprogo
+step_done
+check "PostgreSQL shut down cleanly" sh -c '/usr/lib/postgresql/15/bin/pg_controldata /var/lib/koprogo/pgdata | grep -q "cluster state: *shut down$"'
+check "no process of koprogo left" [ -z "$(user_procs koprogo)" ]
+check "journal: stopped in order" sh -c 'journalctl -u koprogo | grep -q "koprogo stopped after"'
+step "systemctl start -> status all ready"
+t0=$(date +%s.%N)
+check "start" systemctl start koprogo
+t1=$(date +%s.%N)
+must "status all ready" wait_for 300 ready
+step_done
+echo "MEASURE systemctl start: returned (READY=1)|$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f s", b - a }')"
+# The API resets admin@koprogo.com to admin123 at every start: closed again.
+superadmin_checks
+check "journal: no notify from children" sh -c '! journalctl -u koprogo | grep -q "reception only permitted"'
+check "journal: no watchdog timeout" sh -c '! journalctl -u koprogo | grep -qi "watchdog timeout"'
+
+# Purged while running: prerm stops it.
+purge_checks
+EOF
+  boot "$root" real 900 "$W/real.sh" --private-network || rc=1
+  drop_root "$root" $rc
+  [[ $rc -eq 0 ]] || FAILED+=("real")
   return $rc
 }
 
@@ -789,7 +1025,7 @@ cmd_clean() {
 
 # ---------------------------------------------------------------- main
 [[ $# -gt 0 ]] || set -- all
-[[ " $* " == *" all "* ]] && set -- build lint install offline pg-upgrade
+[[ " $* " == *" all "* ]] && set -- build lint install real offline pg-upgrade
 need_root_tools
 mkdir -p "$W"
 started=$(now)
@@ -800,22 +1036,27 @@ for c in "$@"; do
     build) cmd_build || { BUILD_FAILED=1; status=1; } ;;
     lint) cmd_lint || status=1 ;;
     install) cmd_install || status=1 ;;
+    real) cmd_real || status=1 ;;
     offline) cmd_offline || status=1 ;;
     pg-upgrade) cmd_pg_upgrade || status=1 ;;
     watchdog) cmd_watchdog || status=1 ;;
     clean) cmd_clean ;;
-    *) kp_die "unknown command $c: build | lint | install | offline | pg-upgrade | watchdog | all | clean" ;;
+    *) kp_die "unknown command $c: build | lint | install | real | offline | pg-upgrade | watchdog | all | clean" ;;
   esac
 done
 left=
 for p in $(ns_procs); do [[ $ns_before == *" $p "* ]] || left="$left $p"; done
-for d in "$W"/install "$W"/offline "$W"/pgupgrade "$W"/watchdog; do [[ -d $d ]] && left="$left$(kp_mounts_in "$d" | tr '\n' ' ')"; done
+for d in "$W"/install "$W"/real "$W"/offline "$W"/pgupgrade "$W"/watchdog; do [[ -d $d ]] && left="$left$(kp_mounts_in "$d" | tr '\n' ' ')"; done
 if [[ -n ${left// /} ]]; then kp_log "LEFT BEHIND (processes in containers, mounts):$left"; status=1; fi
 if pgrep -x systemd-nspawn >/dev/null 2>&1; then kp_log "LEFT BEHIND: a systemd-nspawn process"; status=1; fi
 echo
 echo "timings:"
 printf '  %s\n' "${TIMINGS[@]}"
 printf '  %-60s %7s s\n' "total" "$(since "$started")"
+if [[ ${#MEASURES[@]} -gt 0 ]]; then
+  echo "measured:"
+  printf '  %s\n' "${MEASURES[@]}"
+fi
 if [[ $status -eq 0 ]]; then
   echo "package tests: PASS ($*)"
 else

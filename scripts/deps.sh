@@ -13,6 +13,9 @@ KOPROGO_NEEDS=(
   "/usr/bin/chromium:chromium"
   "certutil:libnss3-tools"
   "pebble:pebble"
+  "curl:curl"
+  "xz:xz-utils"
+  "testssl:testssl.sh"
 )
 
 koprogo_missing_packages() {

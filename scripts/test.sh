@@ -12,6 +12,22 @@ cd "$(dirname "$0")/.."
 koprogo_install_deps
 koprogo_make_reachable "$PWD"
 
+# The real KoproGo (API server + frontend) the suite proves every capability with:
+# KOPROGO_REAL_DIR, else shared/koprogo-real beside the checkout or a parent.
+if [[ -z ${KOPROGO_REAL_DIR:-} ]]; then
+  d=$PWD
+  while [[ $d != / ]]; do
+    if [[ -f $d/shared/koprogo-real/koprogo-api.xz ]]; then KOPROGO_REAL_DIR=$d/shared/koprogo-real; break; fi
+    d=$(dirname "$d")
+  done
+fi
+if [[ -n ${KOPROGO_REAL_DIR:-} ]]; then
+  export KOPROGO_REAL_DIR
+  echo "real KoproGo: $KOPROGO_REAL_DIR (tests/real_koprogo.rs and the package test use it)"
+else
+  echo "real KoproGo: NOT FOUND (no shared/koprogo-real beside the checkout, KOPROGO_REAL_DIR unset): the tests that need it say skipped"
+fi
+
 export CARGO_TERM_COLOR=never
 cargo build --workspace --all-targets --locked
 

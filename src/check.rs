@@ -125,6 +125,14 @@ pub fn preflight(cfg: &Config) -> Preflight {
             }
         }
     }
+    if cfg.tls.mode == crate::config::TlsMode::Off && cfg.proxy.trusted_proxies.is_empty() {
+        p.warnings.push(format!(
+            "{}: tls.mode = \"off\" (behind another proxy) without proxy.trusted_proxies: every \
+             client shares that proxy's address in the rate limit, the connection cap and the API's \
+             login limiter; list its address, e.g. trusted_proxies = [\"10.0.0.5/32\"]",
+            cfg.file.display()
+        ));
+    }
     // Readable state only (an operator's own account may not enter it).
     if std::fs::read_dir(&cfg.paths.state).is_ok() {
         if let Some(why) = crate::capacity::history::History::load(&cfg.paths.state).problem {

@@ -233,6 +233,17 @@ pub struct Proxy {
     /// Open connections allowed per client IP; 0 = no limit.
     #[serde(default = "default_max_conns_per_ip")]
     pub max_conns_per_ip: u32,
+    /// An IPv6 client is its network of this prefix length (one site gets a /64 and
+    /// picks any address in it): in the rate limit, the connection cap, the address
+    /// the API server sees (its login limiter) and the access log.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+    /// Proxies in front of this one (CIDRs, e.g. "10.0.0.5/32"): a connection from
+    /// one of them is believed about the client (the rightmost `X-Forwarded-For`
+    /// entry that is not itself a trusted proxy) and is not counted in the
+    /// per-client connection cap.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long an API request waits for the API server during a restart.
     #[serde(default = "default_backend_wait", deserialize_with = "de_duration")]
     pub backend_wait: Duration,
@@ -490,6 +501,22 @@ fn default_pool_max() -> u32 {
 fn default_pool_min() -> u32 {
     2
 }
+/// `local@domain` with no spaces, no angle brackets and one `@` (what a mail
+/// server takes in MAIL FROM; the API builds its sender from it).
+fn is_mail_address(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !s[local.len() + 1..].contains('@')
+                && !s.chars().any(|c| c.is_whitespace() || "<>,;\"".contains(c))
+        }
+        None => false,
+    }
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -523,6 +550,9 @@ fn default_rate() -> u32 {
 }
 fn default_burst() -> u32 {
     1000
+}
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 fn default_max_conns_per_ip() -> u32 {
     256
@@ -613,6 +643,8 @@ impl Default for Proxy {
             rate: default_rate(),
             burst: default_burst(),
             max_conns_per_ip: default_max_conns_per_ip(),
+            ipv6_prefix: default_ipv6_prefix(),
+            trusted_proxies: Vec::new(),
             backend_wait: default_backend_wait(),
             hsts: default_hsts(),
         }
@@ -817,11 +849,16 @@ impl Config {
         }
         if b.smtp.enabled {
             let s = &b.smtp;
+            // What koprogo-api's EmailService::from_env requires (it panics at boot
+            // without one of them); the port defaults to 587 there.
             for (k, missing) in [
                 ("host", s.host.as_deref().is_none_or(str::is_empty)),
-                ("port", s.port.is_none()),
                 ("username", s.username.as_deref().is_none_or(str::is_empty)),
                 ("password", s.password.as_deref().is_none_or(str::is_empty)),
+                (
+                    "from_email",
+                    s.from_email.as_deref().is_none_or(str::is_empty),
+                ),
             ] {
                 if missing {
                     return Err(self.err(
@@ -831,6 +868,32 @@ impl Config {
                     ));
                 }
             }
+            if let Some(from) = s.from_email.as_deref().filter(|f| !is_mail_address(f)) {
+                return Err(self.err(
+                    "backend.smtp.from_email",
+                    &format!("{from:?}"),
+                    "must be one address like \"syndic@example.be\" (no name, no spaces)",
+                ));
+            }
+            if s.port == Some(0) {
+                return Err(self.err("backend.smtp.port", &0, "must be 1-65535 (usually 587)"));
+            }
+        }
+        if !(32..=128).contains(&self.proxy.ipv6_prefix) {
+            return Err(self.err(
+                "proxy.ipv6_prefix",
+                &self.proxy.ipv6_prefix,
+                "must be 32-128 (64: one client per /64, what a site is usually given)",
+            ));
+        }
+        // koprogo-api reads RUST_LOG with tracing's EnvFilter and silently falls
+        // back to "info" on a value it cannot parse: refuse it here instead.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&b.log_level) {
+            return Err(self.err(
+                "backend.log_level",
+                &format!("{:?}", b.log_level),
+                &format!("is not a log filter ({e}): use error, warn, info, debug or trace, or directives like \"info,sqlx=warn\""),
+            ));
         }
         for (key, list) in [
             ("proxy.http", &self.proxy.http),
@@ -1183,7 +1246,30 @@ mod tests {
     #[test]
     fn smtp_enabled_needs_its_values() {
         let e = parse("[backend.smtp]\nenabled = true\nhost = \"h\"\n").expect_err("smtp");
-        assert!(e.0.contains("backend.smtp.port"), "{e}");
+        assert!(e.0.contains("backend.smtp.username"), "{e}");
+        // The four koprogo-api requires; the port is optional (587 there).
+        let base =
+            "[backend.smtp]\nenabled = true\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n";
+        let e = parse(base).expect_err("no from_email");
+        assert!(e.0.contains("backend.smtp.from_email"), "{e}");
+        parse(&format!("{base}from_email = \"syndic@example.be\"\n")).expect("port optional");
+        for bad in [
+            "syndic",
+            "Syndic <s@example.be>",
+            "a@b@example.be",
+            "s@",
+            "s @x.be",
+        ] {
+            let e = parse(&format!("{base}from_email = \"{bad}\"\n")).expect_err(bad);
+            assert!(e.0.contains("backend.smtp.from_email"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        parse("[backend]\nlog_level = \"info,sqlx=warn\"\n").expect("directives");
+        let e = parse("[backend]\nlog_level = \"info,sqlx=loud\"\n").expect_err("bad level");
+        assert!(e.0.contains("backend.log_level"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use crate::supervisor::{Shared, StatusReport};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
+/// The longest answer a client reads (a status with many services is a few KiB).
+const MAX_ANSWER: u64 = 4 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -228,9 +230,10 @@ pub fn request(cfg: &Config, req: &Request) -> Result<Response> {
     request_timeout(cfg, req, Some(Duration::from_secs(200)))
 }
 
-/// `request` for operations that take as long as they take (backups, restores).
+/// `request` for operations that take as long as they take (backups, restores of
+/// a big site): bounded all the same, by a silence of 6 hours.
 pub fn request_long(cfg: &Config, req: &Request) -> Result<Response> {
-    request_timeout(cfg, req, None)
+    request_timeout(cfg, req, Some(Duration::from_secs(6 * 3600)))
 }
 
 fn request_timeout(cfg: &Config, req: &Request, limit: Option<Duration>) -> Result<Response> {
@@ -247,7 +250,8 @@ fn request_timeout(cfg: &Config, req: &Request, limit: Option<Duration>) -> Resu
     line.push(b'\n');
     s.write_all(&line)?;
     let mut answer = String::new();
-    std::io::BufReader::new(s).read_line(&mut answer)?;
+    // The answer comes from whoever holds the socket path: bounded.
+    std::io::BufReader::new(std::io::Read::take(s, MAX_ANSWER)).read_line(&mut answer)?;
     serde_json::from_str(answer.trim())
         .with_context(|| format!("unreadable answer from {}: {answer:?}", path.display()))
 }

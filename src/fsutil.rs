@@ -33,6 +33,53 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     result
 }
 
+/// Reads a whole file the service user may control, bounded: the last component is
+/// not followed if it is a symlink (`O_NOFOLLOW`), anything but a regular file (a
+/// FIFO, `/dev/zero`) is refused without blocking, and a file over `max` bytes is
+/// refused instead of filling the memory.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::new(
+                ErrorKind::InvalidData,
+                "is a symbolic link, which is not followed here: replace it with the file",
+            ),
+            _ => e,
+        })?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "is not a regular file: replace it with the file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("is {} bytes, more than the {max} it may have", meta.len()),
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("grew past the {max} bytes it may have while being read"),
+        ));
+    }
+    Ok(data)
+}
+
+/// [`read_bounded`] as UTF-8 text.
+pub fn read_bounded_string(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, max)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "is not UTF-8 text"))
+}
+
 /// Creates `dir` if missing and sets its mode. Missing parents are created 0755, so
 /// the service user can reach a directory that root created for it.
 pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
@@ -103,5 +150,27 @@ mod tests {
             1,
             "no temp left"
         );
+    }
+
+    #[test]
+    fn bounded_reads_refuse_links_devices_fifos_and_big_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("f");
+        std::fs::write(&p, b"0123456789").expect("write");
+        assert_eq!(read_bounded(&p, 10).expect("fits"), b"0123456789");
+        let e = read_bounded(&p, 9).expect_err("too big");
+        assert!(e.to_string().contains("more than the 9"), "{e}");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
+        let e = read_bounded(&link, 1 << 20).expect_err("symlink");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = read_bounded(Path::new("/dev/zero"), 1 << 20).expect_err("device");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        // Nobody writes to it: the open must not block.
+        let e = read_bounded(&fifo, 10).expect_err("fifo");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 }

@@ -31,6 +31,9 @@ impl Secrets {
     }
 }
 
+/// secrets.env is a few hundred bytes; anything larger is not ours.
+const MAX_FILE: u64 = 64 * 1024;
+
 pub fn path(state: &Path) -> PathBuf {
     state.join("secrets.env")
 }
@@ -39,7 +42,7 @@ pub fn path(state: &Path) -> PathBuf {
 pub fn load_or_create(state: &Path) -> Result<Secrets> {
     let file = path(state);
     let mut values = BTreeMap::new();
-    match std::fs::read_to_string(&file) {
+    match crate::fsutil::read_bounded_string(&file, MAX_FILE) {
         Ok(text) => {
             let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
@@ -116,7 +119,7 @@ fn write(file: &Path, values: &BTreeMap<String, String>) -> Result<()> {
 /// One value from the secrets file, without creating or changing anything.
 pub fn read_value(state: &Path, key: &str) -> Result<Option<String>> {
     let file = path(state);
-    let text = match std::fs::read_to_string(&file) {
+    let text = match crate::fsutil::read_bounded_string(&file, MAX_FILE) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {

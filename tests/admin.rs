@@ -57,3 +57,36 @@ fn default_superadmin_password_is_replaced_after_every_start() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// Only the bcrypt hash reaches PostgreSQL: with every statement logged (and its
+/// parameters, PostgreSQL's default), the superadmin's password is not in the log.
+#[test]
+fn the_superadmin_password_never_reaches_the_database_log() {
+    let mut a = Appliance::new("");
+    a.start();
+    a.wait_ready();
+    let (code, out, err) = a.cli(&[
+        "psql",
+        "--",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "ALTER SYSTEM SET log_statement = 'all'",
+        "-c",
+        "SELECT pg_reload_conf()",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, new, err) = a.cli(&["admin-password", "--reset"]);
+    assert_eq!(code, 0, "{err}");
+    let new = new.trim().to_string();
+    assert_eq!(login(&a, &new), 200);
+    let log = common::all_log_lines(&a.path("logs"), "postgres").join("\n");
+    assert!(
+        log.contains("UPDATE public.users SET password_hash"),
+        "the statement was not logged, so this test proves nothing:\n{log}"
+    );
+    assert!(!log.contains(&new), "the password is in postgres.log");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

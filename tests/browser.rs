@@ -23,13 +23,6 @@ fetch('/api/v1/health').then(r => r.json()).then(j => {
 }).catch(e => { document.getElementById('api').textContent = 'api: error ' + e; });"#;
 const CSS: &str = "body{font-family:sans-serif;background:#eef3f8}h1{color:#1d4ed8}";
 
-fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-}
-
 /// Runs Chromium headless with a bounded time; returns stdout.
 fn run_chromium(bin: &Path, home: &Path, args: &[String]) -> String {
     let mut child = Command::new(bin)
@@ -77,13 +70,13 @@ fn run_chromium(bin: &Path, home: &Path, args: &[String]) -> String {
 
 #[test]
 fn chromium_renders_the_site_over_https_from_the_local_ca() {
-    let Some(bin) = chromium() else {
+    let Some(bin) = common::chromium::binary() else {
         eprintln!(
             "skipped: Debian's chromium is not installed (scripts/test.sh installs it as root)"
         );
         return;
     };
-    if Command::new("certutil").arg("-H").output().is_err() {
+    if !common::chromium::certutil_available() {
         eprintln!("skipped: certutil (libnss3-tools) is not installed");
         return;
     }
@@ -99,23 +92,10 @@ fn chromium_renders_the_site_over_https_from_the_local_ca() {
 
     // The office PC's side: import the exported root into the browser's NSS store.
     let home = a.path("browser-home");
-    let nss = home.join(".pki/nssdb");
-    std::fs::create_dir_all(&nss).expect("nssdb dir");
     let root = a.path("root.pem");
     let (code, _, err) = a.cli(&["ca", "export", root.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{err}");
-    let db = format!("sql:{}", nss.display());
-    let ok = Command::new("certutil")
-        .args(["-N", "-d", &db, "--empty-password"])
-        .status()
-        .expect("certutil -N");
-    assert!(ok.success());
-    let ok = Command::new("certutil")
-        .args(["-A", "-d", &db, "-t", "C,,", "-n", "KoproGo local CA", "-i"])
-        .arg(&root)
-        .status()
-        .expect("certutil -A");
-    assert!(ok.success());
+    common::chromium::trust_root(&home, &root);
 
     let url = format!("https://localhost:{https}/");
     let dom = run_chromium(

@@ -105,6 +105,15 @@ fn https_internal_ca_h2_redirect_and_headers() {
         raw.contains(&format!("location: https://localhost:{https}/")),
         "{raw}"
     );
+    // Nor to an address a client made up.
+    let raw = common::http_raw(
+        http,
+        "GET /x HTTP/1.1\r\nHost: 10.9.8.7\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        raw.contains(&format!("location: https://localhost:{https}/x")),
+        "{raw}"
+    );
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
@@ -224,7 +233,49 @@ fn forwarded_headers_websocket_sse_and_limits() {
         );
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["host"], format!("localhost:{https}"));
+        assert_eq!(h["x-forwarded-host"], format!("localhost:{https}"));
         assert!(h.get("forwarded").is_none());
+
+        // Host: only our names reach the API, as our canonical name and port.
+        let echo_host = |host: &'static str| {
+            hyper::Request::get("/api/v1/echo")
+                .header("host", host)
+                .body(Full::new(Bytes::new()))
+                .expect("req")
+        };
+        for (sent, seen) in [
+            ("LOCALHOST", format!("localhost:{https}")),
+            ("localhost:1", format!("localhost:{https}")),
+            ("127.0.0.1", format!("127.0.0.1:{https}")),
+        ] {
+            let r = c
+                .request(https, "localhost", echo_host(sent))
+                .await
+                .expect("echo");
+            assert_eq!(r.status, 200, "Host {sent}: {}", r.text());
+            let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+            assert_eq!(v["headers"]["host"], seen.as_str(), "Host {sent}");
+            assert_eq!(
+                v["headers"]["x-forwarded-host"],
+                seen.as_str(),
+                "Host {sent}"
+            );
+        }
+        for evil in [
+            "evil.example",
+            "10.9.8.7",
+            "[2001:db8::1]",
+            "localhost.evil.example",
+            "a b",
+        ] {
+            let r = c
+                .request(https, "localhost", echo_host(evil))
+                .await
+                .expect("421");
+            assert_eq!(r.status, 421, "Host {evil}: {}", r.text());
+            let r = c.get(https, "/").await.expect("page");
+            assert_eq!(r.status, 200, "our own name still works after {evil}");
+        }
 
         // Body limits: small for JSON, large for uploads.
         let big = "x".repeat(100 * 1024);
@@ -457,6 +508,60 @@ fn ipv6_and_ipv4_listeners_serve_the_same_site() {
         let r = c.get(https, "/").await.expect("IPv4 too");
         assert_eq!(r.status, 200);
     });
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+/// A ready API server that drops one request without answering (a panic in its
+/// handler: the real API does that on some demo data) gets a 502 naming the failure
+/// and a warning in the supervisor's log, not the "starting, retry shortly" 503, and
+/// the next request is served as usual.
+#[test]
+fn a_request_the_api_drops_is_a_502_not_maintenance() {
+    let mut a = site("");
+    a.start();
+    a.wait_ready();
+    let (_, https) = ports(&a);
+    let c = Client::new(&root_pem(&a), &[b"http/1.1"]);
+    runtime().block_on(async {
+        // As a browser sends it (no Content-Length): the proxy retries it once, as
+        // after an API restart, and gets no answer again.
+        let raw = c
+            .raw(
+                https,
+                b"GET /api/v1/panic HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .expect("raw request");
+        assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+        assert!(raw.contains("failed to answer this request"), "{raw}");
+        assert!(!raw.to_ascii_lowercase().contains("retry-after"), "{raw}");
+        // With `Content-Length: 0` (not retried).
+        let r = c.get(https, "/api/v1/panic").await.expect("request");
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(
+            r.text().contains("failed to answer this request"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            r.header("retry-after").is_empty(),
+            "no Retry-After on a 502"
+        );
+        let r = c.get(https, "/api/v1/health").await.expect("health");
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    let log = common::all_log_lines(&a.path("logs"), "koprogo").join("\n");
+    assert!(
+        log.contains("closed the connection without answering GET /api/v1/panic"),
+        "{log}"
+    );
+    let st = a.status().expect("status");
+    assert_eq!(
+        Appliance::service(&st, "api").restarts,
+        0,
+        "a panicking handler is not a dead server"
+    );
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }

@@ -99,7 +99,7 @@ impl History {
                 meta.len()
             ));
         }
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::fsutil::read_bounded_string(&path, MAX_FILE_BYTES) {
             Ok(t) => t,
             Err(e) => return problem(e.to_string()),
         };

@@ -13,7 +13,7 @@ pub mod static_files;
 pub mod stats;
 pub mod upstream;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,18 +89,100 @@ impl Proxy {
 
     /// One request for the site: on an HTTPS listener (`secure`), or on a plain one
     /// when TLS is off (behind another terminator).
+    /// The local CA's revocation list (what the leaves' CRL distribution point names).
+    fn crl(&self) -> Response<Body> {
+        match self.tls.crl() {
+            Some(der) => {
+                let mut r = Response::new(full(Bytes::from(der.to_vec())));
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/pkix-crl"),
+                );
+                h.insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("max-age=3600"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&der.len().to_string()) {
+                    h.insert(header::CONTENT_LENGTH, v);
+                }
+                r
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no local CA here\n".into(),
+            ),
+        }
+    }
+
+    /// Is `ip` one of `proxy.trusted_proxies`?
+    pub fn trusted(&self, ip: IpAddr) -> bool {
+        let ip = server::client_key(ip, 128);
+        self.cfg
+            .proxy
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+
+    /// The client a trusted proxy forwarded: the rightmost `X-Forwarded-For` entry
+    /// that is not itself a trusted proxy (entries left of it could be made up by
+    /// the client). None when the header is missing or that entry is not an address.
+    fn forwarded_client(&self, req: &Request<Incoming>) -> Option<IpAddr> {
+        let mut entries: Vec<&str> = Vec::new();
+        for v in req.headers().get_all("x-forwarded-for") {
+            entries.extend(v.to_str().ok()?.split(','));
+        }
+        for e in entries.iter().rev() {
+            let ip = e.trim().parse::<IpAddr>().ok()?;
+            if !self.trusted(ip) {
+                return Some(server::client_key(ip, self.cfg.proxy.ipv6_prefix));
+            }
+        }
+        None
+    }
+
     pub async fn handle_site(
         &self,
-        req: Request<Incoming>,
-        client: IpAddr,
+        mut req: Request<Incoming>,
+        peer: Peer,
         secure: bool,
     ) -> Response<Body> {
+        let local = peer.local;
+        let client = if peer.trusted {
+            self.forwarded_client(&req).unwrap_or(peer.client)
+        } else {
+            peer.client
+        };
         let started = Instant::now();
         let method = req.method().clone();
         let version = format!("{:?}", req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
-        let (mut resp, upstream) = self.route(req, client).await;
+        let (mut resp, upstream) = match self.served_name(&host, local.ip()) {
+            Some(name) => {
+                // The API builds links from Host: it gets our name, never the client's.
+                let default = if secure { 443 } else { 80 };
+                let canonical = if local.port() == default {
+                    name
+                } else {
+                    format!("{name}:{}", local.port())
+                };
+                if let Ok(v) = HeaderValue::from_str(&canonical) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                self.route(req, client).await
+            }
+            None => (
+                text(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "text/plain; charset=utf-8",
+                    "421 this server does not serve that host name\n".into(),
+                ),
+                None,
+            ),
+        };
         self.security_headers(resp.headers_mut(), secure);
         self.finish(
             &resp, client, &method, &path, &version, &host, started, upstream,
@@ -115,7 +197,9 @@ impl Proxy {
         let version = format!("{:?}", req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
-        let resp = if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+        let resp = if path == Tls::CRL_PATH {
+            self.crl()
+        } else if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
             match self.tls.http01_key_authorization(token) {
                 Some(ka) => text(StatusCode::OK, "application/octet-stream", ka),
                 None => text(
@@ -176,6 +260,9 @@ impl Proxy {
         client: IpAddr,
     ) -> (Response<Body>, Option<Duration>) {
         let path = req.uri().path();
+        if path == Tls::CRL_PATH {
+            return (self.crl(), None);
+        }
         if path == "/metrics" || path.starts_with("/metrics/") {
             // The API's metrics have no auth: never exposed.
             return (json_error(StatusCode::NOT_FOUND, "not found"), None);
@@ -261,14 +348,9 @@ impl Proxy {
             Ok(r) => return (r, Some(t.elapsed())),
             Err(f) => f,
         };
+        // Named in the log when the request fails (path only: no query, no secrets).
+        let what = format!("{} {}", parts.method, parts.uri.path());
         match failure {
-            Failure::TooLarge => (
-                json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("request body over {limit} bytes"),
-                ),
-                None,
-            ),
             Failure::Connect | Failure::Closed if bodyless => {
                 // The API server is restarting or was replaced under us (nothing
                 // came back, and a GET may be repeated): wait for a ready one, then
@@ -289,52 +371,57 @@ impl Proxy {
                     .await
                 {
                     Ok(r) => (r, Some(t.elapsed())),
-                    Err(_) => (api_unavailable(), None),
+                    Err(f) => (failed(f, limit, port, &what), None),
                 }
             }
-            Failure::Connect => (api_unavailable(), None),
-            Failure::Closed => {
-                tracing::warn!("proxy: the API server closed the connection before answering");
-                (
-                    json_error(StatusCode::BAD_GATEWAY, "the API server did not answer"),
-                    None,
-                )
-            }
-            Failure::Other(e) => {
-                tracing::warn!("proxy: API request failed: {e}");
-                (
-                    json_error(StatusCode::BAD_GATEWAY, "the API server did not answer"),
-                    None,
-                )
-            }
+            f => (failed(f, limit, port, &what), None),
+        }
+    }
+
+    /// The name to serve a request for `host` (its Host or `:authority`) under, or
+    /// None when it is not ours: the domain, an alias, `localhost` (lowercased, port
+    /// dropped), or an IP literal of the address the client reached (`local`). A
+    /// request without a host is for the domain.
+    fn served_name(&self, host: &str, local: IpAddr) -> Option<String> {
+        if host.is_empty() {
+            return Some(self.cfg.domain.clone());
+        }
+        let (name, _) = split_host(host)?;
+        let name = name.to_ascii_lowercase();
+        if name == self.cfg.domain.to_ascii_lowercase()
+            || self
+                .cfg
+                .aliases
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&name))
+            || name == "localhost"
+        {
+            return Some(name);
+        }
+        let literal = name.trim_start_matches('[').trim_end_matches(']');
+        let local = server::client_key(local, 128);
+        match literal.parse::<IpAddr>() {
+            Ok(ip) if server::client_key(ip, 128) == local => Some(match ip {
+                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => format!("[{ip}]"),
+                _ => local.to_string(),
+            }),
+            _ => None,
         }
     }
 
     fn redirect(&self, req: &Request<Incoming>) -> Response<Body> {
         let host = host_of(req);
-        let name = host.rsplit_once(':').map_or(host.as_str(), |(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']') && h.contains(':') {
-                host.as_str()
-            } else if p.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                host.as_str()
+        let name = split_host(&host).map(|(n, _)| n.to_ascii_lowercase());
+        // Only to configured names (no open redirect, no address a client made up).
+        let target_host = match name {
+            Some(n)
+                if n == self.cfg.domain.to_ascii_lowercase()
+                    || self.cfg.aliases.iter().any(|a| a.eq_ignore_ascii_case(&n))
+                    || n == "localhost" =>
+            {
+                n
             }
-        });
-        // Only redirect to names we serve (no open redirect).
-        let known = name == self.cfg.domain
-            || self.cfg.aliases.iter().any(|a| a == name)
-            || name.parse::<IpAddr>().is_ok()
-            || name
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok()
-            || name == "localhost";
-        let target_host = if known {
-            name
-        } else {
-            self.cfg.domain.as_str()
+            _ => self.cfg.domain.clone(),
         };
         let port = if self.https_port == 443 {
             String::new()
@@ -371,6 +458,40 @@ impl Proxy {
             HeaderValue::from_static("strict-origin-when-cross-origin"),
         );
     }
+}
+
+/// `name[:port]` or `[v6][:port]` → (name, port); None when it is not a host.
+fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if after.is_empty() => None,
+            None => return None,
+        };
+        (&host[..v6.len() + 2], port)
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p.parse().ok()?)),
+            None => (host, None),
+        }
+    };
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    ok.then_some((name, port))
+}
+
+/// A connection's other end, as the proxy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's key (`server::client_key`): an IPv4 address or an IPv6 network.
+    pub client: IpAddr,
+    /// The address and port the client connected to.
+    pub local: SocketAddr,
+    /// The peer is one of `proxy.trusted_proxies`.
+    pub trusted: bool,
 }
 
 fn host_of(req: &Request<Incoming>) -> String {
@@ -432,6 +553,34 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Res
 pub fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": msg }).to_string();
     text(status, "application/json", body)
+}
+
+/// The answer to a request the API server did not answer. Not listening: 503 (it
+/// is starting, restarting or being replaced; the client may retry). A connection
+/// closed without an answer while the server is up (it crashed on this request,
+/// e.g. a panic in a handler): 502, logged with the request, so a bug is not shown
+/// as maintenance.
+fn failed(f: Failure, limit: u64, port: u16, what: &str) -> Response<Body> {
+    match f {
+        Failure::TooLarge => json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over {limit} bytes"),
+        ),
+        Failure::Connect => api_unavailable(),
+        Failure::Closed => {
+            tracing::warn!(
+                "proxy: the API server on port {port} closed the connection without answering {what} (see api.log)"
+            );
+            json_error(
+                StatusCode::BAD_GATEWAY,
+                "the API server failed to answer this request",
+            )
+        }
+        Failure::Other(e) => {
+            tracing::warn!("proxy: {what} to the API server on port {port} failed: {e}");
+            json_error(StatusCode::BAD_GATEWAY, "the API server did not answer")
+        }
+    }
 }
 
 fn api_unavailable() -> Response<Body> {

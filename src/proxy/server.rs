@@ -116,9 +116,21 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     },
                     _ = stopped(&mut stop) => break,
                 };
-                let ip = canonical(peer.ip());
-                let Some(slot) = conns.acquire(ip) else {
-                    continue; // over the per-IP cap: dropped at once
+                let ip = client_key(peer.ip(), proxy.cfg.proxy.ipv6_prefix);
+                let peer = super::Peer {
+                    client: ip,
+                    // The address the client reached: a Host naming it is ours.
+                    local: tcp.local_addr().unwrap_or(addr),
+                    trusted: proxy.trusted(peer.ip()),
+                };
+                // A trusted proxy in front carries many clients: not capped as one.
+                let slot = if peer.trusted {
+                    None
+                } else {
+                    match conns.acquire(ip) {
+                        Some(s) => Some(s),
+                        None => continue, // over the per-IP cap: dropped at once
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let (proxy, builder, acceptor, stop) = (
@@ -133,7 +145,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     stats.connections.fetch_add(1, Ordering::Relaxed);
                     stats.open_connections.fetch_add(1, Ordering::Relaxed);
                     if secure {
-                        connection_tls(proxy, builder, acceptor, tcp, ip, stop).await;
+                        connection_tls(proxy, builder, acceptor, tcp, peer, stop).await;
                     } else {
                         let site = plain_site;
                         let idle = proxy.cfg.proxy.idle_timeout;
@@ -142,7 +154,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                             let p = p.clone();
                             async move {
                                 Ok::<_, Infallible>(if site {
-                                    p.handle_site(req, ip, false).await
+                                    p.handle_site(req, peer, false).await
                                 } else {
                                     p.handle_http(req, ip).await
                                 })
@@ -175,7 +187,7 @@ async fn connection_tls(
     builder: Arc<Builder<TokioExecutor>>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
-    ip: IpAddr,
+    peer: super::Peer,
     stop: watch::Receiver<bool>,
 ) {
     let stats = proxy.stats.clone();
@@ -195,7 +207,7 @@ async fn connection_tls(
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
-        async move { Ok::<_, Infallible>(p.handle_site(req, ip, true).await) }
+        async move { Ok::<_, Infallible>(p.handle_site(req, peer, true).await) }
     });
     run_conn(&builder, stop, tls, svc, idle).await;
 }
@@ -245,9 +257,20 @@ async fn run_conn<IO, S>(
 }
 
 /// IPv4-mapped IPv6 addresses (dual-stack listeners) as plain IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
+/// Who the client is: an IPv4 address (also when it came IPv4-mapped), or an IPv6
+/// client's network of `prefix` bits (its host bits zeroed), since whoever has a
+/// /64 can use any of its addresses.
+pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if v6.is_loopback() => ip,
+            None => {
+                let bits = u32::from(prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        },
         v4 => v4,
     }
 }
@@ -318,4 +341,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 /// Resolves once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_key;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn ipv6_clients_are_their_network() {
+        assert_eq!(client_key(ip("192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa::1"), 56),
+            ip("2001:db8:1::")
+        );
+        assert_eq!(client_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(client_key(ip("::1"), 64), ip("::1"));
+    }
 }

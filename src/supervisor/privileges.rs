@@ -106,7 +106,7 @@ pub fn lock_state(cfg: &Config) -> Result<File> {
         .with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: flock on a descriptor we own for the duration of the call.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        let holder = crate::fsutil::read_bounded_string(&path, 64).unwrap_or_default();
         bail!(
             "another koprogo (pid {}) is running on {}: stop it first (koprogo status shows it)",
             holder.trim(),
@@ -127,7 +127,7 @@ pub fn running_pid(cfg: &Config) -> Option<String> {
         None
     } else {
         Some(
-            std::fs::read_to_string(path)
+            crate::fsutil::read_bounded_string(&path, 64)
                 .unwrap_or_default()
                 .trim()
                 .to_string(),

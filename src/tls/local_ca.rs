@@ -193,9 +193,10 @@ pub(crate) fn prepare(
     ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
     let root = load_or_create_root(paths, &cfg.domain)?;
     let names = leaf_names(cfg);
-    let leaf = match reusable_leaf(paths, &root, &names) {
+    let url = crl_url(cfg);
+    let leaf = match reusable_leaf(paths, &root, &names, &url) {
         Some(l) => l,
-        None => issue_leaf(paths, &root, &names, tuning.local_leaf_validity)?,
+        None => issue_leaf(paths, &root, &names, tuning.local_leaf_validity, &url)?,
     };
     Ok((root, leaf))
 }
@@ -238,7 +239,12 @@ pub(crate) fn read_leaf(paths: &TlsPaths) -> anyhow::Result<Option<Cert>> {
 
 /// The stored leaf if it can still be served as is: it parses, chains to `ca`, covers
 /// `names` and is not due for renewal. Says why in the log when it cannot.
-pub(crate) fn reusable_leaf(paths: &TlsPaths, ca: &LocalCa, names: &[String]) -> Option<Cert> {
+pub(crate) fn reusable_leaf(
+    paths: &TlsPaths,
+    ca: &LocalCa,
+    names: &[String],
+    crl_url: &str,
+) -> Option<Cert> {
     let leaf = match read_leaf(paths) {
         Ok(Some(l)) => l,
         Ok(None) => return None,
@@ -255,6 +261,12 @@ pub(crate) fn reusable_leaf(paths: &TlsPaths, ca: &LocalCa, names: &[String]) ->
         tracing::info!("stored local-CA leaf does not cover every name: issuing a new one");
         return None;
     }
+    if !has_crl_url(&leaf, crl_url) {
+        tracing::info!(
+            "stored local-CA leaf does not name {crl_url} for revocation: issuing a new one"
+        );
+        return None;
+    }
     if Utc::now() >= leaf.info.renew_at() {
         return None;
     }
@@ -268,6 +280,7 @@ pub(crate) fn issue_leaf(
     ca: &LocalCa,
     names: &[String],
     validity: Duration,
+    crl_url: &str,
 ) -> anyhow::Result<Cert> {
     let key = new_key()?;
     let now = Utc::now();
@@ -286,6 +299,9 @@ pub(crate) fn issue_leaf(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
+    params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+        uris: vec![crl_url.to_string()],
+    }];
     params.not_before = asn1(now - backdate)?.to_datetime();
     params.not_after = asn1(not_after)?.to_datetime();
     params.serial_number = Some(random_serial());
@@ -305,6 +321,69 @@ pub(crate) fn issue_leaf(
         names.join(", ")
     );
     Ok(leaf)
+}
+
+/// Where the local CA's revocation list is served (plain HTTP, as RFC 5280 asks).
+pub(crate) const CRL_PATH: &str = "/.well-known/koprogo/root.crl";
+/// How long a CRL is valid; it is signed again well before (see `crate::tls`).
+const CRL_VALIDITY_DAYS: i64 = 7;
+
+/// The CRL distribution point written into local-CA leaves: the appliance's own
+/// plain-HTTP listener (HTTPS when it has none), under `domain`.
+pub(crate) fn crl_url(cfg: &Config) -> String {
+    let (scheme, port, default) = match cfg.proxy.http.first() {
+        Some(a) => ("http", a.port(), 80),
+        None => (
+            "https",
+            cfg.proxy.https.first().map_or(443, |a| a.port()),
+            443,
+        ),
+    };
+    let port = if port == default {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    format!("{scheme}://{}{port}{CRL_PATH}", cfg.domain)
+}
+
+/// An empty revocation list signed by the local CA (nothing is ever revoked: a
+/// leaf is replaced, not revoked), so revocation checks get an answer.
+pub(crate) fn crl_der(ca: &LocalCa) -> anyhow::Result<Vec<u8>> {
+    let now = Utc::now();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: asn1(now - chrono::Duration::hours(1))?.to_datetime(),
+        next_update: asn1(now + chrono::Duration::days(CRL_VALIDITY_DAYS))?.to_datetime(),
+        crl_number: SerialNumber::from(now.timestamp().max(1) as u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.issuer()?)
+        .map_err(|e| anyhow!("signing the local CA's revocation list: {e}"))?;
+    Ok(crl.der().to_vec())
+}
+
+/// Does `leaf` name `url` as its CRL distribution point?
+fn has_crl_url(leaf: &Cert, url: &str) -> bool {
+    use x509_parser::extensions::{DistributionPointName, GeneralName};
+    use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+    let Some(der) = leaf.leaf_der() else {
+        return false;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    cert.extensions()
+        .iter()
+        .any(|e| match e.parsed_extension() {
+            ParsedExtension::CRLDistributionPoints(points) => points.points.iter().any(|p| {
+                matches!(&p.distribution_point, Some(DistributionPointName::FullName(names))
+                if names.iter().any(|n| matches!(n, GeneralName::URI(u) if *u == url)))
+            }),
+            _ => false,
+        })
 }
 
 /// Verifies, as a TLS client trusting only `ca` would, that `leaf` is valid for `name`.

@@ -149,8 +149,13 @@ pub struct Tls {
     force: AtomicBool,
     wake: Notify,
     ca: Mutex<Option<LocalCa>>,
+    /// The local CA's signed revocation list and when it was signed.
+    crl: Mutex<Option<SignedCrl>>,
     files_seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
 }
+
+/// A signed revocation list (DER) and when it was signed.
+type SignedCrl = (DateTime<Utc>, Arc<Vec<u8>>);
 
 impl Tls {
     /// Loads or creates what the mode needs so a certificate can be served at once
@@ -217,6 +222,7 @@ impl Tls {
             wake: Notify::new(),
             ca: Mutex::new(ca),
             files_seen: Mutex::new(files_seen),
+            crl: Mutex::new(None),
         };
         let next = match cfg.tls.mode {
             TlsMode::Acme => Some(acme::due(&tls, None, Utc::now())),
@@ -257,6 +263,33 @@ impl Tls {
     /// `/.well-known/acme-challenge/<token>`, if an HTTP-01 challenge is pending.
     pub fn http01_key_authorization(&self, token: &str) -> Option<String> {
         self.http01_lock().get(token).cloned()
+    }
+
+    /// The path of the local CA's revocation list on the appliance's listeners.
+    pub const CRL_PATH: &'static str = local_ca::CRL_PATH;
+
+    /// The local CA's revocation list (DER; empty: leaves are replaced, never
+    /// revoked), signed again once a day; None without a local CA (files mode).
+    pub fn crl(&self) -> Option<Arc<Vec<u8>>> {
+        let now = Utc::now();
+        let mut cached = self.crl.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, der)) = cached.as_ref() {
+            if now - *at < chrono::Duration::days(1) {
+                return Some(der.clone());
+            }
+        }
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        match local_ca::crl_der(ca.as_ref()?) {
+            Ok(der) => {
+                let der = Arc::new(der);
+                *cached = Some((now, der.clone()));
+                Some(der)
+            }
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                cached.as_ref().map(|(_, d)| d.clone())
+            }
+        }
     }
 
     /// What is served and how its renewal goes.
@@ -356,7 +389,13 @@ impl Tls {
         let root = ca
             .as_ref()
             .ok_or_else(|| anyhow!("local root CA unavailable"))?;
-        local_ca::issue_leaf(&self.paths, root, names, self.tuning.local_leaf_validity)
+        local_ca::issue_leaf(
+            &self.paths,
+            root,
+            names,
+            self.tuning.local_leaf_validity,
+            &local_ca::crl_url(&self.cfg),
+        )
     }
 
     async fn local_loop(&self) {
@@ -582,6 +621,8 @@ fn server_config(store: Arc<CertStore>) -> anyhow::Result<Arc<rustls::ServerConf
         .with_no_client_auth()
         .with_cert_resolver(store);
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    // Our cipher suite order (strongest first), not the client's.
+    sc.ignore_client_order = true;
     match rustls::crypto::ring::Ticketer::new() {
         Ok(t) => sc.ticketer = t,
         Err(e) => tracing::warn!("TLS session tickets disabled: {e}"),

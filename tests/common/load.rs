@@ -54,6 +54,8 @@ pub struct Tally {
     pub ports: BTreeMap<String, usize>,
     /// Versions of the last responses.
     pub tail: VecDeque<String>,
+    /// The `id` of every write that was answered 2xx (acknowledged writes).
+    pub created: Vec<String>,
 }
 
 impl Tally {
@@ -67,6 +69,7 @@ impl Tally {
             *self.ports.entry(k).or_default() += v;
         }
         self.tail.extend(other.tail);
+        self.created.extend(other.created);
     }
 }
 
@@ -80,21 +83,41 @@ pub struct Load {
 }
 
 impl Load {
-    /// `writes`: threads after the first alternate POST and GET (else all GET).
+    /// The demo backend's load. `writes`: threads after the first alternate POST
+    /// and GET (else all GET).
     pub fn start(a: &Appliance, threads: usize, writes: bool) -> Load {
+        Self::start_with(
+            a,
+            threads,
+            Arc::new(move |n, i| {
+                let post = writes && n > 0 && i % 2 == 0;
+                let req = hyper::Request::builder()
+                    .method(if post { "POST" } else { "GET" })
+                    .uri("/api/v1/items")
+                    .body(Full::new(Bytes::from(if post { "load" } else { "" })))
+                    .expect("request");
+                (post, req)
+            }),
+        )
+    }
+
+    /// `threads` clients sending what `make(thread, i)` gives: (is it a write, the
+    /// request; the Host header is added).
+    pub fn start_with(a: &Appliance, threads: usize, make: MakeRequest) -> Load {
         let https = a.cfg().proxy.https[0].port();
         let client = Arc::new(Client::new(&root_pem(a), &[b"http/1.1"]));
         let stop = Arc::new(AtomicBool::new(false));
         let done: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::default()).collect();
         let threads = (0..threads)
             .map(|n| {
-                let (client, stop, ok) = (client.clone(), stop.clone(), done[n].clone());
+                let (client, stop, make) = (client.clone(), stop.clone(), make.clone());
+                let ok = done[n].clone();
                 std::thread::spawn(move || {
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .expect("runtime")
-                        .block_on(client_loop(client, https, stop, ok, n, writes))
+                        .block_on(client_loop(client, https, stop, ok, n, make))
                 })
             })
             .collect();
@@ -140,6 +163,10 @@ impl Load {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// Makes request `i` of client thread `n`: (is it a write, the request).
+pub type MakeRequest =
+    Arc<dyn Fn(usize, usize) -> (bool, hyper::Request<Full<Bytes>>) + Send + Sync>;
+
 async fn connect(client: &Client, port: u16) -> std::io::Result<Sender> {
     let tls = client.connect(port, "localhost").await?;
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
@@ -149,14 +176,14 @@ async fn connect(client: &Client, port: u16) -> std::io::Result<Sender> {
     Ok(send)
 }
 
-/// Thread 0 reads (GET); with `writes` the others alternate a write (POST) and a read.
+/// One client thread: requests from `make` on one keep-alive connection.
 async fn client_loop(
     client: Arc<Client>,
     port: u16,
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     n: usize,
-    writes: bool,
+    make: MakeRequest,
 ) -> Tally {
     let mut t = Tally::default();
     let mut sender: Option<Sender> = None;
@@ -176,13 +203,11 @@ async fn client_loop(
                 }
             },
         };
-        let post = writes && n > 0 && i % 2 == 0;
-        let req = hyper::Request::builder()
-            .method(if post { "POST" } else { "GET" })
-            .uri("/api/v1/items")
-            .header("host", format!("localhost:{port}"))
-            .body(Full::new(Bytes::from(if post { "load" } else { "" })))
-            .expect("request");
+        let (post, mut req) = make(n, i);
+        if let Ok(h) = hyper::header::HeaderValue::from_str(&format!("localhost:{port}")) {
+            req.headers_mut().insert(hyper::header::HOST, h);
+        }
+        let what = format!("{} {}", req.method(), req.uri().path());
         let one = async {
             if s.ready().await.is_err() {
                 return Err("connection closed".to_string());
@@ -210,9 +235,19 @@ async fn client_loop(
             Ok((status, version, from, body))
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, one).await {
-            Ok(Ok((status, version, from, _))) if (200..300).contains(&status) => {
+            Ok(Ok((status, version, from, body))) if (200..300).contains(&status) => {
                 t.ok += 1;
                 ok.fetch_add(1, Ordering::Relaxed);
+                if post {
+                    let id = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .map(|v| v["id"].clone());
+                    match id {
+                        Some(serde_json::Value::String(s)) => t.created.push(s),
+                        Some(serde_json::Value::Number(n)) => t.created.push(n.to_string()),
+                        _ => {}
+                    }
+                }
                 *t.ports.entry(from).or_default() += 1;
                 *t.versions.entry(version.clone()).or_default() += 1;
                 t.tail.push_back(version);
@@ -221,16 +256,15 @@ async fn client_loop(
                 }
             }
             Ok(Ok((status, _, _, body))) => t.failed.push(format!(
-                "{} {status}: {}",
-                if post { "POST" } else { "GET" },
+                "{what} {status}: {}",
                 String::from_utf8_lossy(&body)
             )),
             Ok(Err(e)) => {
-                t.failed.push(e);
+                t.failed.push(format!("{what}: {e}"));
                 sender = None;
             }
             Err(_) => {
-                t.failed.push("timed out".into());
+                t.failed.push(format!("{what}: timed out"));
                 sender = None;
             }
         }

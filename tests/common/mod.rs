@@ -4,6 +4,7 @@
 //! of its tree survives.
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod https;
 pub mod load;
 pub mod pg;

@@ -77,6 +77,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<RespBody> {
         ),
         (&Method::GET, "/api/v1/echo") => echo(&req),
         (&Method::GET, "/api/v1/ws") => websocket_echo(req),
+        // A handler that panics, as the real API's does on some demo data (its
+        // actix worker drops the connection without an answer).
+        (&Method::GET, "/api/v1/panic") => panic!("demo: this handler panics"),
         (&Method::GET, "/metrics") => {
             let n = state.requests.load(Ordering::Relaxed);
             let mut r = Response::new(full(format!("demo_requests_total {n}\n")));
