@@ -51,8 +51,14 @@ fn command(
     for (k, v) in extra {
         cmd.env(k, v);
     }
+    if database_url == UNSET {
+        cmd.env_remove("DATABASE_URL");
+    }
     cmd
 }
+
+/// Stands for "DATABASE_URL not in the environment at all".
+const UNSET: &str = "\u{0}unset";
 
 /// Runs `bin` until it exits (bounded to 20 s).
 fn run(bin: &Path, database_url: &str, extra: &[(&str, &str)]) -> (Outcome, String) {
@@ -105,7 +111,7 @@ fn refused(url: &str, extra: &[(&str, &str)], want: &str, real: Option<&common::
     }
 }
 
-/// URLs sqlx refuses before connecting anywhere: the empty host of a libpq-style
+/// No DATABASE_URL at all, and URLs sqlx refuses before connecting anywhere: the empty host of a libpq-style
 /// socket URL (what the appliance once passed), an empty value, a port out of
 /// range, an unknown sslmode, a parameter that is not a number. (sqlx does not
 /// check the scheme: `mysql://` is tried as Postgres by both.)
@@ -114,6 +120,7 @@ fn demo_refuses_the_database_urls_the_real_server_refuses() {
     let real = common::real::real("demo_refuses_the_database_urls_the_real_server_refuses");
     let real = real.as_ref();
     for (url, want) in [
+        (UNSET, "DATABASE_URL must be set: NotPresent"),
         (
             "postgresql://koprogo@/koprogo?host=/run/koprogo",
             "Failed to create database pool: Configuration(EmptyHost)",
