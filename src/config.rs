@@ -824,16 +824,20 @@ impl Config {
                 "must be at least 1 and at least backend.pool_min",
             ));
         }
-        // Room for the supervisor's probe, psql and backups on top of the pool.
-        if b.pool_max * u32::from(b.instances) + 3 > self.postgres.max_connections {
+        // During an update the replacement server opens its pool while the old one
+        // still holds its own: one instance more. On top, 3 connections for the
+        // supervisor's probe, psql and backups (PostgreSQL's 3 superuser-reserved
+        // slots, where the supervisor connects, in the private cluster).
+        let peak = b.pool_max * (u32::from(b.instances) + 1);
+        if peak + 3 > self.postgres.max_connections {
             return Err(self.err(
                 "backend.pool_max",
                 &b.pool_max,
                 &format!(
-                    "with backend.instances = {} the pools take {} connections: they must leave 3 \
+                    "with backend.instances = {} the pools take up to {peak} connections during an \
+                     update (one instance more while the new server starts): they must leave 3 \
                      free below postgres.max_connections ({}); lower pool_max or raise max_connections",
                     b.instances,
-                    b.pool_max * u32::from(b.instances),
                     self.postgres.max_connections
                 ),
             ));
@@ -1263,6 +1267,15 @@ mod tests {
             let e = parse(&format!("{base}from_email = \"{bad}\"\n")).expect_err(bad);
             assert!(e.0.contains("backend.smtp.from_email"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn pools_leave_room_for_an_update_swap() {
+        // Defaults: 8 × (1 + 1) + 3 = 19 ≤ 20.
+        parse("").expect("defaults fit");
+        let e = parse("[backend]\npool_max = 9\n").expect_err("9 × 2 + 3 > 20");
+        assert!(e.0.contains("during an update"), "{e}");
+        parse("[postgres]\nmax_connections = 21\n[backend]\npool_max = 9\n").expect("21");
     }
 
     #[test]
