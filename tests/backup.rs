@@ -625,3 +625,53 @@ fn encrypted_backup_round_trip_with_an_age_identity() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// A restore checks the staging disk first: a file larger than the free space is
+/// refused before anything is written, with the directory and both figures named.
+#[test]
+fn restore_without_room_to_stage_is_refused_before_anything_changes() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    let file = backup_create(&a);
+    let before = snapshot(&a);
+    // The staging directory on an 8 MiB disk: less than the file and the margin.
+    let work = a.path("state/backup-work");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let who = nix::unistd::User::from_name("koprogo")
+        .expect("getpwnam")
+        .expect("user koprogo");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!("size=8m,mode=0700,uid={},gid={}", who.uid, who.gid))
+        .arg("tmpfs")
+        .arg(&work)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount tmpfs");
+    let _mount = Mount(work.clone());
+    let (code, out) = restore(&a, &file, &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("not enough free space")
+            && out.contains("backup-work")
+            && out.contains("nothing was changed"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&work).expect("ls").count(),
+        0,
+        "something was staged"
+    );
+    let after = snapshot(&a);
+    assert_eq!(after.items, before.items);
+    assert_eq!(after.uploads, before.uploads);
+    assert_eq!(after.secrets, before.secrets);
+    assert_eq!(after.api_pid, before.api_pid, "the API was restarted");
+    drop(_mount);
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

@@ -37,6 +37,7 @@ struct Swapped {
 pub(crate) async fn restore(b: &Backups, file: &Path, label: &str, force: bool) -> Result<String> {
     b.postgres_ready()
         .map_err(|e| anyhow!("{e:#}; nothing was changed"))?;
+    check_space(&b.cfg, file)?;
     let id = b.next_id();
     let stage = work_dir(&b.cfg).join(format!("restore-{id}"));
     ensure_dir(&stage, 0o700).with_context(|| format!("cannot create {}", stage.display()))?;
@@ -50,6 +51,39 @@ pub(crate) async fn restore(b: &Backups, file: &Path, label: &str, force: bool) 
         Err(e) => tracing::error!("restore: {e:#}"),
     }
     r
+}
+
+/// Room left on the staging disk beyond the staged copy (PostgreSQL and the logs
+/// go on writing meanwhile).
+const SPACE_MARGIN: u64 = 64 << 20;
+
+/// The staged copy of the dump and uploads takes about the file's size: refuse
+/// before writing anything when the staging disk does not have that much free.
+fn check_space(cfg: &crate::config::Config, file: &Path) -> Result<()> {
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}; nothing was changed", file.display()))?
+        .len();
+    let dir = work_dir(cfg);
+    let probe = if dir.exists() {
+        dir.clone()
+    } else {
+        cfg.paths.state.clone()
+    };
+    let Ok(disk) = crate::fsutil::disk_usage(&probe) else {
+        return Ok(()); // cannot tell: the staging itself reports a full disk
+    };
+    let need = size.saturating_add(SPACE_MARGIN);
+    if disk.available < need {
+        bail!(
+            "not enough free space in {} to stage {} ({} MiB needed, {} MiB free): free some \
+             space on that disk and try again; nothing was changed",
+            probe.display(),
+            file.display(),
+            need >> 20,
+            disk.available >> 20
+        );
+    }
+    Ok(())
 }
 
 async fn restore_staged(
