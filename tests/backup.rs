@@ -490,6 +490,28 @@ fn retention_by_count_and_age_keeps_the_newest_good_one_and_copy_hook_failures_s
 
 /// Unmounts the tmpfs even when the test fails.
 struct Mount(PathBuf);
+
+impl Mount {
+    /// A tmpfs of `size` (e.g. "2m") at `dir`, owned by the service user; unmounted
+    /// when dropped.
+    fn tmpfs(dir: &Path, size: &str, mode: &str) -> Mount {
+        let who = nix::unistd::User::from_name("koprogo")
+            .expect("getpwnam")
+            .expect("user koprogo");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!(
+                "size={size},mode={mode},uid={},gid={}",
+                who.uid, who.gid
+            ))
+            .arg("tmpfs")
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs");
+        Mount(dir.to_path_buf())
+    }
+}
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -508,18 +530,7 @@ fn full_disk_during_backup_leaves_earlier_backups_and_no_partial_file() {
     let mut a = Appliance::new("\n[backup]\nenabled = false\ndir = \"bk\"\n");
     let bk = a.path("bk");
     std::fs::create_dir(&bk).expect("mkdir");
-    let who = nix::unistd::User::from_name("koprogo")
-        .expect("getpwnam")
-        .expect("user koprogo");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o"])
-        .arg(format!("size=2m,mode=0750,uid={},gid={}", who.uid, who.gid))
-        .arg("tmpfs")
-        .arg(&bk)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount tmpfs");
-    let _mount = Mount(bk.clone());
+    let _mount = Mount::tmpfs(&bk, "2m", "0750");
     a.start();
     a.wait_ready();
     post(&a, "/api/v1/items", "small");
@@ -641,18 +652,7 @@ fn restore_without_room_to_stage_is_refused_before_anything_changes() {
     // The staging directory on an 8 MiB disk: less than the file and the margin.
     let work = a.path("state/backup-work");
     std::fs::create_dir_all(&work).expect("mkdir");
-    let who = nix::unistd::User::from_name("koprogo")
-        .expect("getpwnam")
-        .expect("user koprogo");
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o"])
-        .arg(format!("size=8m,mode=0700,uid={},gid={}", who.uid, who.gid))
-        .arg("tmpfs")
-        .arg(&work)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount tmpfs");
-    let _mount = Mount(work.clone());
+    let _mount = Mount::tmpfs(&work, "8m", "0700");
     let (code, out) = restore(&a, &file, &[]);
     assert_ne!(code, 0, "{out}");
     assert!(

@@ -27,17 +27,7 @@ const CSS: &str = "body{font-family:sans-serif;background:#eef3f8}h1{color:#1d4e
 fn run_chromium(bin: &Path, home: &Path, args: &[String]) -> String {
     let mut child = Command::new(bin)
         .env("HOME", home)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
+        .args(common::chromium::FLAGS)
         .arg(format!(
             "--user-data-dir={}",
             home.join("profile").display()

@@ -26,6 +26,20 @@ use serde_json::{json, Value};
 /// Longest wait for one DevTools command's reply.
 const CALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// Headless, no sandbox (root in CI), and nothing that reaches beyond loopback:
+/// this machine's network is closed, and a test must not wait on it.
+pub const FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+];
+
 /// Debian's Chromium, if installed.
 pub fn binary() -> Option<PathBuf> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -116,16 +130,8 @@ impl Browser {
         let (cr, ew) = (cmd_r.as_raw_fd(), evt_w.as_raw_fd());
         let mut cmd = Command::new(bin);
         cmd.env("HOME", home)
+            .args(FLAGS)
             .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
                 "--disable-extensions",
                 "--remote-debugging-pipe",
                 // Loopback only: any other name (the page's analytics, fonts…)
