@@ -87,25 +87,19 @@ impl Proxy {
         }
     }
 
-    /// One request for the site: on an HTTPS listener (`secure`), or on a plain one
-    /// when TLS is off (behind another terminator).
     /// The local CA's revocation list (what the leaves' CRL distribution point names).
     fn crl(&self) -> Response<Body> {
         match self.tls.crl() {
             Some(der) => {
-                let mut r = Response::new(full(Bytes::from(der.to_vec())));
-                let h = r.headers_mut();
-                h.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/pkix-crl"),
+                let mut r = whole(
+                    StatusCode::OK,
+                    "application/pkix-crl",
+                    Bytes::from(der.to_vec()),
                 );
-                h.insert(
+                r.headers_mut().insert(
                     header::CACHE_CONTROL,
                     HeaderValue::from_static("max-age=3600"),
                 );
-                if let Ok(v) = HeaderValue::from_str(&der.len().to_string()) {
-                    h.insert(header::CONTENT_LENGTH, v);
-                }
                 r
             }
             None => text(
@@ -143,6 +137,8 @@ impl Proxy {
         None
     }
 
+    /// One request for the site: on an HTTPS listener (`secure`), or on a plain one
+    /// when TLS is off (behind another terminator).
     pub async fn handle_site(
         &self,
         mut req: Request<Incoming>,
@@ -539,6 +535,11 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 }
 
 pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    whole(status, content_type, Bytes::from(body))
+}
+
+/// A complete answer: status, type, length and the bytes.
+pub fn whole(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
     let len = body.len();
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
