@@ -256,7 +256,6 @@ async fn run_conn<IO, S>(
     }
 }
 
-/// IPv4-mapped IPv6 addresses (dual-stack listeners) as plain IPv4.
 /// Who the client is: an IPv4 address (also when it came IPv4-mapped), or an IPv6
 /// client's network of `prefix` bits (its host bits zeroed), since whoever has a
 /// /64 can use any of its addresses.
