@@ -8,10 +8,11 @@ pub mod chromium;
 pub mod https;
 pub mod load;
 pub mod pg;
+pub mod ports;
 pub mod real;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,9 +42,9 @@ pub fn demo_bin() -> PathBuf {
     p
 }
 
+/// A loopback port reserved for this test process (see `ports`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    ports::reserve(1, false)
 }
 
 pub fn is_root() -> bool {
@@ -90,17 +91,11 @@ impl Appliance {
             }
             None => demo,
         };
-        let backend_port = free_port();
         // backend.port and the next ones belong to the API instances and their
-        // update spares: keep the other ports out of that range.
-        let other_port = || loop {
-            let p = free_port();
-            if !(backend_port..backend_port.saturating_add(8)).contains(&p) {
-                return p;
-            }
-        };
-        let (http, https) = (other_port(), other_port());
-        let metrics_port = other_port();
+        // update spares: all eight are reserved.
+        let backend_port = ports::reserve(8, false);
+        let (http, https) = (free_port(), free_port());
+        let metrics_port = free_port();
         // max_connections = 18: the demo backend holds a real sqlx pool like
         // koprogo-api. PostgreSQL refuses the API's role once fewer than
         // superuser_reserved_connections (3) slots are free, and koprogo's own

@@ -7,9 +7,12 @@
 //! die with the test (PR_SET_PDEATHSIG) even if it is killed.
 #![allow(dead_code)]
 
+#[path = "../common/ports.rs"]
+pub mod ports;
+
 use std::fs::File;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,21 +66,11 @@ pub fn pebble_available() -> bool {
     Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists()
 }
 
-/// A loopback port free for TCP (and UDP when `udp`), released for the caller. Taken
-/// below the kernel's ephemeral range (32768+), so the outgoing connections and `:0`
-/// listeners of parallel tests cannot grab it before Pebble binds it (again, after
-/// a restart).
+/// A loopback port free for TCP (and UDP when `udp`), reserved for this test process
+/// below the kernel's ephemeral range (see `ports`), so Pebble can bind it again after
+/// a restart.
 pub fn free_port(udp: bool) -> u16 {
-    use rand::Rng;
-    for _ in 0..1000 {
-        let port: u16 = rand::thread_rng().gen_range(20000..32000);
-        if StdTcpListener::bind(("127.0.0.1", port)).is_ok()
-            && (!udp || UdpSocket::bind(("127.0.0.1", port)).is_ok())
-        {
-            return port;
-        }
-    }
-    panic!("no free loopback port");
+    ports::reserve(1, udp)
 }
 
 /// Pebble and its fake DNS, killed on drop.
