@@ -12,8 +12,10 @@ use std::fs::File;
 use std::net::{TcpListener, UdpSocket};
 use std::sync::Mutex;
 
+use nix::fcntl::{Flock, FlockArg};
+
 /// Locks held for the life of the process (dropping a file releases its lock).
-static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<Flock<File>>> = Mutex::new(Vec::new());
 
 /// The ports tests draw from: below the ephemeral range, above the well-known ones.
 fn range() -> std::ops::Range<u16> {
@@ -33,14 +35,14 @@ fn lock_dir() -> std::path::PathBuf {
 }
 
 /// Reserves the port for this process, or None when another process holds it.
-fn lock(dir: &std::path::Path, port: u16) -> Option<File> {
+fn lock(dir: &std::path::Path, port: u16) -> Option<Flock<File>> {
     let f = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join(port.to_string()))
         .expect("open a test port lock file");
-    f.try_lock().ok().map(|()| f)
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 fn bindable(port: u16, udp: bool) -> bool {

@@ -7,6 +7,9 @@
 //! die with the test (PR_SET_PDEATHSIG) even if it is killed.
 #![allow(dead_code)]
 
+// Also loaded by `common` in test crates that use both; the two copies cannot hand
+// out the same port, as each reservation is a lock on its own open file.
+#[allow(clippy::duplicate_mod)]
 #[path = "../common/ports.rs"]
 pub mod ports;
 
