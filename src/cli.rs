@@ -151,6 +151,26 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From a root shell, a command works as the service user before it touches
+    // anything that user owns. `run` and `check` need root for the ports and the
+    // directories; `ca export`, `backup verify` and `restore` first read or write
+    // what the operator named (as root), then drop.
+    let keeps_root = matches!(
+        cli.command,
+        Command::Run
+            | Command::Check
+            | Command::Ca { .. }
+            | Command::Restore { .. }
+            | Command::Backup {
+                command: BackupCommand::Verify { .. }
+            }
+    );
+    if !keeps_root {
+        if let Err(e) = privileges::drop_for_command(&cfg) {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Command::Run => run(cfg),
         Command::Check => check(&cfg),
@@ -747,19 +767,19 @@ fn psql(cfg: &Config, args: Vec<String>) -> ExitCode {
 }
 
 fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
-    let pem = match crate::tls::export_root(cfg) {
-        Ok(p) => p,
+    // The CA is read (or made, before the first boot) as the service user: its files
+    // are that user's, and a link planted among them gives it nothing.
+    let pem = match privileges::as_service_user(cfg, 1 << 20, || {
+        crate::tls::export_root(cfg)
+            .map(String::into_bytes)
+            .map_err(|e| format!("{e:#}"))
+    }) {
+        Ok(p) => String::from_utf8_lossy(&p).into_owned(),
         Err(e) => {
             eprintln!("koprogo: {e:#}");
             return ExitCode::from(1);
         }
     };
-    // Run as root before the first boot, the CA files must still belong to the service user.
-    if nix::unistd::Uid::effective().is_root() {
-        if let Ok(who) = privileges::target_identity(cfg) {
-            chown_tree(&cfg.paths.state.join("tls"), &who);
-        }
-    }
     match file {
         None => {
             print!("{pem}");
@@ -778,20 +798,6 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
                 ExitCode::from(1)
             }
         },
-    }
-}
-
-fn chown_tree(dir: &std::path::Path, who: &privileges::Identity) {
-    let _ = nix::unistd::chown(dir, Some(who.uid), Some(who.gid));
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                chown_tree(&p, who);
-            } else {
-                let _ = nix::unistd::chown(&p, Some(who.uid), Some(who.gid));
-            }
-        }
     }
 }
 

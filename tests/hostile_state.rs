@@ -63,6 +63,13 @@ fn planted_links_devices_and_fifos_in_the_state_dir_get_clear_errors() {
         nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
     .expect("mkfifo");
+    // Planted by the service user: its own (root's commands work as that user).
+    if common::is_root() {
+        if let Ok(Some(u)) = nix::unistd::User::from_name("koprogo") {
+            nix::unistd::chown(&state.join("secrets.env"), Some(u.uid), Some(u.gid))
+                .expect("chown");
+        }
+    }
     let (code, out) = bounded(&a, &["admin-password"]);
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("not a regular file"), "{out}");
@@ -80,5 +87,18 @@ fn planted_links_devices_and_fifos_in_the_state_dir_get_clear_errors() {
             .is_symlink(),
         "the planted file was replaced"
     );
+
+    // `check` stays root (ports, directories): a FIFO as the state lock and an endless
+    // PG_VERSION do not hang it.
+    std::fs::remove_file(&history).expect("rm");
+    nix::unistd::mkfifo(
+        &state.join("koprogo.lock"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .expect("mkfifo");
+    std::fs::create_dir_all(state.join("pgdata")).expect("pgdata");
+    std::os::unix::fs::symlink("/dev/zero", state.join("pgdata/PG_VERSION")).expect("symlink");
+    let (_, out) = bounded(&a, &["check"]);
+    assert!(out.contains("configuration"), "{out}");
     a.assert_no_leftovers(Duration::from_secs(5));
 }

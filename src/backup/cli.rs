@@ -54,41 +54,82 @@ impl Drop for Decrypted {
     }
 }
 
-fn decrypt_for_supervisor(cfg: &Config, file: &Path, identity: &Path) -> Result<Decrypted> {
+fn decrypt_for_supervisor(
+    cfg: &Config,
+    file: &Path,
+    input: std::fs::File,
+    identity: &Path,
+    identity_text: &[u8],
+) -> Result<Decrypted> {
     let dir = &cfg.backup.dir;
     crate::fsutil::ensure_dir(dir, 0o750)
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let dst = dir.join(format!(".decrypted-{}.kbk", std::process::id()));
-    let _ = std::fs::remove_file(&dst);
+    let dst = dir.join(format!(
+        ".decrypted-{}-{:08x}.kbk",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let guard = Decrypted(dst.clone());
     eprintln!("koprogo: decrypting {} …", file.display());
-    super::crypt::decrypt(file, identity, &dst)?;
-    if nix::unistd::Uid::effective().is_root() {
-        let who = crate::supervisor::privileges::target_identity(cfg)?;
-        nix::unistd::chown(&dst, Some(who.uid), Some(who.gid))
-            .with_context(|| format!("cannot chown {} to {}", dst.display(), who.name))?;
-    }
+    super::crypt::decrypt_opened(file, input, identity, identity_text, &dst)?;
     Ok(guard)
 }
 
 /// The file to hand to the supervisor, and a decrypted copy to remove afterwards.
+/// From a root shell, what the operator named (the backup, the identity) is read as
+/// root, then everything else happens as the service user (see
+/// `privileges::drop_for_command`): the decrypted copy is that user's own file in
+/// its backup directory, and nothing it planted there is followed by root.
 fn prepare(
     cfg: &Config,
     file: &Path,
     identity: Option<&Path>,
 ) -> Result<(PathBuf, Option<Decrypted>), String> {
-    if !file.is_file() {
-        return Err(format!("{}: no such file", file.display()));
-    }
-    if super::archive::is_age(file) {
-        let Some(id) = identity else {
+    let opened = crate::fsutil::walk::open_file(file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("{}: no such file", file.display())
+        } else {
+            e.to_string()
+        }
+    })?;
+    let encrypted = {
+        use std::os::unix::fs::FileExt;
+        let mut head = [0u8; 21];
+        opened.read_exact_at(&mut head, 0).is_ok() && &head == b"age-encryption.org/v1"
+    };
+    let id = match (encrypted, identity) {
+        (true, None) => {
             return Err(format!(
                 "{} is encrypted (age): pass --identity FILE, the key whose public half is backup.encrypt_to",
                 file.display()
-            ));
-        };
-        let d = decrypt_for_supervisor(cfg, file, &absolute(id)).map_err(|e| format!("{e:#}"))?;
+            ))
+        }
+        (true, Some(id)) => {
+            let id = absolute(id);
+            let text = crate::fsutil::walk::open_file(&id)
+                .and_then(|f| {
+                    use std::io::Read;
+                    let mut t = Vec::new();
+                    f.take(1 << 20).read_to_end(&mut t).map(|_| t)
+                })
+                .map_err(|e| format!("cannot read the identity file {}: {e}", id.display()))?;
+            Some((id, text))
+        }
+        (false, _) => None,
+    };
+    crate::supervisor::privileges::drop_for_command(cfg).map_err(|e| format!("{e:#}"))?;
+    if let Some((id, text)) = id {
+        let d =
+            decrypt_for_supervisor(cfg, file, opened, &id, &text).map_err(|e| format!("{e:#}"))?;
         return Ok((d.0.clone(), Some(d)));
+    }
+    // The supervisor reads the file itself, as the service user.
+    if let Err(e) = std::fs::File::open(file) {
+        return Err(format!(
+            "{}: the service user cannot read it ({e}): copy it into backup.dir ({}) or let that user read it",
+            file.display(),
+            cfg.backup.dir.display()
+        ));
     }
     Ok((file.to_path_buf(), None))
 }

@@ -73,11 +73,25 @@ pub fn encrypt(
 
 /// Decrypts `src` with the identities in `identity` into the new file `dst` (0600).
 pub fn decrypt(src: &Path, identity: &Path, dst: &Path) -> Result<()> {
-    let ids = age::IdentityFile::from_file(identity.display().to_string())
+    let id = std::fs::read(identity)
+        .with_context(|| format!("cannot read the identity file {}", identity.display()))?;
+    let input = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    decrypt_opened(src, input, identity, &id, dst)
+}
+
+/// [`decrypt`] from a file and an identity already read (by root, for the
+/// operator), named `src` and `identity` in messages.
+pub fn decrypt_opened(
+    src: &Path,
+    input: File,
+    identity: &Path,
+    identity_text: &[u8],
+    dst: &Path,
+) -> Result<()> {
+    let ids = age::IdentityFile::from_buffer(identity_text)
         .with_context(|| format!("cannot read the identity file {}", identity.display()))?
         .into_identities()
         .map_err(|e| anyhow!("{}: {e}", identity.display()))?;
-    let input = File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
     let dec = age::Decryptor::new_buffered(BufReader::with_capacity(1 << 20, input))
         .map_err(|e| anyhow!("{}: not a readable age file ({e})", src.display()))?;
     let mut reader = dec

@@ -27,9 +27,10 @@ pub fn data_dir(cfg: &Config) -> PathBuf {
     cfg.paths.state.join("pgdata")
 }
 
-/// The major version of an existing cluster, if there is one.
+/// The major version of an existing cluster, if there is one. Root's `check` reads
+/// it too: bounded, no link followed.
 pub fn cluster_major(data: &Path) -> Option<u32> {
-    std::fs::read_to_string(data.join("PG_VERSION"))
+    crate::fsutil::read_bounded_string(&data.join("PG_VERSION"), 64)
         .ok()
         .and_then(|s| s.trim().parse().ok())
 }

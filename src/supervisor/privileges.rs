@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
-use crate::fsutil::ensure_dir;
+use crate::fsutil::ensure_dir_fd;
 
 /// The identity the supervisor and every child run with.
 #[derive(Debug, Clone)]
@@ -69,24 +69,106 @@ pub fn target_identity(cfg: &Config) -> Result<Identity> {
 /// Creates state (0750), logs (0750) and run (0750) with their owner, then drops
 /// privileges if we are root. After this nothing runs as root.
 pub fn prepare_and_drop(cfg: &Config, who: &Identity) -> Result<()> {
-    let root = Uid::effective().is_root();
-    for dir in [&cfg.paths.state, &cfg.paths.logs, &cfg.paths.run] {
-        ensure_dir(dir, 0o750).with_context(|| format!("cannot create {}", dir.display()))?;
-        if root {
-            nix::unistd::chown(dir, Some(who.uid), Some(who.gid))
-                .with_context(|| format!("cannot chown {} to {}", dir.display(), who.name))?;
-        }
-    }
-    if root {
-        nix::unistd::setgroups(&[who.gid]).context("setgroups")?;
-        nix::unistd::setgid(who.gid).context("setgid")?;
-        nix::unistd::setuid(who.uid).context("setuid")?;
-        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            bail!("dropping privileges failed: root could be regained");
-        }
+    prepare_dirs(cfg, who)?;
+    if Uid::effective().is_root() {
+        become_user(who)?;
         tracing::info!("running as {} (uid {})", who.name, who.uid);
     }
     Ok(())
+}
+
+/// Creates state, logs and run (0750) and, as root, gives them to `who`.
+pub fn prepare_dirs(cfg: &Config, who: &Identity) -> Result<()> {
+    let root = Uid::effective().is_root();
+    for dir in [&cfg.paths.state, &cfg.paths.logs, &cfg.paths.run] {
+        // Walked without following links the service user could plant, and chowned
+        // through the descriptor of the directory that was really there.
+        let fd = ensure_dir_fd(dir, 0o750)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        if root {
+            nix::unistd::fchown(fd.as_raw_fd(), Some(who.uid), Some(who.gid))
+                .with_context(|| format!("cannot chown {} to {}", dir.display(), who.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Becomes `who` for good: groups, gid, uid, and checks root cannot be regained.
+fn become_user(who: &Identity) -> Result<()> {
+    nix::unistd::setgroups(&[who.gid]).context("setgroups")?;
+    nix::unistd::setgid(who.gid).context("setgid")?;
+    nix::unistd::setuid(who.uid).context("setuid")?;
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        bail!("dropping privileges failed: root could be regained");
+    }
+    Ok(())
+}
+
+/// A command run from a root shell that only needs the service user's rights:
+/// become that user for good before touching anything it owns (the state, logs, run
+/// and backup directories, the control socket), so a link it planted there gives it
+/// nothing. Nothing to do when not root.
+pub fn drop_for_command(cfg: &Config) -> Result<()> {
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
+    let who = target_identity(cfg)?;
+    become_user(&who)
+}
+
+/// Runs `work` as the service user and hands its output back: in a child process
+/// that drops privileges first when we are root (the caller stays root, e.g. to
+/// write the result where the operator asked), directly otherwise. The state, logs
+/// and run directories are made first (as `run` makes them). The output is
+/// bounded to `max` bytes. Only for the single-threaded command line.
+pub fn as_service_user(
+    cfg: &Config,
+    max: usize,
+    work: impl FnOnce() -> std::result::Result<Vec<u8>, String>,
+) -> Result<Vec<u8>> {
+    use std::io::Read;
+    if !Uid::effective().is_root() {
+        return work().map_err(|e| anyhow::anyhow!(e));
+    }
+    let who = target_identity(cfg)?;
+    prepare_dirs(cfg, &who)?;
+    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: the command line has one thread; the child only drops privileges,
+    // runs `work`, writes to the pipe and exits.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Child => {
+            drop(r);
+            let mut out = File::from(w);
+            let (code, data) = match become_user(&who)
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|()| work())
+            {
+                Ok(d) => (0, d),
+                Err(e) => (1, e.into_bytes()),
+            };
+            let _ = out.write_all(&data);
+            drop(out);
+            // SAFETY: leave the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut data = Vec::new();
+            let read = File::from(r).take(max as u64 + 1).read_to_end(&mut data);
+            let status = nix::sys::wait::waitpid(child, None).context("waitpid")?;
+            read.context("reading the service user's answer")?;
+            if data.len() > max {
+                bail!("the answer of the service user's process is over {max} bytes");
+            }
+            match status {
+                nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(data),
+                nix::sys::wait::WaitStatus::Exited(_, _) => {
+                    bail!("{}", String::from_utf8_lossy(&data))
+                }
+                other => bail!("the process working as {} ended with {other:?}", who.name),
+            }
+        }
+    }
 }
 
 pub fn lock_path(cfg: &Config) -> std::path::PathBuf {
@@ -102,6 +184,7 @@ pub fn lock_state(cfg: &Config) -> Result<File> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: flock on a descriptor we own for the duration of the call.
@@ -121,7 +204,15 @@ pub fn lock_state(cfg: &Config) -> Result<File> {
 /// Is a supervisor holding the state lock right now? (Never creates the file.)
 pub fn running_pid(cfg: &Config) -> Option<String> {
     let path = lock_path(cfg);
-    let f = File::open(&path).ok()?;
+    // Root's `check` and `status` come here: no link followed, no FIFO waited on.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
     // SAFETY: flock on a descriptor we own; a shared lock is released with `f`.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
         None

@@ -7,6 +7,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+pub mod walk;
+
 /// Writes `data` to `path` atomically with permission bits `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -14,21 +16,29 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A fresh name, created exclusively and never through a link: whatever someone
+    // planted under a guessable name is not written through.
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = &result {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     result
 }
@@ -81,20 +91,22 @@ pub fn read_bounded_string(path: &Path, max: u64) -> std::io::Result<String> {
 }
 
 /// Creates `dir` if missing and sets its mode. Missing parents are created 0755, so
-/// the service user can reach a directory that root created for it.
+/// the service user can reach a directory that root created for it. The path is
+/// walked without following links anyone but root (or we) could have planted
+/// ([`walk::open_dir`]), and the mode is set on the directory's descriptor.
 pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(parent) = dir.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            ensure_dir(parent, 0o755)?;
-        }
-    }
-    match std::fs::DirBuilder::new().mode(mode).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+    ensure_dir_fd(dir, mode).map(drop)
+}
+
+/// [`ensure_dir`], returning the directory's descriptor (for `fchown`, `openat`).
+pub fn ensure_dir_fd(dir: &Path, mode: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let fd = walk::open_dir(dir, Some((0o755, mode)))?;
+    nix::sys::stat::fchmod(
+        fd.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    )?;
+    Ok(fd)
 }
 
 /// Size, used and available bytes of the filesystem holding `path`, the way `df`
