@@ -231,19 +231,36 @@ host_checks() {
 }
 field() { awk -v k="$2:" '$1 == k { print $2; exit }' "/proc/$1/status" 2>/dev/null; }
 check_processes() {
-  local uid main p n=0 bad=0
+  local uid api main p n=0 bad=0
   uid=$(id -u koprogo)
+  api=$(id -u koprogo-api)
   main=$(systemctl show -p MainPID --value koprogo)
   for p in $(unit_pids); do
     n=$((n + 1))
-    [ "$(field "$p" Uid)" = "$uid" ] || { echo "  pid $p ($(cat /proc/$p/comm)) uid $(field "$p" Uid)"; bad=1; }
+    case "$(field "$p" Uid)" in
+      "$uid" | "$api") ;;
+      *) echo "  pid $p ($(cat /proc/$p/comm)) uid $(field "$p" Uid)"; bad=1 ;;
+    esac
     if [ "$p" != "$main" ]; then
       [ "$(field "$p" CapEff)" = 0000000000000000 ] || { echo "  pid $p CapEff $(field "$p" CapEff)"; bad=1; }
       [ "$(field "$p" CapAmb)" = 0000000000000000 ] || { echo "  pid $p CapAmb $(field "$p" CapAmb)"; bad=1; }
     fi
   done
-  echo "  $n processes, all uid $uid; children without capabilities"
+  echo "  $n processes, all uid $uid or $api; children without capabilities"
   [ $n -ge 3 ] && [ $bad = 0 ]
+}
+# The API server and the launcher run as koprogo-api, which reads nothing of the
+# appliance but its uploads and temp files.
+check_api_user() {
+  local p n=0 bad=0
+  for p in $(user_procs koprogo-api); do n=$((n + 1)); done
+  [ $n -ge 2 ] || { echo "  $n processes of koprogo-api (API + launcher expected)"; bad=1; }
+  for f in /var/lib/koprogo/secrets.env /var/lib/koprogo/tls/ca/root.key /var/lib/koprogo/pgdata/PG_VERSION; do
+    if runuser -u koprogo-api -- cat "$f" >/dev/null 2>&1; then echo "  koprogo-api can read $f"; bad=1; fi
+  done
+  if runuser -u koprogo-api -- ls /var/lib/koprogo >/dev/null 2>&1; then echo "  koprogo-api can list the state"; bad=1; fi
+  if runuser -u koprogo-api -- koprogo status >/dev/null 2>&1; then echo "  koprogo-api can use the control socket"; bad=1; fi
+  [ $bad = 0 ]
 }
 # What every installed package must look like once it runs under systemd: unit,
 # PostgreSQL, the site and API through the proxy, the user, modes, processes.
@@ -257,9 +274,11 @@ installed_checks() {
   check "API health through the proxy" is_eq "$(http https://localhost/api/v1/health)" 200
   check "plain HTTP answers (redirect)" [ "$(http http://localhost/)" -lt 500 ]
   check "user koprogo (system, nologin)" is_eq "$(getent passwd koprogo | cut -d: -f6,7)" "/var/lib/koprogo:/usr/sbin/nologin"
-  check "state dir" is_eq "$(perm /var/lib/koprogo)" "750 koprogo:koprogo"
+  check "user koprogo-api (system, nologin)" is_eq "$(getent passwd koprogo-api | cut -d: -f7)" "/usr/sbin/nologin"
+  check "koprogo in group koprogo-api" sh -c 'id -nG koprogo | tr " " "\n" | grep -qx koprogo-api'
+  check "state dir (passable for the API's group)" is_eq "$(perm /var/lib/koprogo)" "710 koprogo:koprogo-api"
   check "log dir" is_eq "$(perm /var/log/koprogo)" "750 koprogo:koprogo"
-  check "run dir" is_eq "$(perm /run/koprogo)" "750 koprogo:koprogo"
+  check "run dir (passable for the API's group)" is_eq "$(perm /run/koprogo)" "710 koprogo:koprogo-api"
   check "cluster dir" is_eq "$(perm /var/lib/koprogo/pgdata)" "700 koprogo:koprogo"
   check "secrets generated, 0600" is_eq "$(perm /var/lib/koprogo/secrets.env)" "600 koprogo:koprogo"
   check "secrets complete" grep -q '^JWT_SECRET=.' /var/lib/koprogo/secrets.env
@@ -267,7 +286,8 @@ installed_checks() {
   check "config file (conffile)" is_eq "$(perm /etc/koprogo/koprogo.toml)" "640 root:koprogo"
   check "no secret in the package" sh -c '! dpkg -L koprogo | grep -qi secret'
   check "apt keeps PostgreSQL 15" grep -q '"^postgresql-15\$"' /etc/apt/apt.conf.d/02autoremove-koprogo
-  check "processes: service user, no stray capabilities" check_processes
+  check "processes: service users, no stray capabilities" check_processes
+  check "the API runs as koprogo-api and reads nothing of the appliance" check_api_user
   check "supervisor has CAP_NET_BIND_SERVICE only" is_eq "$(field "$(systemctl show -p MainPID --value koprogo)" CapEff)" 0000000000000400
 }
 # apt-get purge, then nothing of koprogo may be left: files, user, group, overrides,
@@ -286,6 +306,8 @@ purge_checks() {
   done
   check "purged: user" sh -c '! getent passwd koprogo'
   check "purged: group" sh -c '! getent group koprogo'
+  check "purged: user koprogo-api" sh -c '! getent passwd koprogo-api'
+  check "purged: group koprogo-api" sh -c '! getent group koprogo-api'
   check "purged: statoverrides" sh -c '! dpkg-statoverride --list | grep -q koprogo'
   check "purged: systemd links" [ -z "$(find /etc/systemd /var/lib/systemd -name 'koprogo*' 2>/dev/null)" ]
   check "purged: nothing under /var/lib/dpkg/info" [ -z "$(ls /var/lib/dpkg/info/koprogo.* 2>/dev/null)" ]

@@ -54,6 +54,15 @@ koprogo_install_deps() {
       --shell /usr/sbin/nologin koprogo >/dev/null
     echo "created the system user koprogo"
   fi
+  # The API server's own user (backend.user); the supervisor's user is in its group.
+  if [[ $(id -u) -eq 0 ]] && ! getent passwd koprogo-api >/dev/null; then
+    adduser --system --group --home /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin koprogo-api >/dev/null
+    echo "created the system user koprogo-api"
+  fi
+  if [[ $(id -u) -eq 0 ]] && ! id -nG koprogo | tr ' ' '\n' | grep -qx koprogo-api; then
+    adduser koprogo koprogo-api >/dev/null
+  fi
 }
 
 # As root, the service user must be able to reach the checkout (a fresh clone in a

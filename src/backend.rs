@@ -21,7 +21,6 @@ use hyper::body::Bytes;
 use nix::sys::signal::Signal;
 
 use crate::config::Config;
-use crate::fsutil::ensure_dir;
 use crate::postgres::cluster::{APP_DB, APP_ROLE};
 use crate::postgres::Db;
 use crate::secrets::{self, Secrets};
@@ -78,6 +77,77 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
         work: cfg.paths.state.join("api"),
         uploads: cfg.paths.state.join("uploads"),
         tmp: cfg.paths.state.join("tmp"),
+    }
+}
+
+/// Makes the API's directories. When it runs as its own user (see
+/// `supervisor::launcher`), they belong to that user's group, which the supervisor
+/// is in: the working directory readable (0750), uploads and temp files writable
+/// and inherited by the group (02770); uploads restored or written earlier by the
+/// supervisor are handed to the group too. Otherwise all are the supervisor's own.
+fn prepare_dirs(d: &ApiDirs) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let api_gid = crate::supervisor::launcher::get().map(|l| l.api.gid);
+    for (dir, shared, private) in [
+        (&d.work, 0o750, 0o750),
+        (&d.uploads, 0o2770, 0o750),
+        (&d.tmp, 0o2770, 0o700),
+    ] {
+        let mode = if api_gid.is_some() { shared } else { private };
+        let fd = crate::fsutil::ensure_dir_fd(dir, mode)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        if let Some(gid) = api_gid {
+            nix::unistd::fchown(fd.as_raw_fd(), None, Some(gid))
+                .with_context(|| format!("cannot give {} to the API's group", dir.display()))?;
+        }
+    }
+    if let Some(gid) = api_gid {
+        share_tree(&d.uploads, gid);
+    }
+    Ok(())
+}
+
+/// Gives every file and directory under `dir` to group `gid`, group-writable
+/// (links are neither followed nor changed). Runs as the supervisor's user.
+fn share_tree(dir: &std::path::Path, gid: nix::unistd::Gid) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.file_type().is_symlink() {
+            continue;
+        }
+        let want = if m.is_dir() {
+            m.mode() | 0o2070
+        } else {
+            m.mode() | 0o060
+        } & 0o7777;
+        if m.gid() != gid.as_raw() {
+            let _ = nix::unistd::fchownat(
+                None,
+                &p,
+                None,
+                Some(gid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+        }
+        if m.mode() & 0o7777 != want {
+            // Not through a link the API user may have swapped in meanwhile.
+            let _ = nix::sys::stat::fchmodat(
+                None,
+                &p,
+                nix::sys::stat::Mode::from_bits_truncate(want),
+                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+            );
+        }
+        if m.is_dir() {
+            share_tree(&p, gid);
+        }
     }
 }
 
@@ -184,11 +254,7 @@ impl ApiService {
     /// The command of an API server listening on `port`.
     pub async fn prepare_on(&self, port: u16) -> Result<ChildSpec> {
         let d = dirs(&self.cfg);
-        ensure_dir(&d.work, 0o750)
-            .with_context(|| format!("cannot create {}", d.work.display()))?;
-        ensure_dir(&d.uploads, 0o750)
-            .with_context(|| format!("cannot create {}", d.uploads.display()))?;
-        ensure_dir(&d.tmp, 0o700).with_context(|| format!("cannot create {}", d.tmp.display()))?;
+        prepare_dirs(&d)?;
         let cmd = &self.cfg.backend.command;
         if !cmd.is_file() {
             return Err(NotInstalled(format!(
@@ -204,6 +270,7 @@ impl ApiService {
             env: environment(&self.cfg, &self.secrets, port)?,
             cwd: d.work,
             death_signal: Signal::SIGKILL,
+            as_api_user: true,
         })
     }
 

@@ -77,6 +77,28 @@ pub fn preflight(cfg: &Config) -> Preflight {
     if let Some(url) = &cfg.postgres.external {
         external_files(cfg, url, &mut p);
     }
+    // Who runs the API server: its own user, or the supervisor's when we cannot switch.
+    let api = match privileges::api_identity(cfg) {
+        Ok(Some(api)) => {
+            p.notes.push(format!(
+                "the API server runs as {} (uid {}), apart from the supervisor",
+                api.name, api.uid
+            ));
+            Some(api)
+        }
+        Ok(None) => {
+            p.notes.push(
+                "the API server runs as the supervisor's user (start koprogo as root or under \
+                 the packaged unit to give it its own, backend.user)"
+                    .into(),
+            );
+            p.who.clone()
+        }
+        Err(e) => {
+            p.problems.push(format!("{e:#}"));
+            None
+        }
+    };
     let cmd = &cfg.backend.command;
     match std::fs::metadata(cmd) {
         Ok(m) if m.is_file() => {
@@ -87,7 +109,7 @@ pub fn preflight(cfg: &Config) -> Preflight {
                     cfg.file.display(),
                     cmd.display()
                 ));
-            } else if let Some(who) = &p.who {
+            } else if let Some(who) = &api {
                 if let Err(e) = privileges::executable_by(cmd, who) {
                     p.problems.push(format!(
                         "{}: backend.command = {}: {e}",

@@ -248,6 +248,21 @@ fn run(cfg: Config) -> ExitCode {
         return ExitCode::from(1);
     };
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    // The API's own user: the launcher is forked first, before any listener, log
+    // or lock is opened, while we may still switch users.
+    let api = match privileges::api_identity(&cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(api) = &api {
+        if let Err(e) = supervisor::launcher::start(&cfg.backend.command, api.clone()) {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
+    }
     // Ports 80/443 are bound while we may still be root.
     let listeners = match crate::proxy::server::bind(&cfg) {
         Ok(l) => l,
@@ -256,9 +271,16 @@ fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = privileges::prepare_and_drop(&cfg, &who) {
+    if let Err(e) = privileges::prepare_and_drop(&cfg, &who, api.as_ref()) {
         eprintln!("koprogo: {e:#}");
         return ExitCode::from(1);
+    }
+    if api.is_some() {
+        // Under the packaged unit we are not root: give up switching users now.
+        if let Err(e) = supervisor::launcher::drop_switching() {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
     }
     let lock = match privileges::lock_state(&cfg) {
         Ok(l) => l,

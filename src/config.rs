@@ -150,6 +150,10 @@ pub struct Backend {
     /// The koprogo-api binary (no arguments are passed, by contract).
     #[serde(default = "default_backend_command")]
     pub command: PathBuf,
+    /// The system user the API server runs as when koprogo starts with the privilege
+    /// to switch (as root, or under the packaged unit): its own, apart from `user`.
+    #[serde(default = "default_backend_user")]
+    pub user: String,
     /// Loopback port it listens on (the first instance's).
     #[serde(default = "default_backend_port")]
     pub port: u16,
@@ -478,6 +482,9 @@ fn default_pg_stop_timeout() -> Duration {
 fn default_backend_command() -> PathBuf {
     "/usr/lib/koprogo/koprogo-api".into()
 }
+fn default_backend_user() -> String {
+    "koprogo-api".into()
+}
 fn default_backend_port() -> u16 {
     8081
 }
@@ -616,6 +623,7 @@ impl Default for Backend {
     fn default() -> Self {
         Backend {
             command: default_backend_command(),
+            user: default_backend_user(),
             port: default_backend_port(),
             instances: default_instances(),
             health: default_health(),

@@ -169,6 +169,7 @@ async fn create_in(
         env,
         cwd: work.to_path_buf(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     let out = child::run(&b.reaper, spec, PG_DUMP_LIMIT).await;
     let _ = client.batch_execute("COMMIT").await;
@@ -410,6 +411,7 @@ pub(crate) async fn copy_hook(b: &Backups, cmd: &[String], file: &Path) -> Resul
         env,
         cwd: b.cfg.backup.dir.clone(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     match child::run(&b.reaper, spec, COPY_LIMIT).await {
         Ok(out) if out.exit.success() => {

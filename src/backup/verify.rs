@@ -82,6 +82,7 @@ pub(crate) async fn restore_into(
         env,
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     let out = child::run(&b.reaper, spec, PG_RESTORE_LIMIT).await?;
     if !out.exit.success() {
@@ -149,6 +150,7 @@ async fn external_toc(
         env: env.to_vec(),
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     let out = child::run(&b.reaper, spec, Duration::from_secs(600)).await?;
     if !out.exit.success() {

@@ -88,6 +88,7 @@ pub async fn ensure_initdb(cfg: &Config, bins: &Binaries, io: &ServiceIo) -> Res
         env: base_env(cfg),
         cwd: cfg.paths.state.clone(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     let exit = io.reaper.run(spec, io.log_fd()?).await?;
     if !exit.success() {
@@ -122,11 +123,18 @@ pub fn write_managed_files(cfg: &Config, os_user: &str) -> Result<()> {
          # [postgres.settings] of koprogo.toml, not here.\n",
     );
     let run = cfg.paths.run.display().to_string();
+    // The API server as its own user reaches the socket through its group (peer
+    // authentication then maps it to the application role only, see pg_ident).
+    let api = crate::supervisor::launcher::get().map(|l| l.api.name.clone());
     let fixed: Vec<(&str, String)> = vec![
         ("listen_addresses", "''".into()),
         ("port", cfg.postgres.port.to_string()),
         ("unix_socket_directories", quote(&run)),
-        ("unix_socket_permissions", "0700".into()),
+        (
+            "unix_socket_permissions",
+            if api.is_some() { "0770" } else { "0700" }.into(),
+        ),
+        ("unix_socket_group", quote(api.as_deref().unwrap_or(""))),
         ("logging_collector", "off".into()),
         ("log_destination", "'stderr'".into()),
         ("log_line_prefix", "'[%p] %q%u@%d '".into()),
@@ -174,6 +182,10 @@ pub fn write_managed_files(cfg: &Config, os_user: &str) -> Result<()> {
         for role in [SUPERUSER, APP_ROLE] {
             ident.push_str(&format!("koprogo {os} {role}\n"));
         }
+    }
+    // The API server's own user (see supervisor::launcher): its role only.
+    if let Some(l) = crate::supervisor::launcher::get() {
+        ident.push_str(&format!("koprogo {} {APP_ROLE}\n", l.api.name));
     }
     write_atomic(&data.join("pg_ident.conf"), ident.as_bytes(), 0o600)?;
     Ok(())

@@ -259,6 +259,7 @@ impl ServiceSpec for PostgresService {
             cwd: data,
             // Immediate shutdown if the supervisor dies: backends follow the postmaster.
             death_signal: Signal::SIGQUIT,
+            as_api_user: false,
         }))
     }
 

@@ -699,6 +699,7 @@ async fn controldata(
         env: cluster::base_env(cfg),
         cwd: cfg.paths.state.clone(),
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     let exit = io.reaper.run(spec, OwnedFd::from(file)).await?;
     let text = std::fs::read_to_string(&out).unwrap_or_default();
@@ -729,6 +730,7 @@ async fn run_tool(
         env: cluster::base_env(cfg),
         cwd,
         death_signal: Signal::SIGKILL,
+        as_api_user: false,
     };
     io.reaper.run(spec, io.log_fd()?).await
 }

@@ -3,6 +3,7 @@
 //! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
 
 pub mod backoff;
+pub mod launcher;
 pub mod notify;
 pub mod privileges;
 pub mod reaper;

@@ -66,28 +66,80 @@ pub fn target_identity(cfg: &Config) -> Result<Identity> {
     }
 }
 
-/// Creates state (0750), logs (0750) and run (0750) with their owner, then drops
-/// privileges if we are root. After this nothing runs as root.
-pub fn prepare_and_drop(cfg: &Config, who: &Identity) -> Result<()> {
-    prepare_dirs(cfg, who)?;
+/// The API server's own user (`backend.user`) when this process may start children
+/// as another user (root, or CAP_SETUID/CAP_SETGID from the unit); None otherwise:
+/// the API then runs as the supervisor's user.
+pub fn api_identity(cfg: &Config) -> Result<Option<Identity>> {
+    if !super::launcher::can_switch_users() {
+        return Ok(None);
+    }
+    let name = &cfg.backend.user;
+    let u = User::from_name(name)
+        .with_context(|| format!("cannot look up user {name:?}"))?
+        .with_context(|| {
+            format!(
+                "{}: backend.user = {name:?}: no such user: create it (adduser --system --group \
+                 --no-create-home --home /nonexistent {name}; adduser {} {name})",
+                cfg.file.display(),
+                cfg.user
+            )
+        })?;
+    if u.uid.is_root() || u.name == cfg.user {
+        bail!(
+            "{}: backend.user = {name:?} must be an unprivileged account of its own, not root \
+             and not `user` ({})",
+            cfg.file.display(),
+            cfg.user
+        );
+    }
+    Ok(Some(Identity {
+        name: u.name,
+        uid: u.uid,
+        gid: u.gid,
+    }))
+}
+
+/// Creates state, logs and run with their owner, then drops privileges if we are
+/// root. After this nothing runs as root.
+pub fn prepare_and_drop(cfg: &Config, who: &Identity, api: Option<&Identity>) -> Result<()> {
+    prepare_dirs(cfg, who, api)?;
     if Uid::effective().is_root() {
-        become_user(who)?;
+        let mut groups = vec![who.gid];
+        groups.extend(api.map(|a| a.gid));
+        become_user_with(who, &groups)?;
         tracing::info!("running as {} (uid {})", who.name, who.uid);
     }
     Ok(())
 }
 
-/// Creates state, logs and run (0750) and, as root, gives them to `who`.
-pub fn prepare_dirs(cfg: &Config, who: &Identity) -> Result<()> {
+/// Creates state, logs and run (0750) and, as root, gives them to `who`. With a
+/// separate API user, state and run belong to its group with mode 0710: it may pass
+/// through them to its own directories and PostgreSQL's socket, and list or read
+/// nothing else there.
+pub fn prepare_dirs(cfg: &Config, who: &Identity, api: Option<&Identity>) -> Result<()> {
     let root = Uid::effective().is_root();
     for dir in [&cfg.paths.state, &cfg.paths.logs, &cfg.paths.run] {
+        let passage = api.filter(|_| dir != &cfg.paths.logs);
+        let mode = if passage.is_some() { 0o710 } else { 0o750 };
         // Walked without following links the service user could plant, and chowned
         // through the descriptor of the directory that was really there.
-        let fd = ensure_dir_fd(dir, 0o750)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let fd =
+            ensure_dir_fd(dir, mode).with_context(|| format!("cannot create {}", dir.display()))?;
+        let gid = passage.map(|a| a.gid).unwrap_or(who.gid);
         if root {
-            nix::unistd::fchown(fd.as_raw_fd(), Some(who.uid), Some(who.gid))
+            nix::unistd::fchown(fd.as_raw_fd(), Some(who.uid), Some(gid))
                 .with_context(|| format!("cannot chown {} to {}", dir.display(), who.name))?;
+        } else if passage.is_some() {
+            nix::unistd::fchown(fd.as_raw_fd(), None, Some(gid)).with_context(|| {
+                format!(
+                    "cannot give {} to group {}: add {} to that group (adduser {} {})",
+                    dir.display(),
+                    cfg.backend.user,
+                    who.name,
+                    who.name,
+                    cfg.backend.user
+                )
+            })?;
         }
     }
     Ok(())
@@ -95,7 +147,11 @@ pub fn prepare_dirs(cfg: &Config, who: &Identity) -> Result<()> {
 
 /// Becomes `who` for good: groups, gid, uid, and checks root cannot be regained.
 fn become_user(who: &Identity) -> Result<()> {
-    nix::unistd::setgroups(&[who.gid]).context("setgroups")?;
+    become_user_with(who, &[who.gid])
+}
+
+fn become_user_with(who: &Identity, groups: &[Gid]) -> Result<()> {
+    nix::unistd::setgroups(groups).context("setgroups")?;
     nix::unistd::setgid(who.gid).context("setgid")?;
     nix::unistd::setuid(who.uid).context("setuid")?;
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
@@ -131,7 +187,7 @@ pub fn as_service_user(
         return work().map_err(|e| anyhow::anyhow!(e));
     }
     let who = target_identity(cfg)?;
-    prepare_dirs(cfg, &who)?;
+    prepare_dirs(cfg, &who, api_identity(cfg).ok().flatten().as_ref())?;
     let (r, w) = nix::unistd::pipe().context("pipe")?;
     // SAFETY: the command line has one thread; the child only drops privileges,
     // runs `work`, writes to the pipe and exits.

@@ -54,6 +54,9 @@ pub struct ChildSpec {
     pub cwd: PathBuf,
     /// Signal the kernel sends the child when the supervisor dies.
     pub death_signal: Signal,
+    /// The API server: started by the launcher as `backend.user` when there is one
+    /// (see `launcher`), as the supervisor's user otherwise.
+    pub as_api_user: bool,
 }
 
 impl std::fmt::Debug for ChildSpec {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for ChildSpec {
             .field("env (names only)", &names)
             .field("cwd", &self.cwd)
             .field("death_signal", &self.death_signal)
+            .field("as_api_user", &self.as_api_user)
             .finish()
     }
 }
@@ -192,6 +196,32 @@ fn reap_all(registry: &Registry, orphans: &AtomicU64) {
 }
 
 fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Result<Spawned> {
+    if let (true, Some(l)) = (spec.as_api_user, super::launcher::get()) {
+        // The launcher makes it our child (CLONE_PARENT); the registry is held until
+        // its pid is known, so the reaper cannot take its exit first.
+        let mut reg = registry
+            .lock()
+            .map_err(|_| anyhow!("the child registry is poisoned"))?;
+        let pid = l
+            .spawn(
+                &spec.args,
+                &spec.env,
+                &spec.cwd,
+                spec.death_signal as i32,
+                &output,
+            )
+            .with_context(|| {
+                format!(
+                    "cannot start {} as {} (in {})",
+                    spec.program.display(),
+                    l.api.name,
+                    spec.cwd.display()
+                )
+            })?;
+        let (tx, rx) = oneshot::channel();
+        reg.insert(pid, tx);
+        return Ok(Spawned { pid, exit: rx });
+    }
     let err_fd = output
         .try_clone()
         .context("cannot duplicate the log pipe")?;
@@ -247,10 +277,17 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
     Ok(Spawned { pid, exit: rx })
 }
 
-/// Sends `sig` to the child `pid`, or to its whole process group.
+/// Sends `sig` to the child `pid`, or to its whole process group. An API server
+/// running as its own user is signalled through the launcher.
 pub fn signal(pid: i32, sig: Signal, group: bool) {
     let target = if group { -pid } else { pid };
-    let _ = nix::sys::signal::kill(Pid::from_raw(target), sig);
+    if let Err(nix::errno::Errno::EPERM) = nix::sys::signal::kill(Pid::from_raw(target), sig) {
+        if let Some(l) = super::launcher::get() {
+            if let Err(e) = l.signal(pid, sig as i32, group) {
+                tracing::warn!("cannot signal {pid} ({sig}) through the launcher: {e:#}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -265,6 +302,7 @@ mod tests {
             env: vec![("JWT_SECRET".into(), "s3cr3t-value-never-shown".into())],
             cwd: "/var/lib/koprogo/api".into(),
             death_signal: Signal::SIGKILL,
+            as_api_user: false,
         };
         let text = format!("{spec:?}");
         assert!(text.contains("JWT_SECRET"), "{text}");
