@@ -123,6 +123,19 @@ fn restore(a: &Appliance, file: &Path, extra: &[&str]) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+/// An encrypted backup's decrypted copy is removed once used.
+fn assert_no_decrypted_copy(a: &Appliance) {
+    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".decrypted")),
+        "{names:?}"
+    );
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
@@ -623,16 +636,7 @@ fn encrypted_backup_round_trip_with_an_age_identity() {
         (code, v["plaintext"].as_str()),
         (200, Some("JBSWY3DPEHPK3PXP"))
     );
-    // No decrypted copy left behind.
-    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
-        .expect("ls")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !names.iter().any(|n| n.starts_with(".decrypted")),
-        "{names:?}"
-    );
+    assert_no_decrypted_copy(&a);
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
@@ -825,16 +829,7 @@ fn oversized_tar_extension_headers_are_refused_before_reading() {
         "the supervisor's peak RSS grew by {} KiB",
         peak - rss_before
     );
-    // No decrypted copy left behind.
-    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
-        .expect("ls")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !names.iter().any(|n| n.starts_with(".decrypted")),
-        "{names:?}"
-    );
+    assert_no_decrypted_copy(&a);
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
