@@ -228,6 +228,13 @@ pub struct Proxy {
     /// An idle keep-alive connection is closed after this.
     #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// An upgraded connection (a WebSocket) with no byte either way for this long is
+    /// closed. It holds its client's connection slot while it lives.
+    #[serde(
+        default = "default_tunnel_idle_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub tunnel_idle_timeout: Duration,
     /// Per-client-IP request rate (token bucket average, per second); 0 = no limit.
     #[serde(default = "default_rate")]
     pub rate: u32,
@@ -552,6 +559,9 @@ fn default_header_timeout() -> Duration {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_tunnel_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
 fn default_rate() -> u32 {
     500
 }
@@ -648,6 +658,7 @@ impl Default for Proxy {
             max_upload: default_max_upload(),
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
+            tunnel_idle_timeout: default_tunnel_idle_timeout(),
             rate: default_rate(),
             burst: default_burst(),
             max_conns_per_ip: default_max_conns_per_ip(),
@@ -890,6 +901,15 @@ impl Config {
             if s.port == Some(0) {
                 return Err(self.err("backend.smtp.port", &0, "must be 1-65535 (usually 587)"));
             }
+        }
+        let tunnel_idle = self.proxy.tunnel_idle_timeout;
+        if tunnel_idle < Duration::from_secs(1) || tunnel_idle > Duration::from_secs(86400) {
+            return Err(self.err(
+                "proxy.tunnel_idle_timeout",
+                &format!("{tunnel_idle:?}"),
+                "must be 1s-24h: a WebSocket with no traffic either way for this long is \
+                 closed (e.g. \"10m\"; clients that keep a socket open send pings)",
+            ));
         }
         if !(32..=128).contains(&self.proxy.ipv6_prefix) {
             return Err(self.err(
@@ -1395,5 +1415,22 @@ mod tests {
         assert_eq!(c.capacity.interval, Duration::from_secs(2));
         let e = parse("[capacity]\ninterval = \"0s\"\n").expect_err("0s");
         assert!(e.0.contains("capacity.interval"), "{e}");
+    }
+
+    #[test]
+    fn tunnel_idle_timeout_is_bounded() {
+        let c = parse("").expect("default");
+        assert_eq!(c.proxy.tunnel_idle_timeout, Duration::from_secs(600));
+        let c = parse("[proxy]\ntunnel_idle_timeout = \"2s\"\n").expect("2s");
+        assert_eq!(c.proxy.tunnel_idle_timeout, Duration::from_secs(2));
+        for bad in ["\"0s\"", "\"500ms\"", "\"2d\""] {
+            let e = parse(&format!("[proxy]\ntunnel_idle_timeout = {bad}\n")).expect_err(bad);
+            assert!(
+                e.0.contains("test.toml: proxy.tunnel_idle_timeout") && e.0.contains("1s-24h"),
+                "{e}"
+            );
+        }
+        let e = parse("[proxy]\ntunnel_idle_timeout = \"ten minutes\"\n").expect_err("text");
+        assert!(e.0.contains("tunnel_idle_timeout"), "{e}");
     }
 }

@@ -123,6 +123,19 @@ fn restore(a: &Appliance, file: &Path, extra: &[&str]) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+/// An encrypted backup's decrypted copy is removed once used.
+fn assert_no_decrypted_copy(a: &Appliance) {
+    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".decrypted")),
+        "{names:?}"
+    );
+}
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
@@ -623,16 +636,7 @@ fn encrypted_backup_round_trip_with_an_age_identity() {
         (code, v["plaintext"].as_str()),
         (200, Some("JBSWY3DPEHPK3PXP"))
     );
-    // No decrypted copy left behind.
-    let names: Vec<String> = std::fs::read_dir(a.path("state/backups"))
-        .expect("ls")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !names.iter().any(|n| n.starts_with(".decrypted")),
-        "{names:?}"
-    );
+    assert_no_decrypted_copy(&a);
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }
@@ -672,6 +676,160 @@ fn restore_without_room_to_stage_is_refused_before_anything_changes() {
     assert_eq!(after.secrets, before.secrets);
     assert_eq!(after.api_pid, before.api_pid, "the API was restarted");
     drop(_mount);
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}
+
+/// A tar header of type `kind` named `name` claiming `size` bytes (its data, if
+/// any, is the caller's to append).
+fn tar_header(kind: u8, name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_path(name).expect("name");
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// The supervisor's resident memory: (now, peak since the last reset), KiB.
+fn rss_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS/VmHWM")
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Tar extension headers in a restore file are read by koprogo, bounded: a PAX
+/// header claiming 4 GiB (not even in the file) and a GNU long name of 64 MiB are
+/// refused from their header, at once and without the supervisor's memory growing,
+/// by `restore`, `backup verify` and `backup verify -i` (encrypted), and nothing
+/// changes. A backup with a long upload name (a long-name header of our own) still
+/// verifies.
+#[test]
+fn oversized_tar_extension_headers_are_refused_before_reading() {
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    let long = format!("{}.pdf", "procès-verbal ".repeat(12));
+    std::fs::write(a.path("state/uploads").join(&long), b"%PDF long name").expect("upload");
+    let good = backup_create(&a);
+    let (code, out, err) = a.cli(&["backup", "verify", good.to_str().expect("utf8")]);
+    assert_eq!(
+        code,
+        0,
+        "a backup with a {}-byte name: {out}{err}",
+        long.len()
+    );
+    let before = snapshot(&a);
+
+    // The genuine first member (KOPROGO-BACKUP: header and one data block).
+    let bytes = std::fs::read(&good).expect("read backup");
+    let head = &bytes[..1024];
+    let dir = a.path("bad");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let pax = dir.join("pax.kbk");
+    let mut b = head.to_vec();
+    b.extend(tar_header(b'x', "PaxHeaders/db.dump", 4 << 30));
+    b.resize(b.len() + 1024, 0);
+    std::fs::write(&pax, &b).expect("write");
+    let longname = dir.join("longname.kbk");
+    let mut b = head.to_vec();
+    b.extend(tar_header(b'L', "././@LongLink", 64 << 20));
+    b.resize(b.len() + (64 << 20), b'a');
+    b.extend(tar_header(b'0', "db.dump", 0));
+    b.resize(b.len() + 1024, 0);
+    std::fs::write(&longname, &b).expect("write");
+    // The PAX one encrypted to an operator's key.
+    let id = age::x25519::Identity::generate();
+    let idf = dir.join("operator.key");
+    {
+        use age::secrecy::ExposeSecret;
+        std::fs::write(&idf, format!("{}\n", id.to_string().expose_secret())).expect("key");
+    }
+    let sealed = dir.join("pax.kbk.age");
+    let recipient = id.to_public();
+    let enc = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+        .expect("encryptor");
+    let mut w = enc
+        .wrap_output(std::fs::File::create(&sealed).expect("create"))
+        .expect("age");
+    std::io::Write::write_all(&mut w, &std::fs::read(&pax).expect("read")).expect("encrypt");
+    w.finish().expect("finish");
+
+    // Peak memory of the supervisor (which reads the files) from here on.
+    let pid = a.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    let (rss_before, _) = rss_kib(pid);
+    let (p, l, s, i) = (
+        pax.to_str().expect("utf8"),
+        longname.to_str().expect("utf8"),
+        sealed.to_str().expect("utf8"),
+        idf.to_str().expect("utf8"),
+    );
+    for (args, file, what, claim) in [
+        (
+            vec!["restore", p],
+            p,
+            "PAX extended header ('x')",
+            "4294967296",
+        ),
+        (vec!["restore", l], l, "GNU long name ('L')", "67108864"),
+        (
+            vec!["backup", "verify", p],
+            p,
+            "PAX extended header",
+            "4294967296",
+        ),
+        (vec!["backup", "verify", l], l, "GNU long name", "67108864"),
+        (
+            vec!["backup", "verify", "-i", i, s],
+            "",
+            "PAX extended header",
+            "4294967296",
+        ),
+        (
+            vec!["restore", "-i", i, s],
+            "",
+            "PAX extended header",
+            "4294967296",
+        ),
+    ] {
+        let t = Instant::now();
+        let (code, out, err) = a.cli(&args);
+        let took = t.elapsed();
+        let text = format!("{out}{err}");
+        assert_eq!(code, 1, "{args:?}: {text}");
+        assert!(
+            text.contains(file)
+                && text.contains(what)
+                && text.contains("at byte 1024")
+                && text.contains(&format!("claims {claim} bytes"))
+                && text.contains("64 KiB"),
+            "{args:?}: {text}"
+        );
+        if args[0] == "restore" {
+            assert!(text.contains("nothing was changed"), "{args:?}: {text}");
+        }
+        assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
+        assert_eq!(snapshot(&a), before, "{args:?} changed something");
+    }
+    let (rss_after, peak) = rss_kib(pid);
+    eprintln!(
+        "supervisor RSS {rss_before} KiB before, {rss_after} KiB after, peak {peak} KiB while \
+         refusing the crafted files"
+    );
+    assert!(
+        peak < rss_before + 16 * 1024,
+        "the supervisor's peak RSS grew by {} KiB",
+        peak - rss_before
+    );
+    assert_no_decrypted_copy(&a);
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(5));
 }

@@ -77,6 +77,15 @@ fn wrong_type_is_refused() {
 }
 
 #[test]
+fn tunnel_idle_timeout_out_of_range_is_refused() {
+    // Appended to the generated config's [proxy] table.
+    check_refuses(
+        "tunnel_idle_timeout = \"0s\"\n",
+        &["proxy.tunnel_idle_timeout", "1s-24h"],
+    );
+}
+
+#[test]
 fn bad_duration_is_refused() {
     check_refuses("[logs]\nmax_age = \"7 weeks\"\n", &["max_age", "duration"]);
 }

@@ -16,6 +16,12 @@
 //! So a flipped byte anywhere is caught: before the manifest by `archive_sha256`,
 //! in the manifest by `manifest.sha256`, in a tar header by its own checksum, and
 //! after the last member by the zero check. A truncated file has no manifest.
+//!
+//! Tar extension headers are read by us, not by the tar crate (which reads each one
+//! whole into memory): a GNU long name (`L`, what the tar crate writes for a name
+//! over 100 bytes) up to [`MAX_EXTENSION`] bytes names the next member; a larger one,
+//! and any other kind (PAX `x`/`g`, GNU long link `K`: we write none), is refused
+//! from its header, before its data is read.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -40,6 +46,8 @@ pub const MANIFEST_SUM: &str = "manifest.sha256";
 const BLOCK: usize = 512;
 const MAX_MANIFEST: u64 = 256 << 20;
 const MAX_SECRETS: u64 = 1 << 20;
+/// Largest tar extension header read (a member name is at most a few KiB).
+pub const MAX_EXTENSION: u64 = 64 << 10;
 
 /// What the backup holds, written last (see the module comment).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -486,10 +494,51 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
     {
         let entries = archive
             .entries()
-            .map_err(|e| damaged(format!("unreadable tar: {e}")))?;
+            .map_err(|e| damaged(format!("unreadable tar: {e}")))?
+            .raw(true);
+        // A GNU long name read for the member that follows it.
+        let mut long_name: Option<Vec<u8>> = None;
         for entry in entries {
             let mut entry = entry.map_err(|e| damaged(e.to_string()))?;
-            let raw = entry.path_bytes().into_owned();
+            if let Some(kind) = extension(entry.header().entry_type()) {
+                let at = entry.raw_header_position();
+                let size = entry.size();
+                let kind = format!(
+                    "{kind} {:?}",
+                    String::from_utf8_lossy(&entry.header().path_bytes())
+                );
+                if size > MAX_EXTENSION {
+                    return Err(refuse(format!(
+                        "its {kind} at byte {at} claims {size} bytes, over the {} KiB a koprogo \
+                         backup ever needs: refused without reading it; not a file made by \
+                         `koprogo backup create`",
+                        MAX_EXTENSION >> 10
+                    )));
+                }
+                if !entry.header().entry_type().is_gnu_longname() {
+                    return Err(refuse(format!(
+                        "its {kind} at byte {at} is not read (koprogo backups have none): \
+                         not a file made by `koprogo backup create`"
+                    )));
+                }
+                if long_name.is_some() {
+                    return Err(damaged(format!("two long names in a row at byte {at}")));
+                }
+                let mut name = Vec::with_capacity(size as usize);
+                entry
+                    .read_to_end(&mut name)
+                    .map_err(|e| damaged(e.to_string()))?;
+                // GNU tar ends the name with a NUL.
+                while name.last() == Some(&0) {
+                    name.pop();
+                }
+                long_name = Some(name);
+                continue;
+            }
+            let raw = match long_name.take() {
+                Some(name) => name,
+                None => entry.path_bytes().into_owned(),
+            };
             let name = String::from_utf8_lossy(&raw)
                 .trim_end_matches('/')
                 .to_string();
@@ -639,6 +688,9 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
             };
             seen.push(member);
         }
+        if long_name.is_some() {
+            return Err(damaged("a long name with no member after it".into()));
+        }
     }
     if index == 0 {
         return Err(refuse("empty or not a tar archive".into()));
@@ -724,6 +776,21 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
         secrets,
         size: len,
     })
+}
+
+/// The kind of a tar extension header (it describes the member after it), or None.
+fn extension(t: tar::EntryType) -> Option<&'static str> {
+    if t.is_gnu_longname() {
+        Some("GNU long name ('L')")
+    } else if t.is_gnu_longlink() {
+        Some("GNU long link name ('K')")
+    } else if t.is_pax_local_extensions() {
+        Some("PAX extended header ('x')")
+    } else if t.is_pax_global_extensions() {
+        Some("PAX global header ('g')")
+    } else {
+        None
+    }
 }
 
 fn newer_format(n: u32) -> String {
@@ -922,6 +989,104 @@ mod tests {
         std::fs::write(&q, b"hello, not a backup").expect("write");
         let e = check(&q, &Extract::default()).expect_err("foreign accepted");
         assert!(format!("{e:#}").contains("not a koprogo backup"), "{e:#}");
+    }
+
+    /// A tar header of `kind` named `name` claiming `size` bytes, then `data`.
+    fn raw_member(out: &mut Vec<u8>, kind: u8, name: &str, size: u64, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_path(name).expect("name");
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        pad_zeros(out);
+    }
+
+    fn pad_zeros(v: &mut Vec<u8>) {
+        let rem = v.len() % BLOCK;
+        if rem != 0 {
+            v.resize(v.len() + BLOCK - rem, 0);
+        }
+    }
+
+    /// The first member of a real backup, then `rest`, then the end of the archive.
+    fn crafted(rest: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let magic = format!("koprogo backup\nformat {FORMAT}\n");
+        raw_member(
+            &mut out,
+            b'0',
+            MAGIC_NAME,
+            magic.len() as u64,
+            magic.as_bytes(),
+        );
+        out.extend_from_slice(rest);
+        out.resize(out.len() + 2 * BLOCK, 0);
+        out
+    }
+
+    #[test]
+    fn extension_headers_are_bounded_and_read_by_us() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("x.kbk");
+        let check_bytes = |bytes: &[u8]| {
+            std::fs::write(&p, bytes).expect("write");
+            let e = check(&p, &Extract::default()).expect_err("crafted file accepted");
+            assert!(e.is::<Refused>(), "{e:#}");
+            format!("{e:#}")
+        };
+        // Claims larger than the bound are refused from the header alone (none of
+        // these files holds the bytes it claims).
+        for (kind, what) in [
+            (b'x', "PAX extended header ('x')"),
+            (b'g', "PAX global header ('g')"),
+            (b'L', "GNU long name ('L')"),
+            (b'K', "GNU long link name ('K')"),
+        ] {
+            let mut rest = Vec::new();
+            raw_member(&mut rest, kind, "././@LongLink", 4 << 30, b"");
+            let e = check_bytes(&crafted(&rest));
+            assert!(
+                e.contains(&p.display().to_string())
+                    && e.contains(what)
+                    && e.contains("at byte 1024")
+                    && e.contains("claims 4294967296 bytes")
+                    && e.contains("64 KiB"),
+                "{e}"
+            );
+        }
+        // Within the bound: a PAX header is still not ours.
+        let mut rest = Vec::new();
+        raw_member(
+            &mut rest,
+            b'x',
+            "PaxHeaders/db.dump",
+            28,
+            b"28 path=uploads/../../etc/x\n",
+        );
+        let e = check_bytes(&crafted(&rest));
+        assert!(
+            e.contains("PAX extended header") && e.contains("not read"),
+            "{e}"
+        );
+        // A long name must name a member.
+        let mut rest = Vec::new();
+        raw_member(&mut rest, b'L', "././@LongLink", 8, b"db.dump\0");
+        let e = check_bytes(&crafted(&rest));
+        assert!(e.contains("long name with no member after it"), "{e}");
+        let mut rest = Vec::new();
+        raw_member(&mut rest, b'L', "././@LongLink", 8, b"db.dump\0");
+        raw_member(&mut rest, b'L', "././@LongLink", 8, b"db.dump\0");
+        let e = check_bytes(&crafted(&rest));
+        assert!(e.contains("two long names in a row"), "{e}");
+        // A long name is what names the member (not the header's 100-byte field).
+        let mut rest = Vec::new();
+        raw_member(&mut rest, b'L', "././@LongLink", 12, b"uploads/../x");
+        raw_member(&mut rest, b'0', "uploads/ok", 1, b"x");
+        let e = check_bytes(&crafted(&rest));
+        assert!(e.contains("unsafe path \"uploads/../x\""), "{e}");
     }
 
     #[test]

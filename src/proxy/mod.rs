@@ -11,6 +11,7 @@ pub mod limits;
 pub mod server;
 pub mod static_files;
 pub mod stats;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,7 +1,8 @@
 //! Listeners and connections: bound before privileges are dropped, then served
 //! with hyper (HTTP/1.1 and HTTP/2 by ALPN) over tokio-rustls. Guards: TLS
 //! handshake and request-header timeouts (slowloris), an idle timeout, a cap on
-//! connections per client IP. Stop = no new connections, then a bounded drain.
+//! connections per client IP (held by a connection's upgraded tunnel too, see
+//! [`super::tunnel`]). Stop = no new connections, then a bounded drain.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::limits::ConnLimiter;
+use super::tunnel::Lease;
 use super::Proxy;
 use crate::config::{Config, TlsMode};
 use crate::tls::ACME_TLS_ALPN;
@@ -140,18 +142,24 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                     stop.clone(),
                 );
                 tokio::spawn(async move {
-                    let _slot = slot;
-                    let stats = proxy.stats.clone();
-                    stats.connections.fetch_add(1, Ordering::Relaxed);
-                    stats.open_connections.fetch_add(1, Ordering::Relaxed);
+                    proxy.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    // Counted open, and the slot held, until the connection and any
+                    // tunnel it upgraded to are both gone.
+                    let lease = Lease::new(
+                        slot,
+                        proxy.stats.clone(),
+                        stop.clone(),
+                        proxy.cfg.proxy.tunnel_idle_timeout,
+                    );
                     if secure {
-                        connection_tls(proxy, builder, acceptor, tcp, peer, stop).await;
+                        connection_tls(proxy, builder, acceptor, tcp, peer, stop, lease).await;
                     } else {
                         let site = plain_site;
                         let idle = proxy.cfg.proxy.idle_timeout;
                         let p = proxy.clone();
-                        let svc = service_fn(move |req| {
+                        let svc = service_fn(move |mut req: hyper::Request<_>| {
                             let p = p.clone();
+                            req.extensions_mut().insert(lease.clone());
                             async move {
                                 Ok::<_, Infallible>(if site {
                                     p.handle_site(req, peer, false).await
@@ -162,7 +170,6 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                         });
                         run_conn(&builder, stop, tcp, svc, idle).await;
                     }
-                    stats.open_connections.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         }));
@@ -189,6 +196,7 @@ async fn connection_tls(
     tcp: tokio::net::TcpStream,
     peer: super::Peer,
     stop: watch::Receiver<bool>,
+    lease: Lease,
 ) {
     let stats = proxy.stats.clone();
     let tls = match tokio::time::timeout(proxy.cfg.proxy.header_timeout, acceptor.accept(tcp)).await
@@ -205,8 +213,9 @@ async fn connection_tls(
     }
     let idle = proxy.cfg.proxy.idle_timeout;
     let p = proxy.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: hyper::Request<_>| {
         let p = p.clone();
+        req.extensions_mut().insert(lease.clone());
         async move { Ok::<_, Infallible>(p.handle_site(req, peer, true).await) }
     });
     run_conn(&builder, stop, tls, svc, idle).await;
@@ -228,13 +237,8 @@ async fn run_conn<IO, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let last = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let io = IdleIo {
-        inner: io,
-        last: last.clone(),
-        start,
-    };
+    let activity = Activity::new();
+    let io = IdleIo::new(io, activity.clone());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut stopping = false;
@@ -246,12 +250,7 @@ async fn run_conn<IO, S>(
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep(idle) => {
-                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= idle {
-                    return; // idle: drop the connection
-                }
-            }
+            _ = activity.quiet_for(idle) => return, // idle: drop the connection
         }
     }
 }
@@ -274,17 +273,54 @@ pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-/// An I/O stream that remembers when it last moved a byte.
-struct IdleIo<T> {
-    inner: T,
+/// When a stream last moved a byte (read or written), shared with its watcher.
+#[derive(Clone)]
+pub(super) struct Activity {
+    /// Milliseconds after `start`.
     last: Arc<AtomicU64>,
     start: Instant,
 }
 
-impl<T> IdleIo<T> {
+impl Activity {
+    /// Starts as just touched.
+    pub(super) fn new() -> Activity {
+        Activity {
+            last: Arc::new(AtomicU64::new(0)),
+            start: Instant::now(),
+        }
+    }
+
     fn touch(&self) {
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    pub(super) async fn quiet_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let quiet = self.start.elapsed().saturating_sub(last);
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
+}
+
+/// An I/O stream that records its [`Activity`].
+pub(super) struct IdleIo<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> IdleIo<T> {
+    pub(super) fn new(inner: T, activity: Activity) -> IdleIo<T> {
+        IdleIo { inner, activity }
+    }
+
+    fn touch(&self) {
+        self.activity.touch();
     }
 }
 
@@ -338,7 +374,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 

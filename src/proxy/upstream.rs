@@ -1,7 +1,7 @@
 //! Forwarding to the API server: pooled keep-alive HTTP/1.1 connections on
 //! loopback, the forwarding headers (X-Forwarded-For REPLACED by the real client
 //! address), hop-by-hop headers removed, bodies streamed both ways (SSE included),
-//! WebSocket upgrades spliced, body limits enforced (413).
+//! WebSocket upgrades spliced ([`super::tunnel`]), body limits enforced (413).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
+use super::tunnel::Lease;
 use super::{json_error, Body};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -109,7 +110,10 @@ impl Upstream {
             linger(req.into_body());
             return Err(Failure::TooLarge);
         }
-        let upgrade = is_upgrade(req.headers());
+        // An upgrade needs the connection's lease (its limits, idle time and stop
+        // signal); without one the request goes on as a plain request.
+        let lease = req.extensions_mut().remove::<Lease>();
+        let upgrade = lease.is_some() && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -178,21 +182,14 @@ impl Upstream {
         };
         let (mut parts, body) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_up), true) = (client_upgrade, upgrade) else {
+            let (Some(client_up), Some(lease)) = (client_upgrade, lease) else {
                 return Ok(json_error(
                     StatusCode::BAD_GATEWAY,
                     "unexpected 101 from the API server",
                 ));
             };
             let upstream_resp = Response::from_parts(parts.clone(), body);
-            tokio::spawn(async move {
-                let (Ok(c), Ok(u)) = (client_up.await, hyper::upgrade::on(upstream_resp).await)
-                else {
-                    return;
-                };
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-            });
+            tokio::spawn(super::tunnel::splice(client_up, upstream_resp, lease));
             return Ok(Response::from_parts(
                 parts,
                 http_body_util::Empty::new()

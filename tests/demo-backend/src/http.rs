@@ -21,6 +21,16 @@ pub type RespBody = BoxBody<Bytes, Infallible>;
 
 /// Set on SIGTERM: SSE streams end at their next tick.
 pub static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+/// Open WebSockets: the SIGTERM drain waits for them (bounded), as actix-web's
+/// does for its upgraded connections, so the client or the proxy must end them.
+pub static OPEN_WEBSOCKETS: AtomicU64 = AtomicU64::new(0);
+
+/// Resolves once no WebSocket is open.
+pub async fn websockets_closed() {
+    while OPEN_WEBSOCKETS.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 /// Largest request body accepted (uploads go up to 50 MiB in the real API).
 const MAX_BODY: usize = 64 << 20;
 /// Bound on any request that touches the database, so none can hang.
@@ -299,6 +309,7 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<RespBody> {
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(up) = upgrade.await else { return };
+        OPEN_WEBSOCKETS.fetch_add(1, Ordering::Relaxed);
         let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
             hyper_util::rt::TokioIo::new(up),
             Role::Server,
@@ -311,6 +322,7 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<RespBody> {
                 break;
             }
         }
+        OPEN_WEBSOCKETS.fetch_sub(1, Ordering::Relaxed);
     });
     let mut r = Response::new(full(String::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

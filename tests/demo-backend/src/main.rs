@@ -6,7 +6,7 @@
 //! authentication failure panic with its message, exit 101), migrations with
 //! an advisory lock at every start, the `admin@koprogo.com`/`admin123` reset,
 //! logs on stdout only (ANSI colour unless `NO_COLOR` is set), SIGTERM = graceful
-//! drain up to 30 s then exit 0, SIGINT/SIGQUIT = immediate exit 0.
+//! drain up to 30 s (open WebSockets included) then exit 0, SIGINT/SIGQUIT = immediate exit 0.
 //!
 //! Routes: `GET /api/v1/health` (no database), `POST /api/v1/items` (raw text),
 //! `GET /api/v1/items[/{id}]`, `POST /api/v1/secrets`, `GET /api/v1/secrets/{id}`
@@ -215,7 +215,9 @@ async fn serve(listener: TcpListener, state: Arc<http::State>, signals: [Signal;
     drop(listener);
     http::SHUTTING_DOWN.store(true, Ordering::Relaxed);
     tokio::select! {
-        _ = graceful.shutdown() => log_info!("all connections drained, exiting"),
+        _ = async { graceful.shutdown().await; http::websockets_closed().await } => {
+            log_info!("all connections drained, exiting")
+        }
         _ = tokio::time::sleep(Duration::from_secs(30)) => log_warn!("drain timed out after 30 s, exiting"),
         _ = int.recv() => exit_now("SIGINT"),
         _ = quit.recv() => exit_now("SIGQUIT"),
