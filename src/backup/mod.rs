@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod auth;
 pub mod child;
 pub mod cli;
 pub mod create;
@@ -324,6 +325,7 @@ impl Backups {
         &self,
         file: Option<PathBuf>,
         record_as: Option<PathBuf>,
+        trust: auth::Trust,
     ) -> Result<String> {
         self.exclusive("verify", async {
             let file = match file {
@@ -331,7 +333,7 @@ impl Backups {
                 None => newest(&self.cfg.backup.dir)?,
             };
             let record = record_as.unwrap_or_else(|| file.clone());
-            verify::verify(self, &file, &record).await
+            verify::verify(self, &file, &record, &trust).await
         })
         .await
     }
@@ -342,10 +344,14 @@ impl Backups {
         file: PathBuf,
         label: Option<String>,
         force: bool,
+        trust: auth::Trust,
     ) -> Result<String> {
         let label = label.unwrap_or_else(|| file.display().to_string());
-        self.exclusive("restore", restore::restore(self, &file, &label, force))
-            .await
+        self.exclusive(
+            "restore",
+            restore::restore(self, &file, &label, force, &trust),
+        )
+        .await
     }
 
     /// The daily schedule (and the boot-time cleanup of what a crash left).
