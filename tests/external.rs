@@ -479,6 +479,8 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
         .trim_end_matches(':')
         .to_string();
     let secrets = std::fs::read_to_string(old.path("state/secrets.env")).expect("secrets");
+    let (code, key, err) = old.cli(&["backup", "key"]);
+    assert_eq!(code, 0, "backup key: {err}");
     old.stop();
     old.assert_no_leftovers(Duration::from_secs(10));
 
@@ -487,7 +489,8 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
     let mut a = appliance_for(&pg, NO_SCHEDULE);
     a.start();
     a.wait_ready();
-    let (code, out, err) = a.cli(&["restore", &file]);
+    // Another appliance's backup: authenticated with the old one's key.
+    let (code, out, err) = a.cli(&["restore", &file, "--trust-key", key.trim()]);
     assert_eq!(code, 0, "restore: {out}{err}");
     a.wait_ready();
     assert_eq!(
@@ -502,8 +505,20 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
         .http("GET", &format!("/api/v1/items/{id}"), "")
         .expect("GET");
     assert_eq!(code, 200, "{body}");
+    // The site's keys come along; each machine keeps its own backup key.
+    let without_backup_key = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("BACKUP_AUTH_KEY="))
+            .map(str::to_string)
+            .collect()
+    };
     let now = std::fs::read_to_string(a.path("state/secrets.env")).expect("secrets");
-    assert_eq!(now, secrets, "the site's keys come along");
+    assert_eq!(
+        without_backup_key(&now),
+        without_backup_key(&secrets),
+        "the site's keys come along"
+    );
+    assert_ne!(now, secrets, "the new machine kept its own backup key");
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(10));
 }
