@@ -1,10 +1,13 @@
 //! Backups and restore. One backup is one file, `<backup.dir>/koprogo-<UTC>.kbk`
 //! (0600; `.kbk.age` when encrypted to `backup.encrypt_to`): a tar holding the
 //! database (`pg_dump -Fc`), the uploads and secrets.env, with a manifest of
-//! versions, row counts and checksums (see [`archive`]). The supervisor makes them
+//! versions, row counts and checksums (see [`archive`]), authenticated with the
+//! appliance's backup key (see [`auth`]). The supervisor makes them
 //! (daily at `backup.schedule`, or on `koprogo backup create`), checks them
 //! (`backup verify`: restored into a scratch database) and restores them
 //! (`koprogo restore FILE`, with a safety backup first and a rollback on failure).
+//! A dump is only replayed once its file is authenticated (or explicitly trusted),
+//! and then as an ordinary PostgreSQL role, never the superuser.
 //! Children (pg_dump, pg_restore, the copy hook) go through the one reaper.
 //!
 //! One operation runs at a time; the others wait their turn.

@@ -1,10 +1,12 @@
 //! `koprogo restore FILE`. In order:
 //! 1. read and check the whole file, extracting the dump and the uploads into a
-//!    staging directory (a refused file changes nothing: staging is removed);
+//!    staging directory, and authenticate it (see `auth`) before replaying any of
+//!    it (a refused file changes nothing: staging is removed);
 //! 2. refuse a dump from a newer PostgreSQL or a database schema newer than the one
 //!    the installed API runs now (`--force` skips the schema check);
 //! 3. a safety backup of the current state;
-//! 4. the dump restored into a scratch database and its row counts checked, while
+//! 4. the dump replayed into a scratch database as an ordinary role (never the
+//!    superuser; see `verify::restore_into`) and its row counts checked, while
 //!    the API still serves the old data;
 //! 5. the API stopped; secrets.env, the database (two renames in one transaction)
 //!    and the uploads directory (an atomic exchange) swapped;

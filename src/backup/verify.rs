@@ -1,5 +1,6 @@
-//! `koprogo backup verify`: every byte checked (see `archive`), then the dump
-//! restored into a scratch database and its row counts compared with the
+//! `koprogo backup verify`: every byte checked (see `archive`) and the file
+//! authenticated (see `auth`), then the dump replayed as an ordinary role into a
+//! scratch database (see `restore_into`) and its row counts compared with the
 //! manifest's, then the scratch database dropped. The outcome is kept next to the
 //! file for `backup list`.
 
