@@ -174,14 +174,10 @@ impl Db {
             .connect("postgres")
             .await
             .context("connecting as superuser")?;
+        ensure_login_role(&admin, RESTORE_ROLE).await?;
         admin
             .batch_execute(&format!(
-                "DO $$ BEGIN
-                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{RESTORE_ROLE}') THEN
-                     CREATE ROLE {RESTORE_ROLE} LOGIN;
-                   END IF;
-                 END $$;
-                 ALTER ROLE {RESTORE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+                "ALTER ROLE {RESTORE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
                    NOREPLICATION NOBYPASSRLS;
                  ALTER ROLE {RESTORE_ROLE} RESET ALL;"
             ))
@@ -296,16 +292,7 @@ impl Db {
             .connect("postgres")
             .await
             .context("connecting as superuser")?;
-        admin
-            .batch_execute(&format!(
-                "DO $$ BEGIN
-                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                     CREATE ROLE {APP_ROLE} LOGIN;
-                   END IF;
-                 END $$;"
-            ))
-            .await
-            .context("creating the application role")?;
+        ensure_login_role(&admin, APP_ROLE).await?;
         let exists = admin
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&APP_DB])
             .await?
@@ -325,6 +312,20 @@ impl Db {
             .with_context(|| format!("creating the extensions {EXTENSIONS:?}"))?;
         Ok(())
     }
+}
+
+/// Creates the login role `role` (a constant of ours) if it does not exist.
+async fn ensure_login_role(admin: &Client, role: &str) -> Result<()> {
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                 CREATE ROLE {role} LOGIN;
+               END IF;
+             END $$;"
+        ))
+        .await
+        .with_context(|| format!("creating the role {role}"))
 }
 
 pub struct PostgresService {
