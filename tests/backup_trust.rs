@@ -11,89 +11,13 @@ mod backups;
 mod common;
 
 use std::fs::File;
-use std::io::{BufWriter, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use backups::*;
 use common::Appliance;
-use koprogo::backup::archive::{self, Manifest, Sink, Writer};
 use koprogo::backup::auth::Key;
-use sha2::{Digest, Sha256};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Makes `file` readable by the service user (the supervisor reads it as that user).
-fn give_to_service_user(file: &Path) {
-    if common::is_root() {
-        let st = std::process::Command::new("chown")
-            .arg("koprogo")
-            .arg(file)
-            .status()
-            .expect("chown");
-        assert!(st.success());
-    }
-}
-
-/// `src` (a backup) re-packed by someone who does not have the appliance's key:
-/// the same members, a correct manifest and checksums, sealed with `key`.
-fn repack(src: &Path, dst: &Path, key: &Key) {
-    let mut ar = tar::Archive::new(File::open(src).expect("open"));
-    let mut w = Writer::new(Sink::Plain(BufWriter::new(
-        File::create(dst).expect("create"),
-    )))
-    .expect("writer");
-    let mut manifest: Option<Manifest> = None;
-    for e in ar.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let name = String::from_utf8_lossy(&e.path_bytes())
-            .trim_end_matches('/')
-            .to_string();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).expect("read member");
-        match name.as_str() {
-            archive::MAGIC_NAME | archive::MANIFEST_SUM | archive::MANIFEST_AUTH => {}
-            archive::MANIFEST => manifest = Some(serde_json::from_slice(&data).expect("manifest")),
-            _ if e.header().entry_type().is_dir() => w.add_dir(&name, 0o750, 0).expect("dir"),
-            _ => w
-                .add_file(&name, &mut &data[..], data.len() as u64, 0o600, 0)
-                .expect("file"),
-        }
-    }
-    let mut m = manifest.expect("a manifest");
-    let (f, _) = w.finish(&mut m, key).expect("finish");
-    f.sync_all().expect("sync");
-    give_to_service_user(dst);
-}
-
-/// `src` as a koprogo from before backup authentication wrote it: format 1, no
-/// `manifest.auth`, every checksum right.
-fn as_format_1(src: &Path, dst: &Path) {
-    let mut b = std::fs::read(src).expect("read");
-    let (mat, mlen) = member_offset(src, archive::MAGIC_NAME);
-    let magic = &mut b[mat as usize..(mat + mlen) as usize];
-    let text = String::from_utf8(magic.to_vec()).expect("utf8");
-    magic.copy_from_slice(text.replace("format 2", "format 1").as_bytes());
-    let (jat, jlen) = member_offset(src, archive::MANIFEST);
-    let covered = hex(&Sha256::digest(&b[..jat as usize - 512]));
-    let json = &mut b[jat as usize..(jat + jlen) as usize];
-    let mut text = String::from_utf8(json.to_vec()).expect("utf8");
-    let m: Manifest = serde_json::from_str(&text).expect("manifest");
-    text = text
-        .replacen("\"format\": 2,", "\"format\": 1,", 1)
-        .replacen(&m.archive_sha256, &covered, 1);
-    json.copy_from_slice(text.as_bytes());
-    let sum = hex(&Sha256::digest(text.as_bytes()));
-    let (sat, _) = member_offset(src, archive::MANIFEST_SUM);
-    b[sat as usize..sat as usize + 64].copy_from_slice(sum.as_bytes());
-    let (aat, _) = member_offset(src, archive::MANIFEST_AUTH);
-    b.truncate(aat as usize - 512);
-    b.extend_from_slice(&[0u8; 1024]);
-    std::fs::write(dst, b).expect("write");
-    give_to_service_user(dst);
-}
 
 fn verify(a: &Appliance, file: &Path, extra: &[&str]) -> (i32, String) {
     let mut args = vec!["backup", "verify", file.to_str().expect("utf8")];
