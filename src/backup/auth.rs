@@ -259,6 +259,64 @@ pub fn authenticate(checked: &Checked, own: &Key, trust: &Trust, shown: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::archive::Manifest;
+
+    fn checked(seal_with: Option<&Key>, raw: &[u8]) -> Checked {
+        let manifest = Manifest {
+            format: 2,
+            kind: "koprogo-backup".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            created_unix: 0,
+            reason: "manual".into(),
+            koprogo_version: "test".into(),
+            domain: "example.org".into(),
+            postgres: Default::default(),
+            schema: Default::default(),
+            uploads: Default::default(),
+            secrets: Vec::new(),
+            archive_sha256: String::new(),
+            members: Vec::new(),
+        };
+        Checked {
+            manifest,
+            manifest_raw: raw.to_vec(),
+            seal: seal_with.and_then(|k| parse_seal(k.seal(raw).as_bytes())),
+            secrets: Vec::new(),
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn who_is_trusted() {
+        let own = Key::from_hex(&"01".repeat(32)).expect("key");
+        let other = Key::from_hex(&"02".repeat(32)).expect("key");
+        let other_hex = "02".repeat(32);
+        let raw = b"{}";
+        let ok = |c: &Checked, t: &Trust| authenticate(c, &own, t, "f.kbk");
+        assert_eq!(
+            ok(&checked(Some(&own), raw), &Trust::Own).expect("own"),
+            Origin::Own
+        );
+        let theirs = checked(Some(&other), raw);
+        let e = ok(&theirs, &Trust::Own).expect_err("another appliance");
+        assert!(format!("{e:#}").contains(&other.id()), "{e:#}");
+        assert_eq!(
+            ok(&theirs, &Trust::Key(other_hex.clone())).expect("trusted key"),
+            Origin::TrustedKey(other.id())
+        );
+        assert!(matches!(
+            ok(&theirs, &Trust::Foreign).expect("trusted anyway"),
+            Origin::Foreign(w) if w.contains("example.org")
+        ));
+        let unsigned = checked(None, raw);
+        let e = ok(&unsigned, &Trust::Key(other_hex)).expect_err("unsigned");
+        assert!(format!("{e:#}").contains("not authenticated"), "{e:#}");
+        // The manifest changed after sealing: the key id matches, the MAC does not.
+        let mut altered = checked(Some(&own), raw);
+        altered.manifest_raw = b"{ }".to_vec();
+        let e = ok(&altered, &Trust::Own).expect_err("altered");
+        assert!(format!("{e:#}").contains("altered"), "{e:#}");
+    }
 
     #[test]
     fn seal_round_trip_and_strict_parsing() {
