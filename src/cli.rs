@@ -98,6 +98,8 @@ pub enum Command {
         /// Restore even if the backup's database schema is newer than the running one.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        trust: crate::backup::cli::TrustArgs,
     },
     /// A psql shell on the private cluster (extra arguments go to psql).
     Psql {
@@ -121,7 +123,11 @@ pub enum BackupCommand {
         /// age identity file, for an encrypted (.kbk.age) backup.
         #[arg(long, short = 'i', value_name = "FILE")]
         identity: Option<PathBuf>,
+        #[command(flatten)]
+        trust: crate::backup::cli::TrustArgs,
     },
+    /// Print this appliance's backup key (for `--trust-key` on the machine a site moves to).
+    Key,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,15 +205,19 @@ pub fn main() -> ExitCode {
         Command::Backup { command } => match command {
             BackupCommand::Create => crate::backup::cli::create(&cfg),
             BackupCommand::List { json } => crate::backup::cli::list(&cfg, json),
-            BackupCommand::Verify { file, identity } => {
-                crate::backup::cli::verify(&cfg, file, identity)
-            }
+            BackupCommand::Verify {
+                file,
+                identity,
+                trust,
+            } => crate::backup::cli::verify(&cfg, file, identity, &trust),
+            BackupCommand::Key => crate::backup::cli::key(&cfg),
         },
         Command::Restore {
             file,
             identity,
             force,
-        } => crate::backup::cli::restore(&cfg, file, identity, force),
+            trust,
+        } => crate::backup::cli::restore(&cfg, file, identity, force, &trust),
     }
 }
 

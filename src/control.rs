@@ -47,6 +47,9 @@ pub enum Request {
         file: Option<PathBuf>,
         #[serde(default)]
         record_as: Option<PathBuf>,
+        /// Backups accepted beyond this appliance's own (`--trust-key`, `--trust-foreign`).
+        #[serde(default)]
+        trust: crate::backup::auth::Trust,
     },
     /// `koprogo reload`: update the API server now (pre-update backup, new server
     /// beside the old one, switch, drain).
@@ -59,6 +62,8 @@ pub enum Request {
         label: Option<String>,
         #[serde(default)]
         force: bool,
+        #[serde(default)]
+        trust: crate::backup::auth::Trust,
     },
 }
 
@@ -161,12 +166,17 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) -> Result<()> {
                 .create_now(crate::backup::Reason::Manual)
                 .await,
         ),
-        Ok(Request::BackupVerify { file, record_as }) => {
-            backup_response(shared.backup.verify(file, record_as).await)
-        }
-        Ok(Request::Restore { file, label, force }) => {
-            backup_response(shared.backup.restore(file, label, force).await)
-        }
+        Ok(Request::BackupVerify {
+            file,
+            record_as,
+            trust,
+        }) => backup_response(shared.backup.verify(file, record_as, trust).await),
+        Ok(Request::Restore {
+            file,
+            label,
+            force,
+            trust,
+        }) => backup_response(shared.backup.restore(file, label, force, trust).await),
         Ok(Request::Reload) => {
             backup_response(shared.updater.update(crate::update::Trigger::Reload).await)
         }

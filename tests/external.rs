@@ -6,6 +6,8 @@
 //! configuration mistakes are refused with exit 2. Every wait is bounded and no
 //! process is left (the appliance's nor the server's).
 
+#[path = "common/backups.rs"]
+mod backups;
 mod common;
 
 use std::path::Path;
@@ -479,6 +481,8 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
         .trim_end_matches(':')
         .to_string();
     let secrets = std::fs::read_to_string(old.path("state/secrets.env")).expect("secrets");
+    let (code, key, err) = old.cli(&["backup", "key"]);
+    assert_eq!(code, 0, "backup key: {err}");
     old.stop();
     old.assert_no_leftovers(Duration::from_secs(10));
 
@@ -487,7 +491,8 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
     let mut a = appliance_for(&pg, NO_SCHEDULE);
     a.start();
     a.wait_ready();
-    let (code, out, err) = a.cli(&["restore", &file]);
+    // Another appliance's backup: authenticated with the old one's key.
+    let (code, out, err) = a.cli(&["restore", &file, "--trust-key", key.trim()]);
     assert_eq!(code, 0, "restore: {out}{err}");
     a.wait_ready();
     assert_eq!(
@@ -502,8 +507,56 @@ fn moving_the_database_out_is_a_backup_and_a_restore() {
         .http("GET", &format!("/api/v1/items/{id}"), "")
         .expect("GET");
     assert_eq!(code, 200, "{body}");
+    // The site's keys come along; each machine keeps its own backup key.
+    let without_backup_key = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("BACKUP_AUTH_KEY="))
+            .map(str::to_string)
+            .collect()
+    };
     let now = std::fs::read_to_string(a.path("state/secrets.env")).expect("secrets");
-    assert_eq!(now, secrets, "the site's keys come along");
+    assert_eq!(
+        without_backup_key(&now),
+        without_backup_key(&secrets),
+        "the site's keys come along"
+    );
+    assert_ne!(now, secrets, "the new machine kept its own backup key");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+}
+
+/// A backup this appliance cannot authenticate is not replayed by a privileged
+/// role: with `--trust-foreign` and a superuser URL, the restore is refused before
+/// the dump runs; the appliance's own backup still restores (with a warning).
+#[test]
+fn an_unauthenticated_backup_is_not_replayed_by_a_superuser_url() {
+    let pg = ExternalPg::start("kpsu", "kpsu");
+    pg.sql("postgres", "ALTER ROLE kpsu SUPERUSER");
+    let mut a = appliance_for(&pg, NO_SCHEDULE);
+    a.start();
+    a.wait_ready();
+    let id = post_item(&a, "before the backup");
+    let own = backups::backup_create(&a);
+    let unsigned = a.path("unsigned.kbk");
+    backups::as_format_1(&own, &unsigned);
+    post_item(&a, "after the backup");
+
+    let (code, out) = backups::restore(&a, &unsigned, &["--trust-foreign"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kpsu is a superuser") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    assert_eq!(pg.app_sql("SELECT count(*) FROM items"), "2");
+
+    let (code, out) = backups::restore(&a, &own, &[]);
+    assert_eq!(code, 0, "{out}");
+    a.wait_ready();
+    assert_eq!(pg.app_sql("SELECT count(*) FROM items"), "1");
+    assert_eq!(
+        pg.app_sql(&format!("SELECT body FROM items WHERE id = {id}")),
+        "before the backup"
+    );
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(10));
 }

@@ -207,6 +207,9 @@ fn demo_data_upload_backup_and_restore_on_a_fresh_box() {
     .collect();
     let admin_pw = real::admin_password(&a);
     let file = backup_file(&a);
+    // The old machine's backup key: the new one authenticates the backup with it.
+    let (code, key, err) = a.cli(&["backup", "key"]);
+    assert_eq!(code, 0, "backup key: {err}");
     a.stop();
 
     // A fresh box: other keys, no data, then the restore.
@@ -225,7 +228,14 @@ fn demo_data_upload_backup_and_restore_on_a_fresh_box() {
             .expect("chown");
         assert!(st.success());
     }
-    let (code, out, err) = b.cli(&["restore", copy.to_str().expect("utf8")]);
+    let key_file = b.path("old-machine.key");
+    std::fs::write(&key_file, key).expect("write the key");
+    let (code, out, err) = b.cli(&[
+        "restore",
+        copy.to_str().expect("utf8"),
+        "--trust-key",
+        key_file.to_str().expect("utf8"),
+    ]);
     assert_eq!(code, 0, "restore: {out}{err}\n{}", b.stderr());
     b.wait_for(real::BOOT, "all ready after the restore", |s| s.all_ready);
     assert_eq!(fingerprint(&b), before, "rows differ after the restore");

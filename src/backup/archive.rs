@@ -2,7 +2,7 @@
 //! is checked before anything is restored.
 //!
 //! ```text
-//! KOPROGO-BACKUP      "koprogo backup\nformat 1\n"   (first: identifies the file)
+//! KOPROGO-BACKUP      "koprogo backup\nformat 2\n"   (first: identifies the file)
 //! db.dump             pg_dump -Fc of database koprogo
 //! secrets.env         <state>/secrets.env
 //! uploads/…           the uploads directory (directories and regular files)
@@ -10,6 +10,8 @@
 //!                     plus archive_sha256 = sha256 of every byte before its header.
 //!                     Padded with spaces to a multiple of 512 bytes (no tar padding).
 //! manifest.sha256     sha256 of manifest.json, hex + "\n", spaces up to 512 bytes
+//! manifest.auth       "hmac-sha256 <key id> <hex>\n", spaces up to 512 bytes: who
+//!                     made it (see [`super::auth`]); format 2 on, absent in format 1
 //! (two or more zero blocks)
 //! ```
 //!
@@ -35,14 +37,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The format this koprogo writes and the newest it reads.
-pub const FORMAT: u32 = 1;
+/// The format this koprogo writes and the newest it reads (1: before
+/// `manifest.auth`; such files are read, but are not authenticated).
+pub const FORMAT: u32 = 2;
 pub const MAGIC_NAME: &str = "KOPROGO-BACKUP";
 pub const DUMP: &str = "db.dump";
 pub const SECRETS: &str = "secrets.env";
 pub const UPLOADS: &str = "uploads";
 pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_SUM: &str = "manifest.sha256";
+pub const MANIFEST_AUTH: &str = "manifest.auth";
 const BLOCK: usize = 512;
 const MAX_MANIFEST: u64 = 256 << 20;
 const MAX_SECRETS: u64 = 1 << 20;
@@ -295,9 +299,13 @@ impl Writer {
     }
 
     /// Writes the manifest (completing `manifest` with the members and the archive
-    /// checksum), its checksum and the end of the archive; returns the file, flushed
-    /// but not yet synced, and the plaintext size.
-    pub fn finish(mut self, manifest: &mut Manifest) -> io::Result<(File, u64)> {
+    /// checksum), its checksum, its authentication under `key` and the end of the
+    /// archive; returns the file, flushed but not yet synced, and the plaintext size.
+    pub fn finish(
+        mut self,
+        manifest: &mut Manifest,
+        key: &super::auth::Key,
+    ) -> io::Result<(File, u64)> {
         manifest.archive_sha256 = hex(&self.builder.get_ref().hasher.clone().finalize());
         manifest.members = std::mem::take(&mut self.members);
         let mut json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
@@ -311,15 +319,18 @@ impl Writer {
             manifest.created_unix.max(0) as u64,
             false,
         )?;
-        let mut line = format!("{sum}\n").into_bytes();
-        line.resize(BLOCK, b' ');
-        self.append(
-            MANIFEST_SUM,
-            &line,
-            0o644,
-            manifest.created_unix.max(0) as u64,
-            false,
-        )?;
+        let seal = key.seal(&json);
+        for (name, text) in [(MANIFEST_SUM, format!("{sum}\n")), (MANIFEST_AUTH, seal)] {
+            let mut line = text.into_bytes();
+            line.resize(BLOCK, b' ');
+            self.append(
+                name,
+                &line,
+                0o644,
+                manifest.created_unix.max(0) as u64,
+                false,
+            )?;
+        }
         let hw = self.builder.into_inner()?;
         let size = hw.written;
         Ok((hw.inner.finish()?, size))
@@ -382,6 +393,10 @@ pub struct Extract {
 #[derive(Debug)]
 pub struct Checked {
     pub manifest: Manifest,
+    /// manifest.json's exact bytes (what `manifest.auth` authenticates).
+    pub manifest_raw: Vec<u8>,
+    /// `manifest.auth`, parsed (None in format 1).
+    pub seal: Option<super::auth::Seal>,
     /// secrets.env as stored.
     pub secrets: Vec<u8>,
     /// Size of the (plaintext) file.
@@ -483,6 +498,7 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
     let mut secrets = Vec::new();
     let mut manifest_bytes: Option<(Vec<u8>, String)> = None;
     let mut manifest_sum: Option<Vec<u8>> = None;
+    let mut seal: Option<super::auth::Seal> = None;
     let mut end_of_last: u64 = 0;
     let mut index = 0usize;
     if let Some(dir) = &extract.uploads_to {
@@ -563,6 +579,20 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
                 continue;
             }
             index += 1;
+            if manifest_sum.is_some() && name == MANIFEST_AUTH && seal.is_none() {
+                if size != BLOCK as u64 {
+                    return Err(damaged("manifest.auth of the wrong size".into()));
+                }
+                let mut buf = Vec::with_capacity(BLOCK);
+                entry
+                    .read_to_end(&mut buf)
+                    .map_err(|e| damaged(e.to_string()))?;
+                seal = Some(
+                    super::auth::parse_seal(&buf)
+                        .ok_or_else(|| damaged("unreadable manifest.auth".into()))?,
+                );
+                continue;
+            }
             if manifest_sum.is_some() {
                 return Err(damaged(format!(
                     "unexpected member {name:?} after the manifest"
@@ -771,8 +801,15 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
             return Err(damaged(format!("no {required} member")));
         }
     }
+    if seal.is_none() && manifest.format >= 2 {
+        return Err(damaged(
+            "the manifest's authentication at its end is missing".into(),
+        ));
+    }
     Ok(Checked {
         manifest,
+        manifest_raw,
+        seal,
         secrets,
         size: len,
     })
@@ -936,7 +973,8 @@ mod tests {
         let long = format!("uploads/a/{}.pdf", "x".repeat(150));
         w.add_bytes(&long, b"pdf", 0o640, 0).expect("file");
         let mut m = manifest();
-        let (f, n) = w.finish(&mut m).expect("finish");
+        let key = super::super::auth::Key::from_hex(&"5a".repeat(32)).expect("key");
+        let (f, n) = w.finish(&mut m, &key).expect("finish");
         f.sync_all().expect("sync");
         n
     }
@@ -957,6 +995,7 @@ mod tests {
         )
         .expect("good file passes");
         assert_eq!(c.manifest.members.len(), 5);
+        assert!(c.seal.is_some(), "format 2 carries manifest.auth");
         assert_eq!(
             std::fs::read(d.path().join("dump")).expect("dump").len(),
             100_000

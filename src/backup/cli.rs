@@ -4,12 +4,16 @@
 //! An encrypted file is decrypted here, with the operator's identity file, into a
 //! hidden file of the backup directory that the supervisor then reads; the private
 //! key never reaches the service.
+//!
+//! `--trust-key` / `--trust-foreign` (see [`super::auth`]) widen which backups
+//! `restore` and `backup verify` accept; `backup key` prints this appliance's key.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
+use super::auth::{Key, Trust};
 use super::retention;
 use crate::config::Config;
 use crate::control::{self, Request};
@@ -37,6 +41,95 @@ fn ask(cfg: &Config, req: &Request) -> ExitCode {
         Err(e) => {
             eprintln!("koprogo: {e:#}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// Which backups besides this appliance's own are accepted.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct TrustArgs {
+    /// Also accept a backup made by the appliance whose backup key this is: a file
+    /// holding it (as `koprogo backup key` prints it there) or its 64 hex characters.
+    #[arg(long, value_name = "FILE|HEX", conflicts_with = "trust_foreign")]
+    pub trust_key: Option<String>,
+    /// Accept a backup this appliance cannot authenticate (another machine's whose
+    /// key is lost, or one made before backups were authenticated). Its database is
+    /// still replayed as an unprivileged PostgreSQL role.
+    #[arg(long)]
+    pub trust_foreign: bool,
+}
+
+/// Longest key file read (a key is 64 characters and a newline).
+const MAX_KEY_FILE: u64 = 4096;
+
+impl TrustArgs {
+    fn resolve(&self) -> Result<Trust, String> {
+        if self.trust_foreign {
+            eprintln!(
+                "koprogo: --trust-foreign: a backup this appliance cannot authenticate is accepted \
+                 (what it claims to be is printed below); its database is replayed as an \
+                 unprivileged PostgreSQL role"
+            );
+            return Ok(Trust::Foreign);
+        }
+        let Some(arg) = &self.trust_key else {
+            return Ok(Trust::Own);
+        };
+        let text = if Key::from_hex(arg).is_ok() && !Path::new(arg).exists() {
+            arg.clone()
+        } else {
+            crate::fsutil::read_bounded_string(Path::new(arg), MAX_KEY_FILE).map_err(|e| {
+                format!(
+                    "--trust-key {arg}: cannot read it ({e}): pass the file `koprogo backup key` \
+                     wrote on the other machine, or its 64 hex characters"
+                )
+            })?
+        };
+        let key = Key::from_hex(&text).map_err(|e| format!("--trust-key {arg}: {e:#}"))?;
+        eprintln!(
+            "koprogo: also trusting backups made with the key {}",
+            key.id()
+        );
+        Ok(Trust::Key(text.trim().to_string()))
+    }
+}
+
+/// `koprogo backup key`: this appliance's backup key on stdout, its id on stderr.
+pub fn key(cfg: &Config) -> ExitCode {
+    let state = &cfg.paths.state;
+    let hex = match crate::secrets::read_value(state, crate::secrets::BACKUP_KEY) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            eprintln!(
+                "koprogo: {} has no {}: start koprogo once (it generates the key at boot)",
+                crate::secrets::path(state).display(),
+                crate::secrets::BACKUP_KEY
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    match Key::from_hex(&hex) {
+        Ok(k) => {
+            println!("{hex}");
+            eprintln!(
+                "koprogo: backup key {} of this appliance. To move the site, restore its backups \
+                 on the other machine with `koprogo restore FILE --trust-key KEYFILE`. Keep it as \
+                 secret as the backups: whoever has it can make backups this appliance accepts.",
+                k.id()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "koprogo: {}: {} is malformed ({e:#})",
+                crate::secrets::path(state).display(),
+                crate::secrets::BACKUP_KEY
+            );
+            ExitCode::from(1)
         }
     }
 }
@@ -134,7 +227,19 @@ fn prepare(
     Ok((file.to_path_buf(), None))
 }
 
-pub fn verify(cfg: &Config, file: Option<PathBuf>, identity: Option<PathBuf>) -> ExitCode {
+pub fn verify(
+    cfg: &Config,
+    file: Option<PathBuf>,
+    identity: Option<PathBuf>,
+    trust: &TrustArgs,
+) -> ExitCode {
+    let trust = match trust.resolve() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("koprogo: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let file = match file {
         Some(f) => absolute(&f),
         None => match super::newest(&cfg.backup.dir) {
@@ -158,13 +263,27 @@ pub fn verify(cfg: &Config, file: Option<PathBuf>, identity: Option<PathBuf>) ->
         &Request::BackupVerify {
             file: Some(read),
             record_as: guard.as_ref().map(|_| file.clone()),
+            trust,
         },
     );
     drop(guard);
     code
 }
 
-pub fn restore(cfg: &Config, file: PathBuf, identity: Option<PathBuf>, force: bool) -> ExitCode {
+pub fn restore(
+    cfg: &Config,
+    file: PathBuf,
+    identity: Option<PathBuf>,
+    force: bool,
+    trust: &TrustArgs,
+) -> ExitCode {
+    let trust = match trust.resolve() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("koprogo: refused: {e}; nothing was changed");
+            return ExitCode::from(1);
+        }
+    };
     let file = absolute(&file);
     let (read, guard) = match prepare(cfg, &file, identity.as_deref()) {
         Ok(x) => x,
@@ -183,6 +302,7 @@ pub fn restore(cfg: &Config, file: PathBuf, identity: Option<PathBuf>, force: bo
             file: read,
             label: Some(file.display().to_string()),
             force,
+            trust,
         },
     );
     drop(guard);

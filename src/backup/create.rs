@@ -182,6 +182,8 @@ async fn create_in(
     let secrets_file = crate::secrets::path(&cfg.paths.state);
     let secrets = std::fs::read(&secrets_file)
         .with_context(|| format!("cannot read {}", secrets_file.display()))?;
+    let (secrets, key) = super::auth::split_secrets(&secrets)
+        .with_context(|| format!("{} is not usable", secrets_file.display()))?;
     let secret_keys = archive::check_secrets(&secrets)
         .with_context(|| format!("{} is not usable", secrets_file.display()))?;
     let rows = tables.values().sum();
@@ -222,7 +224,7 @@ async fn create_in(
     let dir2 = dir.to_path_buf();
     let (path, size, manifest) = tokio::task::spawn_blocking(move || {
         write_file(
-            &dir2, &stamp, suffix, ext, &dump, &secrets, &uploads, manifest, recipients,
+            &dir2, &stamp, suffix, ext, &dump, &secrets, &uploads, manifest, recipients, &key,
         )
     })
     .await
@@ -277,6 +279,7 @@ fn write_file(
     uploads: &Path,
     mut manifest: Manifest,
     recipients: Option<Vec<age::x25519::Recipient>>,
+    key: &super::auth::Key,
 ) -> Result<(PathBuf, u64, Manifest)> {
     let mut name = format!("koprogo-{stamp}{suffix}{ext}");
     let mut n = 1;
@@ -319,7 +322,7 @@ fn write_file(
         if uploads.is_dir() {
             add_uploads(&mut w, uploads, &mut manifest.uploads, dir)?;
         }
-        let (file, size) = w.finish(&mut manifest).map_err(io)?;
+        let (file, size) = w.finish(&mut manifest, key).map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
         std::fs::rename(&part, &fin).map_err(io)?;

@@ -1,16 +1,20 @@
 //! Backups and restore. One backup is one file, `<backup.dir>/koprogo-<UTC>.kbk`
 //! (0600; `.kbk.age` when encrypted to `backup.encrypt_to`): a tar holding the
 //! database (`pg_dump -Fc`), the uploads and secrets.env, with a manifest of
-//! versions, row counts and checksums (see [`archive`]). The supervisor makes them
+//! versions, row counts and checksums (see [`archive`]), authenticated with the
+//! appliance's backup key (see [`auth`]). The supervisor makes them
 //! (daily at `backup.schedule`, or on `koprogo backup create`), checks them
 //! (`backup verify`: restored into a scratch database) and restores them
 //! (`koprogo restore FILE`, with a safety backup first and a rollback on failure).
+//! A dump is only replayed once its file is authenticated (or explicitly trusted),
+//! and then as an ordinary PostgreSQL role, never the superuser.
 //! Children (pg_dump, pg_restore, the copy hook) go through the one reaper.
 //!
 //! One operation runs at a time; the others wait their turn.
 
 pub mod api;
 pub mod archive;
+pub mod auth;
 pub mod child;
 pub mod cli;
 pub mod create;
@@ -324,6 +328,7 @@ impl Backups {
         &self,
         file: Option<PathBuf>,
         record_as: Option<PathBuf>,
+        trust: auth::Trust,
     ) -> Result<String> {
         self.exclusive("verify", async {
             let file = match file {
@@ -331,7 +336,7 @@ impl Backups {
                 None => newest(&self.cfg.backup.dir)?,
             };
             let record = record_as.unwrap_or_else(|| file.clone());
-            verify::verify(self, &file, &record).await
+            verify::verify(self, &file, &record, &trust).await
         })
         .await
     }
@@ -342,10 +347,14 @@ impl Backups {
         file: PathBuf,
         label: Option<String>,
         force: bool,
+        trust: auth::Trust,
     ) -> Result<String> {
         let label = label.unwrap_or_else(|| file.display().to_string());
-        self.exclusive("restore", restore::restore(self, &file, &label, force))
-            .await
+        self.exclusive(
+            "restore",
+            restore::restore(self, &file, &label, force, &trust),
+        )
+        .await
     }
 
     /// The daily schedule (and the boot-time cleanup of what a crash left).

@@ -1,10 +1,12 @@
 //! `koprogo restore FILE`. In order:
 //! 1. read and check the whole file, extracting the dump and the uploads into a
-//!    staging directory (a refused file changes nothing: staging is removed);
+//!    staging directory, and authenticate it (see `auth`) before replaying any of
+//!    it (a refused file changes nothing: staging is removed);
 //! 2. refuse a dump from a newer PostgreSQL or a database schema newer than the one
 //!    the installed API runs now (`--force` skips the schema check);
 //! 3. a safety backup of the current state;
-//! 4. the dump restored into a scratch database and its row counts checked, while
+//! 4. the dump replayed into a scratch database as an ordinary role (never the
+//!    superuser; see `verify::restore_into`) and its row counts checked, while
 //!    the API still serves the old data;
 //! 5. the API stopped; secrets.env, the database (two renames in one transaction)
 //!    and the uploads directory (an atomic exchange) swapped;
@@ -20,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::oneshot;
 
 use super::archive::{self, Extract};
+use super::auth::{authenticate, own_key, Origin, Trust};
 use super::verify::{check_postgres_major, drop_database, restore_into};
 use super::{work_dir, Backups, Reason, PREV_DB_PREFIX, RESTORE_DB_PREFIX};
 use crate::fsutil::{ensure_dir, write_atomic};
@@ -34,14 +37,20 @@ struct Swapped {
     uploads: bool,
 }
 
-pub(crate) async fn restore(b: &Backups, file: &Path, label: &str, force: bool) -> Result<String> {
+pub(crate) async fn restore(
+    b: &Backups,
+    file: &Path,
+    label: &str,
+    force: bool,
+    trust: &Trust,
+) -> Result<String> {
     b.postgres_ready()
         .map_err(|e| anyhow!("{e:#}; nothing was changed"))?;
     check_space(&b.cfg, file)?;
     let id = b.next_id();
     let stage = work_dir(&b.cfg).join(format!("restore-{id}"));
     ensure_dir(&stage, 0o700).with_context(|| format!("cannot create {}", stage.display()))?;
-    let r = restore_staged(b, file, label, force, &stage, &id).await;
+    let r = restore_staged(b, file, label, force, trust, &stage, &id).await;
     let keep_stage = matches!(&r, Err(e) if e.to_string().contains("ROLLBACK FAILED"));
     if !keep_stage {
         let _ = std::fs::remove_dir_all(&stage);
@@ -91,6 +100,7 @@ async fn restore_staged(
     file: &Path,
     label: &str,
     force: bool,
+    trust: &Trust,
     stage: &Path,
     id: &str,
 ) -> Result<String> {
@@ -110,8 +120,12 @@ async fn restore_staged(
     .await
     .map_err(|e| anyhow!("the backup reader stopped: {e}"))?
     .map_err(|e| anyhow!("refused: {e:#}; nothing was changed"))?;
-    let m = checked.manifest;
     let refused = |e: anyhow::Error| anyhow!("refused: {e:#}; nothing was changed");
+    let origin = own_key(&b.cfg.paths.state)
+        .and_then(|own| authenticate(&checked, &own, trust, label))
+        .map_err(refused)?;
+    let foreign = matches!(origin, Origin::Foreign(_));
+    let m = checked.manifest;
     check_postgres_major(b, &m, label).map_err(refused)?;
     archive::check_secrets(&checked.secrets)
         .with_context(|| format!("{label}: its secrets.env"))
@@ -145,13 +159,14 @@ async fn restore_staged(
 
     let scratch = format!("{RESTORE_DB_PREFIX}{id}");
     tracing::info!("restore of {label}: restoring the database into {scratch}");
-    let db_summary = match restore_into(b, &dump, &scratch, &m).await {
+    let db_summary = match restore_into(b, &dump, &scratch, &m, foreign).await {
         Ok(s) => s,
         Err(e) => {
             drop_database(b, &scratch).await;
             bail!(
-                "restoring the database failed: {e:#}; nothing was changed (the API kept \
-                 running; safety backup: {safety})"
+                "refused: restoring the database failed: {e:#}; nothing was changed (the API \
+                 kept running; the backup is {}; safety backup: {safety})",
+                origin.describe()
             );
         }
     };
@@ -216,8 +231,9 @@ async fn restore_staged(
     }
     drop_database(b, &prev).await;
     Ok(format!(
-        "restored {label} (made {} by koprogo {}): database: {db_summary}; uploads: {} files ({}); \
+        "restored {label} ({}; made {} by koprogo {}): database: {db_summary}; uploads: {} files ({}); \
          secrets: {}; the API {}; safety backup of the state before: {safety}",
+        origin.describe(),
         m.created,
         m.koprogo_version,
         m.uploads.files,
@@ -241,7 +257,9 @@ async fn swap_in(
 ) -> Result<()> {
     let file = crate::secrets::path(&b.cfg.paths.state);
     let old = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    write_atomic(&file, secrets, 0o600)
+    // This appliance keeps its own backup key (a backup carries none).
+    let secrets = super::auth::merge_secrets(secrets, &old)?;
+    write_atomic(&file, &secrets, 0o600)
         .with_context(|| format!("cannot write {}", file.display()))?;
     s.secrets = Some(old);
     let app = b.db.app_db();

@@ -1,5 +1,6 @@
-//! `koprogo backup verify`: every byte checked (see `archive`), then the dump
-//! restored into a scratch database and its row counts compared with the
+//! `koprogo backup verify`: every byte checked (see `archive`) and the file
+//! authenticated (see `auth`), then the dump replayed as an ordinary role into a
+//! scratch database (see `restore_into`) and its row counts compared with the
 //! manifest's, then the scratch database dropped. The outcome is kept next to the
 //! file for `backup list`.
 
@@ -10,7 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 
 use super::archive::{self, Extract, Manifest};
-use super::create::{pg_args, row_counts};
+use super::auth::{authenticate, own_key, Origin, Trust};
+use super::create::row_counts;
 use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, VERIFY_DB_PREFIX};
 use crate::fsutil::ensure_dir;
@@ -19,15 +21,20 @@ use crate::supervisor::reaper::ChildSpec;
 
 pub const PG_RESTORE_LIMIT: Duration = Duration::from_secs(6 * 3600);
 
-/// Creates database `name` (owned by the application role) and restores `dump`
-/// into it, then compares its row counts with the manifest's. Returns a summary.
-/// On error the database may exist: the caller drops it.
+/// Creates database `name` and replays `dump` into it as [`crate::postgres::Db::replay_role`]
+/// (never the superuser: a dump is SQL, and whoever can write a backup file writes
+/// it), then compares its row counts with the manifest's and hands it to the
+/// application's role. `foreign`: the file is not authenticated (`--trust-foreign`),
+/// so even an external server's role must not be privileged. Returns a summary. On
+/// error the database may exist: the caller drops it.
 pub(crate) async fn restore_into(
     b: &Backups,
     dump: &Path,
     name: &str,
     manifest: &Manifest,
+    foreign: bool,
 ) -> Result<String> {
+    b.db.prepare_replay_role().await?;
     let admin =
         b.db.connect_admin()
             .await
@@ -57,20 +64,24 @@ pub(crate) async fn restore_into(
         }
     }
     drop(admin);
+    b.db.prepare_scratch(name).await?;
+    let role = b.db.replay_role().to_string();
+    let c =
+        b.db.connect_replay(name)
+            .await
+            .with_context(|| format!("cannot connect to {name} as {role}"))?;
+    check_unprivileged(&c, &role, b.db.external().is_none() || foreign).await?;
+    drop(c);
     let jobs = crate::postgres::tuning::cores().clamp(1, 4);
-    let (mut args, env) = pg_args(b, name)?;
-    if b.db.external().is_some() {
-        // The external role owns what it restores (a dump made by the private
-        // cluster names the role koprogo), and skips what only a superuser may create.
-        let list = external_toc(b, dump, &env).await?;
-        args.extend([
-            "--no-owner".into(),
-            "--no-privileges".into(),
-            "-L".into(),
-            list.display().to_string(),
-        ]);
-    }
+    let (mut args, env) = b.db.libpq_replay(name)?;
+    // Everything belongs to the replaying role; what only a superuser may create
+    // (the extensions) is left out: it exists already or is not needed.
+    let list = replay_toc(b, dump, &env).await?;
     args.extend([
+        "--no-owner".into(),
+        "--no-privileges".into(),
+        "-L".into(),
+        list.display().to_string(),
         "--exit-on-error".into(),
         "-j".into(),
         jobs.to_string(),
@@ -86,12 +97,19 @@ pub(crate) async fn restore_into(
     };
     let out = child::run(&b.reaper, spec, PG_RESTORE_LIMIT).await?;
     if !out.exit.success() {
+        if let Some(line) = needs_privilege(&out.text) {
+            bail!(
+                "the dump needs rights the unprivileged role {role} does not have ({line}): \
+                 koprogo never replays a backup as the PostgreSQL superuser, so this one cannot \
+                 be restored here"
+            );
+        }
         bail!("pg_restore failed ({}): {}", out.exit, out.last_line());
     }
     let c =
-        b.db.connect(name)
+        b.db.connect_replay(name)
             .await
-            .with_context(|| format!("cannot connect to {name}"))?;
+            .with_context(|| format!("cannot connect to {name} as {role}"))?;
     let counts = row_counts(&c).await?;
     drop(c);
     let want = &manifest.postgres.tables;
@@ -107,6 +125,7 @@ pub(crate) async fn restore_into(
     if let Some(extra) = counts.keys().find(|t| !want.contains_key(*t)) {
         bail!("table {extra} after pg_restore is not in the manifest");
     }
+    b.db.hand_over(name).await?;
     Ok(format!(
         "{} tables, {} rows, every count as in the manifest",
         counts.len(),
@@ -114,26 +133,85 @@ pub(crate) async fn restore_into(
     ))
 }
 
-/// Extensions a dump of the private cluster holds that an external server's
-/// ordinary role cannot create (not trusted); KoproGo does not need them.
-const UNTRUSTED_EXTENSIONS: &[&str] = &["pg_stat_statements"];
+/// Refuses to replay as a role that is a superuser or may run programs or touch
+/// files of the server (`refuse`), or says so in the log.
+async fn check_unprivileged(c: &tokio_postgres::Client, role: &str, refuse: bool) -> Result<()> {
+    let row = c
+        .query_one(
+            "SELECT r.rolsuper
+                 OR pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER')
+                 OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')
+                 OR pg_has_role(current_user, 'pg_read_server_files', 'MEMBER')
+               FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "checking the rights of {role}: {}",
+                crate::postgres::describe(&e)
+            )
+        })?;
+    if row.get::<_, bool>(0) {
+        if refuse {
+            bail!(
+                "the role {role} is a superuser or may run programs or read and write files on \
+                 the server: koprogo does not replay a backup it cannot authenticate as such a role \
+                 (make {role} an ordinary role, or restore a backup this appliance made)"
+            );
+        }
+        tracing::warn!("replaying an authenticated backup as the privileged role {role}");
+    }
+    Ok(())
+}
 
-/// A TOC line of the extension itself (`EXTENSION - NAME`) or of its comment
+/// The first error line of a failed pg_restore that says a privilege was missing.
+fn needs_privilege(text: &str) -> Option<String> {
+    const SIGNS: &[&str] = &[
+        "permission denied",
+        "must be superuser",
+        "must be owner",
+        "pg_execute_server_program",
+        "pg_write_server_files",
+        "pg_read_server_files",
+    ];
+    text.lines()
+        .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(|l| l.trim().to_string())
+}
+
+/// Extensions left out of a replay: with the private cluster, those the superuser
+/// creates in the scratch database first (their comment too: only their owner may
+/// change it); with an external server, those its ordinary role cannot create (not
+/// trusted; KoproGo does not need them).
+fn skipped_extensions(b: &Backups) -> &'static [&'static str] {
+    if b.db.external().is_some() {
+        &["pg_stat_statements"]
+    } else {
+        crate::postgres::EXTENSIONS
+    }
+}
+
+/// A TOC line of one of `skip` (`EXTENSION - NAME`) or of its comment
 /// (`COMMENT - EXTENSION NAME`).
-fn names_untrusted_extension(line: &str) -> bool {
+fn names_extension(line: &str, skip: &[&str]) -> bool {
     if line.starts_with(';') {
         return false;
     }
-    let t: Vec<&str> = line.split_whitespace().collect();
-    UNTRUSTED_EXTENSIONS.iter().any(|e| {
+    // A comment's tag quotes names that need it: `COMMENT - EXTENSION "uuid-ossp"`.
+    let t: Vec<&str> = line
+        .split_whitespace()
+        .map(|w| w.trim_matches('"'))
+        .collect();
+    skip.iter().any(|e| {
         t.windows(3).any(|w| w == ["EXTENSION", "-", e])
             || (t.contains(&"COMMENT") && t.windows(2).any(|w| w == ["EXTENSION", e]))
     })
 }
 
-/// `pg_restore -l` of `dump` without the entries of [`UNTRUSTED_EXTENSIONS`],
+/// `pg_restore -l` of `dump` without the entries of [`skipped_extensions`],
 /// written next to the dump; returns its path.
-async fn external_toc(
+async fn replay_toc(
     b: &Backups,
     dump: &Path,
     env: &[(String, String)],
@@ -158,10 +236,8 @@ async fn external_toc(
     }
     let text = std::fs::read_to_string(&list)
         .with_context(|| format!("cannot read {}", list.display()))?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| !names_untrusted_extension(l))
-        .collect();
+    let skip = skipped_extensions(b);
+    let kept: Vec<&str> = text.lines().filter(|l| !names_extension(l, skip)).collect();
     std::fs::write(&list, kept.join("\n") + "\n")
         .with_context(|| format!("cannot write {}", list.display()))?;
     Ok(list)
@@ -196,14 +272,19 @@ pub(crate) fn check_postgres_major(b: &Backups, m: &Manifest, file: &str) -> Res
     Ok(())
 }
 
-pub(crate) async fn verify(b: &Backups, file: &Path, record: &Path) -> Result<String> {
+pub(crate) async fn verify(
+    b: &Backups,
+    file: &Path,
+    record: &Path,
+    trust: &Trust,
+) -> Result<String> {
     b.postgres_ready()?;
     let started = Instant::now();
     let id = b.next_id();
     let stage = work_dir(&b.cfg).join(format!("verify-{id}"));
     ensure_dir(&stage, 0o700).with_context(|| format!("cannot create {}", stage.display()))?;
     let scratch = format!("{VERIFY_DB_PREFIX}{id}");
-    let r = verify_in(b, file, record, &stage, &scratch).await;
+    let r = verify_in(b, file, record, trust, &stage, &scratch).await;
     drop_database(b, &scratch).await;
     let _ = std::fs::remove_dir_all(&stage);
     let shown = record.display().to_string();
@@ -238,6 +319,7 @@ async fn verify_in(
     b: &Backups,
     file: &Path,
     record: &Path,
+    trust: &Trust,
     stage: &Path,
     scratch: &str,
 ) -> Result<String> {
@@ -255,12 +337,17 @@ async fn verify_in(
     .await
     .map_err(|e| anyhow!("the backup reader stopped: {e}"))??;
     let shown = record.display().to_string();
+    let origin = authenticate(&checked, &own_key(&b.cfg.paths.state)?, trust, &shown)?;
     check_postgres_major(b, &checked.manifest, &shown)?;
     let keys = archive::check_secrets(&checked.secrets).with_context(|| shown.clone())?;
-    let db = restore_into(b, &dump, scratch, &checked.manifest).await?;
+    let foreign = matches!(origin, Origin::Foreign(_));
+    let db = restore_into(b, &dump, scratch, &checked.manifest, foreign)
+        .await
+        .map_err(|e| anyhow!("{e:#} ({})", origin.describe()))?;
     let m = &checked.manifest;
     Ok(format!(
-        "made {} by koprogo {}; database: {db}; uploads: {} files ({}); secrets: {}",
+        "{}; made {} by koprogo {}; database: {db}; uploads: {} files ({}); secrets: {}",
+        origin.describe(),
         m.created,
         m.koprogo_version,
         m.uploads.files,
@@ -272,21 +359,46 @@ async fn verify_in(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn toc_lines_of_untrusted_extensions() {
-        assert!(super::names_untrusted_extension(
-            "3; 3079 16385 EXTENSION - pg_stat_statements "
+    fn toc_lines_of_skipped_extensions() {
+        let skip = &["pg_stat_statements"];
+        assert!(super::names_extension(
+            "3; 3079 16385 EXTENSION - pg_stat_statements ",
+            skip
         ));
-        assert!(super::names_untrusted_extension(
-            "4270; 0 0 COMMENT - EXTENSION pg_stat_statements "
+        assert!(super::names_extension(
+            "4270; 0 0 COMMENT - EXTENSION pg_stat_statements ",
+            skip
         ));
-        assert!(!super::names_untrusted_extension(
-            "2; 3079 16386 EXTENSION - pgcrypto "
+        assert!(!super::names_extension(
+            "2; 3079 16386 EXTENSION - pgcrypto ",
+            skip
         ));
-        assert!(!super::names_untrusted_extension(
-            "215; 1259 16400 TABLE public items koprogo"
+        assert!(super::names_extension(
+            "2; 3079 16386 EXTENSION - pgcrypto ",
+            crate::postgres::EXTENSIONS
         ));
-        assert!(!super::names_untrusted_extension(
-            "; EXTENSION - pg_stat_statements"
+        assert!(super::names_extension(
+            "4271; 0 0 COMMENT - EXTENSION \"uuid-ossp\" ",
+            crate::postgres::EXTENSIONS
         ));
+        assert!(!super::names_extension(
+            "215; 1259 16400 TABLE public items koprogo",
+            skip
+        ));
+        assert!(!super::names_extension(
+            "; EXTENSION - pg_stat_statements",
+            skip
+        ));
+    }
+
+    #[test]
+    fn missing_privileges_are_recognised() {
+        let out = "pg_restore: error: could not execute query: ERROR:  permission denied to \
+                   COPY to or from an external program\nDETAIL: Only roles with privileges of \
+                   the \"pg_execute_server_program\" role may COPY to or from an external program.";
+        assert!(
+            super::needs_privilege(out).is_some_and(|l| l.contains("permission denied to COPY"))
+        );
+        assert!(super::needs_privilege("pg_restore: error: relation exists").is_none());
     }
 }

@@ -20,6 +20,10 @@ pub const SUPERUSER: &str = "postgres";
 /// The application's role and database.
 pub const APP_ROLE: &str = "koprogo";
 pub const APP_DB: &str = "koprogo";
+/// The role that replays backups (`restore`, `backup verify`) into a scratch
+/// database: no superuser, no membership, owner of nothing else; what it restores
+/// is handed to [`APP_ROLE`] afterwards.
+pub const RESTORE_ROLE: &str = "koprogo_restore";
 const MANAGED_CONF: &str = "koprogo.conf";
 const INCLUDE_LINE: &str = "include_if_exists = 'koprogo.conf'\t# managed by koprogo";
 
@@ -179,7 +183,7 @@ pub fn write_managed_files(cfg: &Config, os_user: &str) -> Result<()> {
     write_atomic(&data.join("pg_hba.conf"), hba.as_bytes(), 0o600)?;
     let mut ident = String::from("# Managed by koprogo: rewritten at every start.\n");
     for os in [os_user, "root"] {
-        for role in [SUPERUSER, APP_ROLE] {
+        for role in [SUPERUSER, APP_ROLE, RESTORE_ROLE] {
             ident.push_str(&format!("koprogo {os} {role}\n"));
         }
     }

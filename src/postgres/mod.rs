@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::supervisor::reaper::ChildSpec;
 use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
 use binaries::Binaries;
-use cluster::{APP_DB, APP_ROLE, SUPERUSER};
+use cluster::{APP_DB, APP_ROLE, RESTORE_ROLE, SUPERUSER};
 
 /// Connections to the database: the private cluster as its superuser over the
 /// socket, or (external mode) the configured server as the URL's role.
@@ -35,6 +35,17 @@ pub struct Db {
     cfg: Arc<Config>,
     probe: Arc<Mutex<Option<Client>>>,
     tls: Arc<std::sync::OnceLock<tls::PgTls>>,
+}
+
+/// Extensions the application database gets from the superuser (at boot, and in a
+/// restore's scratch database before the dump is replayed).
+pub const EXTENSIONS: &[&str] = &["pgcrypto", "uuid-ossp", "pg_stat_statements"];
+
+fn create_extensions_sql() -> String {
+    EXTENSIONS
+        .iter()
+        .map(|e| format!("CREATE EXTENSION IF NOT EXISTS \"{e}\";"))
+        .collect()
 }
 
 /// A libpq tool's command-line arguments and environment.
@@ -78,9 +89,15 @@ impl Db {
         self.external().map_or(APP_ROLE, |u| u.user.as_str())
     }
 
-    /// The owner given to scratch databases (external: whoever creates them).
+    /// The owner given to scratch databases (external: whoever creates them): the
+    /// role that replays backups into them.
     pub fn app_owner(&self) -> Option<&str> {
-        self.external().is_none().then_some(APP_ROLE)
+        self.external().is_none().then_some(RESTORE_ROLE)
+    }
+
+    /// The role backups are replayed as: [`RESTORE_ROLE`], or the external URL's.
+    pub fn replay_role(&self) -> &str {
+        self.external().map_or(RESTORE_ROLE, |u| u.user.as_str())
     }
 
     /// A connection for CREATE/DROP/ALTER DATABASE: the `postgres` database (the
@@ -96,6 +113,16 @@ impl Db {
     /// Command-line arguments and environment for a libpq tool (pg_dump,
     /// pg_restore, psql) on database `dbname`. Passwords go in the environment.
     pub fn libpq(&self, dbname: &str) -> Result<Libpq> {
+        self.libpq_as(dbname, SUPERUSER)
+    }
+
+    /// [`Db::libpq`] as [`Db::replay_role`]: never the superuser.
+    pub fn libpq_replay(&self, dbname: &str) -> Result<Libpq> {
+        self.libpq_as(dbname, RESTORE_ROLE)
+    }
+
+    /// `role` on the private cluster; the external URL's role otherwise.
+    fn libpq_as(&self, dbname: &str, role: &str) -> Result<Libpq> {
         let mut env = cluster::base_env(&self.cfg);
         let args = match self.external() {
             None => vec![
@@ -104,7 +131,7 @@ impl Db {
                 "-p".into(),
                 self.cfg.postgres.port.to_string(),
                 "-U".into(),
-                SUPERUSER.into(),
+                role.into(),
                 "-d".into(),
                 dbname.into(),
                 "--no-password".into(),
@@ -128,6 +155,72 @@ impl Db {
 
     /// A new connection to `dbname` (as the superuser, or as the external URL's role).
     pub async fn connect(&self, dbname: &str) -> Result<Client> {
+        self.connect_as(dbname, SUPERUSER).await
+    }
+
+    /// A new connection to `dbname` as [`Db::replay_role`]: never the superuser.
+    pub async fn connect_replay(&self, dbname: &str) -> Result<Client> {
+        self.connect_as(dbname, RESTORE_ROLE).await
+    }
+
+    /// Creates [`RESTORE_ROLE`] if missing and resets it to an ordinary login role
+    /// with no settings (a replayed dump may have changed its own); a no-op with an
+    /// external server (the URL's role replays there).
+    pub async fn prepare_replay_role(&self) -> Result<()> {
+        if self.external().is_some() {
+            return Ok(());
+        }
+        let admin = self
+            .connect("postgres")
+            .await
+            .context("connecting as superuser")?;
+        ensure_login_role(&admin, RESTORE_ROLE).await?;
+        admin
+            .batch_execute(&format!(
+                "ALTER ROLE {RESTORE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+                   NOREPLICATION NOBYPASSRLS;
+                 ALTER ROLE {RESTORE_ROLE} RESET ALL;"
+            ))
+            .await
+            .with_context(|| format!("preparing the role {RESTORE_ROLE}"))
+    }
+
+    /// The superuser's part of a scratch database before a replay: the extensions
+    /// the application database has (only a superuser may create some of them).
+    pub async fn prepare_scratch(&self, dbname: &str) -> Result<()> {
+        if self.external().is_some() {
+            return Ok(());
+        }
+        let c = self.connect(dbname).await?;
+        c.batch_execute(&create_extensions_sql())
+            .await
+            .with_context(|| format!("creating the extensions {EXTENSIONS:?} in {dbname}"))
+    }
+
+    /// Gives what [`RESTORE_ROLE`] restored into `dbname` (and the database) to the
+    /// application's role, and drops database-level settings the dump may have made
+    /// (they would apply to every later session, the superuser's included). Runs no
+    /// code of the dump: event triggers, the only hook on these commands, need a
+    /// superuser to exist. A no-op with an external server (one role does it all).
+    pub async fn hand_over(&self, dbname: &str) -> Result<()> {
+        if self.external().is_some() {
+            return Ok(());
+        }
+        let admin = self.connect("postgres").await?;
+        admin
+            .batch_execute(&format!("ALTER DATABASE \"{dbname}\" RESET ALL"))
+            .await
+            .with_context(|| format!("resetting the settings of database {dbname}"))?;
+        let c = self.connect(dbname).await?;
+        c.batch_execute(&format!(
+            "REASSIGN OWNED BY {RESTORE_ROLE} TO {APP_ROLE}; DROP OWNED BY {RESTORE_ROLE};"
+        ))
+        .await
+        .with_context(|| format!("handing database {dbname} to the role {APP_ROLE}"))
+    }
+
+    /// `role` on the private cluster; the external URL's role otherwise.
+    async fn connect_as(&self, dbname: &str, role: &str) -> Result<Client> {
         if let Some(url) = self.external() {
             let pw = external::password(&self.cfg)?;
             let c = url.tokio_config(pw.as_deref(), dbname);
@@ -158,7 +251,7 @@ impl Db {
         let mut c = tokio_postgres::Config::new();
         c.host_path(&self.cfg.paths.run)
             .port(self.cfg.postgres.port)
-            .user(SUPERUSER)
+            .user(role)
             .dbname(dbname)
             .application_name("koprogo")
             .connect_timeout(Duration::from_secs(5));
@@ -199,16 +292,7 @@ impl Db {
             .connect("postgres")
             .await
             .context("connecting as superuser")?;
-        admin
-            .batch_execute(&format!(
-                "DO $$ BEGIN
-                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                     CREATE ROLE {APP_ROLE} LOGIN;
-                   END IF;
-                 END $$;"
-            ))
-            .await
-            .context("creating the application role")?;
+        ensure_login_role(&admin, APP_ROLE).await?;
         let exists = admin
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&APP_DB])
             .await?
@@ -223,15 +307,25 @@ impl Db {
             tracing::info!("created database {APP_DB} owned by {APP_ROLE}");
         }
         let app = self.connect(APP_DB).await?;
-        app.batch_execute(
-            "CREATE EXTENSION IF NOT EXISTS pgcrypto;
-             CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\";
-             CREATE EXTENSION IF NOT EXISTS pg_stat_statements;",
-        )
-        .await
-        .context("creating extensions pgcrypto, uuid-ossp, pg_stat_statements")?;
+        app.batch_execute(&create_extensions_sql())
+            .await
+            .with_context(|| format!("creating the extensions {EXTENSIONS:?}"))?;
         Ok(())
     }
+}
+
+/// Creates the login role `role` (a constant of ours) if it does not exist.
+async fn ensure_login_role(admin: &Client, role: &str) -> Result<()> {
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                 CREATE ROLE {role} LOGIN;
+               END IF;
+             END $$;"
+        ))
+        .await
+        .with_context(|| format!("creating the role {role}"))
 }
 
 pub struct PostgresService {
