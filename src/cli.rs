@@ -128,6 +128,9 @@ pub enum BackupCommand {
 pub enum CaCommand {
     /// Write the local root CA certificate (PEM) to FILE, or stdout, for importing on office PCs.
     Export { file: Option<PathBuf> },
+    /// Replace the local root CA with a new one limited to the configured names (the
+    /// old key is deleted); office PCs must then import the new root.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +171,9 @@ pub fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Export { file },
         } => ca_export(&cfg, file),
+        Command::Ca {
+            command: CaCommand::Rotate,
+        } => ca_rotate(&cfg),
         Command::Cert {
             command: CertCommand::Status { json },
         } => cert_status(&cfg, json),
@@ -507,6 +513,9 @@ fn print_status(st: &StatusReport) {
     );
     print_backup(&st.backup);
     print_update(&st.update);
+    if let Some(w) = st.tls.ca.as_ref().and_then(|c| c.warning.as_ref()) {
+        println!("tls: {w}");
+    }
     for (name, v) in &st.logs {
         let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
         if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
@@ -781,6 +790,47 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// `koprogo ca rotate`, as the service user (dropping from root first, so nothing
+/// under `<state>` is touched as root and the new key belongs to the service user).
+fn ca_rotate(cfg: &Config) -> ExitCode {
+    if nix::unistd::Uid::effective().is_root() {
+        let dropped = privileges::target_identity(cfg)
+            .and_then(|who| privileges::prepare_and_drop(cfg, &who));
+        if let Err(e) = dropped {
+            eprintln!("koprogo: {e:#}");
+            return ExitCode::from(1);
+        }
+    }
+    match crate::tls::rotate_root(cfg) {
+        Ok(r) => {
+            match &r.old {
+                Some((name, serial, constrained)) => println!(
+                    "retired   {name} (serial {serial}{}); its key is deleted",
+                    if *constrained {
+                        ""
+                    } else {
+                        ", no name constraints"
+                    }
+                ),
+                None => println!("retired   (no usable root before)"),
+            }
+            println!("new root  {} (serial {})", r.new.subject, r.new.serial);
+            println!("permits   {}", r.new.permitted.join(", "));
+            println!("expires   {}", r.new.not_after);
+            println!(
+                "The running koprogo serves a certificate from the new root within seconds.\n\
+                 Now export it (koprogo ca export FILE), import it as a trusted root on every \
+                 office PC and remove the old one there; until then those PCs warn about the site."
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn chown_tree(dir: &std::path::Path, who: &privileges::Identity) {
     let _ = nix::unistd::chown(dir, Some(who.uid), Some(who.gid));
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -832,6 +882,20 @@ fn cert_status(cfg: &Config, json: bool) -> ExitCode {
         if let Some(e) = &st.last_error {
             println!("last error    {e}");
             println!("retry at      {}", dash(&st.retry_at));
+        }
+        if let Some(ca) = &st.ca {
+            println!("local CA      {} (serial {})", ca.subject, ca.serial);
+            println!(
+                "CA permits    {}",
+                if ca.constrained {
+                    ca.permitted.join(", ")
+                } else {
+                    "ANY name (no name constraints)".into()
+                }
+            );
+            if let Some(w) = &ca.warning {
+                println!("CA warning    {w}");
+            }
         }
         if !live {
             println!("(koprogo is not running: read from disk)");
