@@ -128,9 +128,14 @@ pub enum BackupCommand {
 pub enum CaCommand {
     /// Write the local root CA certificate (PEM) to FILE, or stdout, for importing on office PCs.
     Export { file: Option<PathBuf> },
-    /// Replace the local root CA with a new one limited to the configured names (the
-    /// old key is deleted); office PCs must then import the new root.
-    Rotate,
+    /// Replace the local root CA with one limited to the configured names (the old
+    /// key is deleted). With --prepare: make that root now and write it (PEM) to
+    /// FILE or stdout, for the office PCs to import before the switch.
+    Rotate {
+        #[arg(long)]
+        prepare: bool,
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,8 +177,8 @@ pub fn main() -> ExitCode {
             command: CaCommand::Export { file },
         } => ca_export(&cfg, file),
         Command::Ca {
-            command: CaCommand::Rotate,
-        } => ca_rotate(&cfg),
+            command: CaCommand::Rotate { prepare, file },
+        } => ca_rotate(&cfg, prepare, file),
         Command::Cert {
             command: CertCommand::Status { json },
         } => cert_status(&cfg, json),
@@ -769,6 +774,11 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
             chown_tree(&cfg.paths.state.join("tls"), &who);
         }
     }
+    write_pem(file, &pem)
+}
+
+/// A root CA certificate (PEM) to `file`, or stdout.
+fn write_pem(file: Option<PathBuf>, pem: &str) -> ExitCode {
     match file {
         None => {
             print!("{pem}");
@@ -790,18 +800,52 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// `koprogo ca rotate`, as the service user (dropping from root first, so nothing
-/// under `<state>` is touched as root and the new key belongs to the service user).
-fn ca_rotate(cfg: &Config) -> ExitCode {
-    if nix::unistd::Uid::effective().is_root() {
-        let dropped = privileges::target_identity(cfg)
-            .and_then(|who| privileges::prepare_and_drop(cfg, &who));
-        if let Err(e) = dropped {
-            eprintln!("koprogo: {e:#}");
-            return ExitCode::from(1);
-        }
+/// Runs `f` with the service user's effective user and group when root (restored
+/// after), so the files it creates under `<state>` belong to that user and no path
+/// there is followed with root's rights. (The process is not dumpable meanwhile
+/// and its real uid stays root: the service user can neither trace nor signal it.)
+fn as_service_user<T>(cfg: &Config, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use nix::unistd::{setegid, seteuid, Gid, Uid};
+    if !Uid::effective().is_root() {
+        return f();
     }
-    match crate::tls::rotate_root(cfg) {
+    let who = privileges::target_identity(cfg)?;
+    setegid(who.gid).map_err(|e| anyhow::anyhow!("setegid {}: {e}", who.gid))?;
+    if let Err(e) = seteuid(who.uid) {
+        let _ = setegid(Gid::from_raw(0));
+        return Err(anyhow::anyhow!("seteuid {}: {e}", who.uid));
+    }
+    let out = f();
+    seteuid(Uid::from_raw(0)).map_err(|e| anyhow::anyhow!("seteuid 0: {e}"))?;
+    setegid(Gid::from_raw(0)).map_err(|e| anyhow::anyhow!("setegid 0: {e}"))?;
+    out
+}
+
+/// `koprogo ca rotate [--prepare] [FILE]`: the CA work as the service user.
+fn ca_rotate(cfg: &Config, prepare: bool, file: Option<PathBuf>) -> ExitCode {
+    if prepare {
+        return match as_service_user(cfg, || crate::tls::prepare_next_root(cfg)) {
+            Ok((next, pem)) => {
+                eprintln!(
+                    "koprogo: next root {} (serial {}), permits {}; the site keeps its current \
+                     root. Import this one on every office PC now, then run `koprogo ca rotate`.",
+                    next.subject,
+                    next.serial,
+                    next.permitted.join(", ")
+                );
+                write_pem(file, &pem)
+            }
+            Err(e) => {
+                eprintln!("koprogo: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if file.is_some() {
+        eprintln!("koprogo: FILE goes with --prepare; after the rotate, `koprogo ca export FILE`");
+        return ExitCode::from(2);
+    }
+    match as_service_user(cfg, || crate::tls::rotate_root(cfg)) {
         Ok(r) => {
             match &r.old {
                 Some((name, serial, constrained)) => println!(
@@ -819,8 +863,14 @@ fn ca_rotate(cfg: &Config) -> ExitCode {
             println!("expires   {}", r.new.not_after);
             println!(
                 "The running koprogo serves a certificate from the new root within seconds.\n\
-                 Now export it (koprogo ca export FILE), import it as a trusted root on every \
-                 office PC and remove the old one there; until then those PCs warn about the site."
+                 {}Remove the old root from the office PCs.",
+                if r.new.exported {
+                    "It is the root prepared before (ca rotate --prepare): PCs that imported it \
+                     trust the site. "
+                } else {
+                    "Now export it (koprogo ca export FILE) and import it as a trusted root on \
+                     every office PC; until then they warn about the site. "
+                }
             );
             ExitCode::SUCCESS
         }
@@ -893,6 +943,9 @@ fn cert_status(cfg: &Config, json: bool) -> ExitCode {
                     "ANY name (no name constraints)".into()
                 }
             );
+            if let Some(n) = &ca.next {
+                println!("CA next       {n} (prepared; `koprogo ca rotate` switches to it)");
+            }
             if let Some(w) = &ca.warning {
                 println!("CA warning    {w}");
             }

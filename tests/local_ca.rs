@@ -123,22 +123,42 @@ fn an_old_install_keeps_its_root_until_ca_rotate() {
         "{out}"
     );
 
-    // The operator rotates; the running site switches by itself.
+    // The operator prepares the next root for the office PCs to import first; the
+    // site keeps the old one meanwhile.
+    let new = a.path("next-root.pem");
+    let (code, out, err) = a.cli(&["ca", "rotate", "--prepare", new.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "ca rotate --prepare: {out}{err}");
+    assert!(
+        err.contains("permits localhost, 127.0.0.0/8, ::1/128"),
+        "{err}"
+    );
+    let new_pem = std::fs::read_to_string(&new).expect("next root");
+    assert_ne!(new_pem, old_pem);
+    if let Some((uid, _)) = owner {
+        let k = std::fs::metadata(state.join("tls/ca/next.key")).expect("next.key");
+        assert_eq!((k.uid(), k.permissions().mode() & 0o777), (uid, 0o600));
+    }
+    let (_, out, _) = a.cli(&["cert", "status"]);
+    assert!(out.contains("CA next"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        verifies(&old_pem, https),
+        "--prepare must not switch the site"
+    );
+    assert!(!verifies(&new_pem, https));
+
+    // The switch; the running site follows by itself.
     let (code, out, err) = a.cli(&["ca", "rotate"]);
     assert_eq!(code, 0, "ca rotate: {out}{err}");
     assert!(
         out.contains("no name constraints") && out.contains("its key is deleted"),
         "{out}"
     );
-    assert!(
-        out.contains("permits   localhost, 127.0.0.0/8, ::1/128"),
-        "{out}"
-    );
-    let new = a.path("new-root.pem");
-    let (code, o, e) = a.cli(&["ca", "export", new.to_str().expect("utf8")]);
+    assert!(out.contains("prepared before"), "{out}");
+    let exported = a.path("exported-root.pem");
+    let (code, o, e) = a.cli(&["ca", "export", exported.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{o}{e}");
-    let new_pem = std::fs::read_to_string(&new).expect("new root");
-    assert_ne!(new_pem, old_pem);
+    assert_eq!(std::fs::read_to_string(&exported).expect("export"), new_pem);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !verifies(&new_pem, https) {
         assert!(

@@ -433,3 +433,73 @@ fn a_root_never_exported_follows_the_names_but_an_exported_one_stays() {
     let st = status_from_disk(&moved).expect("status from disk");
     assert_eq!(st.ca.expect("ca").not_covered, ca.not_covered);
 }
+
+#[tokio::test]
+async fn a_prepared_root_is_imported_first_then_switched_to() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let cfg = config(d.path(), DOMAIN);
+    let paths = TlsPaths::new(&cfg.paths.state);
+    let tls = Tls::load_with(&cfg, fast()).expect("load");
+    let task = tokio::spawn(tls.clone().maintain());
+    let site = serve(&tls).await;
+    let current = export_root(&cfg).expect("export");
+    // The office imports the next root while the site keeps the current one.
+    let (next, next_pem) = prepare_next_root(&cfg).expect("prepare");
+    assert!(next.constrained && next.exported, "{next:?}");
+    assert_ne!(next_pem, current);
+    assert_eq!(
+        prepare_next_root(&cfg).expect("again").1,
+        next_pem,
+        "prepared once"
+    );
+    let st = tls.status().ca.expect("ca");
+    assert_eq!(
+        st.serial,
+        local_ca::read_root(&paths)
+            .expect("r")
+            .expect("root")
+            .info
+            .serial
+    );
+    assert!(
+        st.next.as_deref().unwrap_or("").contains(&next.serial),
+        "{st:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    connect(
+        site.addr,
+        DOMAIN,
+        Some(root_store(&current)),
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("still the current root until the rotate");
+    // The switch: the prepared root, already trusted by the PCs that imported it.
+    let r = rotate_root(&cfg).expect("rotate");
+    assert_eq!(r.new.serial, next.serial);
+    assert!(r.new.exported && r.new.next.is_none(), "{:?}", r.new);
+    assert!(!paths.next_crt.exists() && !paths.next_key.exists());
+    assert_eq!(export_root(&cfg).expect("export"), next_pem);
+    let mut ok = false;
+    for _ in 0..100 {
+        if connect(
+            site.addr,
+            DOMAIN,
+            Some(root_store(&next_pem)),
+            &[b"http/1.1"],
+        )
+        .await
+        .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the site never switched to the prepared root");
+    task.abort();
+    wait_for("the task to end", Duration::from_secs(5), || {
+        task.is_finished()
+    })
+    .await;
+}

@@ -107,41 +107,45 @@ fn read_opt(path: &Path) -> Result<Option<String>, RootError> {
 /// Reads the root from disk without creating anything: `Ok(None)` when it does not
 /// exist yet.
 pub(crate) fn read_root(paths: &TlsPaths) -> Result<Option<LocalCa>, RootError> {
-    let (cert_pem, key_pem) = match (read_opt(&paths.root_crt)?, read_opt(&paths.root_key)?) {
+    read_pair(&paths.root_crt, &paths.root_key)
+}
+
+/// The root prepared by `koprogo ca rotate --prepare`, if any.
+pub(crate) fn read_next(paths: &TlsPaths) -> Result<Option<LocalCa>, RootError> {
+    read_pair(&paths.next_crt, &paths.next_key)
+}
+
+fn read_pair(crt: &Path, key_path: &Path) -> Result<Option<LocalCa>, RootError> {
+    let (cert_pem, key_pem) = match (read_opt(crt)?, read_opt(key_path)?) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
-        (None, Some(_)) => {
-            return Err(RootError::Invalid(anyhow!(
-                "{} is missing",
-                paths.root_crt.display()
-            )))
-        }
+        (None, Some(_)) => return Err(RootError::Invalid(anyhow!("{} is missing", crt.display()))),
         (Some(_), None) => {
             return Err(RootError::Invalid(anyhow!(
                 "{} is missing",
-                paths.root_key.display()
+                key_path.display()
             )))
         }
     };
     let invalid = |e: anyhow::Error| RootError::Invalid(e);
     let cert = Cert::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())
-        .with_context(|| format!("{}", paths.root_crt.display()))
+        .with_context(|| format!("{}", crt.display()))
         .map_err(invalid)?;
     let key = KeyPair::from_pem(&key_pem)
-        .map_err(|e| invalid(anyhow!("{}: unusable key: {e}", paths.root_key.display())))?;
+        .map_err(|e| invalid(anyhow!("{}: unusable key: {e}", key_path.display())))?;
     let cert_der = cert
         .leaf_der()
         .cloned()
-        .ok_or_else(|| invalid(anyhow!("{}: no certificate", paths.root_crt.display())))?;
+        .ok_or_else(|| invalid(anyhow!("{}: no certificate", crt.display())))?;
     let scope = Scope::of_cert(&cert_der)
-        .with_context(|| format!("{}", paths.root_crt.display()))
+        .with_context(|| format!("{}", crt.display()))
         .map_err(invalid)?;
     Ok(Some(LocalCa {
         cert_pem,
         cert_der,
         info: cert.info,
         scope,
-        stamp: Stamp::of(&paths.root_crt),
+        stamp: Stamp::of(crt),
         key,
     }))
 }
@@ -154,23 +158,22 @@ pub(crate) fn exported(paths: &TlsPaths, ca: &LocalCa) -> bool {
             .is_ok_and(|s| s.lines().any(|l| l.trim() == ca.info.serial))
 }
 
-/// Records that this root was handed out (so it is never replaced silently).
+/// Records that this root was handed out (so it is never replaced silently): its
+/// serial is added to `ca/exported`.
 pub(crate) fn mark_exported(paths: &TlsPaths, ca: &LocalCa) -> anyhow::Result<()> {
     if exported(paths, ca) {
         return Ok(());
     }
-    write_atomic(
-        &paths.exported,
-        format!("{}\n", ca.info.serial).as_bytes(),
-        0o600,
-    )
-    .with_context(|| format!("writing {}", paths.exported.display()))
+    let mut text = read_bounded_string(&paths.exported, MAX_PEM).unwrap_or_default();
+    text.push_str(&format!("{}\n", ca.info.serial));
+    write_atomic(&paths.exported, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", paths.exported.display()))
 }
 
 /// A root that was never handed out and does not cover every one of `names`:
 /// nobody trusts it yet, so a new one for the current names costs nothing.
 pub(crate) fn remake_silently(paths: &TlsPaths, ca: &LocalCa, names: &[String]) -> bool {
-    ca.scope.is_constrained() && !exported(paths, ca) && !ca.scope.split(names).1.is_empty()
+    ca.scope.is_constrained() && !ca.scope.split(names).1.is_empty() && !exported(paths, ca)
 }
 
 /// The root, created (or replaced when unusable: corrupt, expired or about to expire;
@@ -215,10 +218,31 @@ pub(crate) fn load_or_create_root(paths: &TlsPaths, cfg: &Config) -> anyhow::Res
     create_root(paths, cfg, &names)
 }
 
-/// `koprogo ca rotate`: a new root for the current names replaces the stored one,
-/// whose key is deleted (with the keys of roots set aside before), so nobody can
-/// sign with it any more; its certificate is kept as `retired-<serial>.crt`.
-/// Returns the old root's facts (None when there was none) and the new root.
+/// `koprogo ca rotate --prepare`: the root the next rotate switches to
+/// (`ca/next.crt`, `next.key`), made for the current names if there is none yet, so
+/// the office can import it before the switch. Recorded as exported.
+pub(crate) fn prepare_next(paths: &TlsPaths, cfg: &Config) -> anyhow::Result<LocalCa> {
+    ensure_dir(&paths.ca_dir, 0o700)
+        .with_context(|| format!("creating {}", paths.ca_dir.display()))?;
+    let _lock = lock(&paths.ca_dir.join(".lock"))?;
+    let next = match read_next(paths) {
+        Ok(Some(ca)) if ca.usable(Utc::now()) => ca,
+        Ok(_) | Err(RootError::Invalid(_)) => {
+            remove_if_present(&paths.next_key)?;
+            remove_if_present(&paths.next_crt)?;
+            create_root_at(&paths.next_crt, &paths.next_key, cfg, &leaf_names(cfg))?
+        }
+        Err(RootError::Io(e)) => return Err(e),
+    };
+    mark_exported(paths, &next)?;
+    Ok(next)
+}
+
+/// `koprogo ca rotate`: the prepared root (`--prepare`), or a new one for the
+/// current names, replaces the stored one, whose key is deleted (with the keys of
+/// roots set aside before), so nobody can sign with it any more; its certificate is
+/// kept as `retired-<serial>.crt`. Returns the old root's facts (None when there
+/// was none) and the new root.
 pub(crate) fn rotate(
     paths: &TlsPaths,
     cfg: &Config,
@@ -231,9 +255,24 @@ pub(crate) fn rotate(
         Ok(None) | Err(RootError::Invalid(_)) => None,
         Err(RootError::Io(e)) => return Err(e),
     };
+    let next = match read_next(paths) {
+        Ok(Some(ca)) if ca.usable(Utc::now()) => Some(ca),
+        Ok(_) | Err(RootError::Invalid(_)) => None,
+        Err(RootError::Io(e)) => return Err(e),
+    };
     retire(paths)?;
-    let names = leaf_names(cfg);
-    let new = create_root(paths, cfg, &names)?;
+    let new = match next {
+        Some(_) => {
+            // Certificate first: a crash in between leaves a root without key, which
+            // the next start sets aside and replaces (never a key without its root).
+            std::fs::rename(&paths.next_crt, &paths.root_crt)
+                .with_context(|| format!("moving {}", paths.next_crt.display()))?;
+            std::fs::rename(&paths.next_key, &paths.root_key)
+                .with_context(|| format!("moving {}", paths.next_key.display()))?;
+            read_root(paths)?.ok_or_else(|| anyhow!("the prepared root vanished"))?
+        }
+        None => create_root(paths, cfg, &leaf_names(cfg))?,
+    };
     tracing::warn!(
         old = old.as_ref().map_or("none".into(), |(i, _)| i.serial.clone()),
         new = %new.info.serial,
@@ -244,8 +283,8 @@ pub(crate) fn rotate(
 }
 
 /// Takes the stored root out of service: the key (and every key set aside before)
-/// deleted, the certificate kept as `retired-<serial>.crt`, the export record
-/// dropped. The caller holds the CA lock.
+/// deleted, the certificate kept as `retired-<serial>.crt`. The caller holds the CA
+/// lock.
 fn retire(paths: &TlsPaths) -> anyhow::Result<()> {
     let serial = read_opt(&paths.root_crt)
         .ok()
@@ -265,7 +304,6 @@ fn retire(paths: &TlsPaths) -> anyhow::Result<()> {
                 .with_context(|| format!("deleting {}", e.path().display()))?;
         }
     }
-    remove_if_present(&paths.exported)?;
     if paths.root_crt.exists() {
         let to = paths.ca_dir.join(format!("retired-{serial}.crt"));
         std::fs::rename(&paths.root_crt, &to)
@@ -284,6 +322,16 @@ fn remove_if_present(path: &Path) -> anyhow::Result<()> {
 }
 
 fn create_root(paths: &TlsPaths, cfg: &Config, names: &[String]) -> anyhow::Result<LocalCa> {
+    create_root_at(&paths.root_crt, &paths.root_key, cfg, names)
+}
+
+/// A new root for `names`, written to `crt` and `key_path`.
+fn create_root_at(
+    crt: &Path,
+    key_path: &Path,
+    cfg: &Config,
+    names: &[String],
+) -> anyhow::Result<LocalCa> {
     let key = new_key()?;
     let now = Utc::now();
     let mut params = CertificateParams::default();
@@ -317,12 +365,12 @@ fn create_root(paths: &TlsPaths, cfg: &Config, names: &[String]) -> anyhow::Resu
         .map_err(|e| anyhow!("creating the local root CA: {e}"))?;
     // Key first: a crash before the certificate is written leaves a root that
     // read_root rejects and the next start replaces, never a certificate without key.
-    write_atomic(&paths.root_key, key.serialize_pem().as_bytes(), 0o600)
-        .with_context(|| format!("writing {}", paths.root_key.display()))?;
-    write_atomic(&paths.root_crt, cert.pem().as_bytes(), 0o600)
-        .with_context(|| format!("writing {}", paths.root_crt.display()))?;
-    tracing::info!(path = %paths.root_crt.display(), "created the local root CA");
-    read_root(paths)?.ok_or_else(|| anyhow!("the local root CA vanished after creation"))
+    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    write_atomic(crt, cert.pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", crt.display()))?;
+    tracing::info!(path = %crt.display(), "created a local root CA");
+    read_pair(crt, key_path)?.ok_or_else(|| anyhow!("{} vanished after creation", crt.display()))
 }
 
 /// Root and a servable leaf: the stored one when still good, else a new one.

@@ -117,6 +117,10 @@ pub struct CaStatus {
     pub exported: bool,
     /// What the operator should do, if anything.
     pub warning: Option<String>,
+    /// The root `koprogo ca rotate --prepare` made, that the next rotate switches
+    /// to: its name and serial.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// Where the files are, under `<state>/tls/`.
@@ -128,6 +132,9 @@ pub(crate) struct TlsPaths {
     pub root_key: PathBuf,
     /// Serials of the roots `koprogo ca export` handed out.
     pub exported: PathBuf,
+    /// The root `koprogo ca rotate --prepare` made for the next rotate.
+    pub next_crt: PathBuf,
+    pub next_key: PathBuf,
     pub local_dir: PathBuf,
     pub leaf: PathBuf,
     pub acme_dir: PathBuf,
@@ -145,6 +152,8 @@ impl TlsPaths {
             root_crt: ca_dir.join("root.crt"),
             root_key: ca_dir.join("root.key"),
             exported: ca_dir.join("exported"),
+            next_crt: ca_dir.join("next.crt"),
+            next_key: ca_dir.join("next.key"),
             leaf: local_dir.join("leaf.pem"),
             account: acme_dir.join("account.json"),
             acme_cert: acme_dir.join("certificate.json"),
@@ -615,9 +624,21 @@ pub struct Rotated {
     pub new: CaStatus,
 }
 
-/// `koprogo ca rotate`: a new root constrained to the configured names replaces the
-/// stored one (whose key is deleted). A running supervisor serves a certificate from
-/// it within `files_poll` (10 s). Office PCs must import the new root.
+/// `koprogo ca rotate --prepare`: the root the next `ca rotate` switches to (made
+/// for the configured names if there is none yet) and its PEM, for the office PCs
+/// to import before the switch. The site keeps its current root.
+pub fn prepare_next_root(cfg: &Config) -> anyhow::Result<(CaStatus, String)> {
+    let paths = TlsPaths::new(&cfg.paths.state);
+    ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
+    files::tighten(&paths.dir)?;
+    let next = local_ca::prepare_next(&paths, cfg)?;
+    Ok((ca_status(&paths, &next, cfg), next.cert_pem))
+}
+
+/// `koprogo ca rotate`: the root prepared by `--prepare`, or a new one, constrained
+/// to the configured names, replaces the stored one (whose key is deleted). A
+/// running supervisor serves a certificate from it within `files_poll` (10 s).
+/// Office PCs must trust the new root (imported before, when prepared).
 pub fn rotate_root(cfg: &Config) -> anyhow::Result<Rotated> {
     let paths = TlsPaths::new(&cfg.paths.state);
     ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
@@ -656,7 +677,14 @@ fn ca_status(paths: &TlsPaths, ca: &LocalCa, cfg: &Config) -> CaStatus {
     } else {
         None
     };
+    let next = match local_ca::read_next(paths) {
+        Ok(Some(n)) if n.info.serial != ca.info.serial => {
+            Some(format!("{} (serial {})", n.info.issuer, n.info.serial))
+        }
+        _ => None,
+    };
     CaStatus {
+        next,
         subject: ca.info.issuer.clone(),
         serial: ca.info.serial.clone(),
         not_after: rfc3339(ca.info.not_after),
