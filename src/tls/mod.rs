@@ -207,7 +207,11 @@ impl Tls {
     /// Same with tuning for tests (retry back-off, renewal check period, files poll period).
     pub fn load_with(cfg: &Config, tuning: TlsTuning) -> anyhow::Result<Arc<Tls>> {
         let paths = TlsPaths::new(&cfg.paths.state);
-        files::tighten(&paths.dir)?;
+        // Not fatal here (a certificate problem never takes the site down): what
+        // cannot be opened safely is refused again, clearly, where it is read.
+        if let Err(e) = files::tighten(&paths.dir) {
+            tracing::warn!("{e:#}");
+        }
         let mut progress = Progress::default();
         let mut files_seen = (None, None);
         let mut ca = None;
