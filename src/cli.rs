@@ -777,6 +777,15 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
     write_pem(file, &pem)
 }
 
+/// `f` against the current directory (write_atomic needs a parent directory to
+/// open: a bare `root.pem` has an empty one).
+fn absolute(f: &std::path::Path) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(d) if f.is_relative() => d.join(f),
+        _ => f.to_path_buf(),
+    }
+}
+
 /// A root CA certificate (PEM) to `file`, or stdout.
 fn write_pem(file: Option<PathBuf>, pem: &str) -> ExitCode {
     match file {
@@ -784,7 +793,7 @@ fn write_pem(file: Option<PathBuf>, pem: &str) -> ExitCode {
             print!("{pem}");
             ExitCode::SUCCESS
         }
-        Some(f) => match crate::fsutil::write_atomic(&f, pem.as_bytes(), 0o644) {
+        Some(f) => match crate::fsutil::write_atomic(&absolute(&f), pem.as_bytes(), 0o644) {
             Ok(()) => {
                 eprintln!(
                     "koprogo: wrote the local root CA to {} (import it as a trusted root on the office PCs)",
