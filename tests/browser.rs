@@ -25,6 +25,22 @@ fetch('/api/v1/health').then(r => r.json()).then(j => {
 }).catch(e => { document.getElementById('api').textContent = 'api: error ' + e; });"#;
 const CSS: &str = "body{font-family:sans-serif;background:#eef3f8}h1{color:#1d4ed8}";
 
+/// Debian's Chromium when it and certutil are installed (else the test is skipped,
+/// saying why).
+fn chromium_and_certutil() -> Option<PathBuf> {
+    let Some(bin) = common::chromium::binary() else {
+        eprintln!(
+            "skipped: Debian's chromium is not installed (scripts/test.sh installs it as root)"
+        );
+        return None;
+    };
+    if !common::chromium::certutil_available() {
+        eprintln!("skipped: certutil (libnss3-tools) is not installed");
+        return None;
+    }
+    Some(bin)
+}
+
 /// Runs Chromium headless with a bounded time; returns stdout.
 fn run_chromium(bin: &Path, home: &Path, args: &[String]) -> String {
     let mut child = Command::new(bin)
@@ -62,16 +78,9 @@ fn run_chromium(bin: &Path, home: &Path, args: &[String]) -> String {
 
 #[test]
 fn chromium_renders_the_site_over_https_from_the_local_ca() {
-    let Some(bin) = common::chromium::binary() else {
-        eprintln!(
-            "skipped: Debian's chromium is not installed (scripts/test.sh installs it as root)"
-        );
+    let Some(bin) = chromium_and_certutil() else {
         return;
     };
-    if !common::chromium::certutil_available() {
-        eprintln!("skipped: certutil (libnss3-tools) is not installed");
-        return;
-    }
     let mut a = Appliance::new("frontend = \"frontend\"\n");
     let f = a.path("frontend");
     std::fs::create_dir_all(f.join("_astro")).expect("mkdir");
@@ -221,16 +230,9 @@ fn chromium_view(bin: &Path, home: &Path, root: &Path, port: u16) -> String {
 
 #[test]
 fn chromium_refuses_another_site_signed_by_the_local_ca_key() {
-    let Some(bin) = common::chromium::binary() else {
-        eprintln!(
-            "skipped: Debian's chromium is not installed (scripts/test.sh installs it as root)"
-        );
+    let Some(bin) = chromium_and_certutil() else {
         return;
     };
-    if !common::chromium::certutil_available() {
-        eprintln!("skipped: certutil (libnss3-tools) is not installed");
-        return;
-    }
     // The appliance's root, as `ca export` makes it (no need to run the site).
     let a = Appliance::new("");
     let root = a.path("root.pem");

@@ -101,6 +101,23 @@ async fn serve_forged(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'s
     Forged { addr, task }
 }
 
+/// The first handshake with `addr` (as DOMAIN) that verifies against `pem` alone,
+/// tried every 100 ms for `limit`.
+async fn verified_within(
+    addr: SocketAddr,
+    pem: &str,
+    limit: Duration,
+) -> Option<super::tests::Client> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(c) = connect(addr, DOMAIN, Some(root_store(pem)), &[b"http/1.1"]).await {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// An install made before Name Constraints: the root as koprogo made it then (no
 /// constraints, no EKU), with the loose modes an operator may have left.
 fn old_style_root(paths: &TlsPaths, domain: &str) -> String {
@@ -355,19 +372,10 @@ async fn an_old_unconstrained_root_is_kept_and_flagged_until_rotated() {
         .join(format!("retired-{}.crt", ca.serial))
         .exists());
     let addr = site.addr;
-    let mut moved = false;
-    for _ in 0..100 {
-        if let Ok(c) = connect(addr, DOMAIN, Some(root_store(&new_pem)), &[b"http/1.1"]).await {
-            assert_ne!(peer_serial(&c), first);
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        moved,
-        "the running site never served a leaf from the new root"
-    );
+    let c = verified_within(addr, &new_pem, Duration::from_secs(10))
+        .await
+        .expect("the running site never served a leaf from the new root");
+    assert_ne!(peer_serial(&c), first);
     assert!(
         connect(addr, DOMAIN, Some(root_store(&old_pem)), &[b"http/1.1"])
             .await
@@ -480,23 +488,9 @@ async fn a_prepared_root_is_imported_first_then_switched_to() {
     assert!(r.new.exported && r.new.next.is_none(), "{:?}", r.new);
     assert!(!paths.next_crt.exists() && !paths.next_key.exists());
     assert_eq!(export_root(&cfg).expect("export"), next_pem);
-    let mut ok = false;
-    for _ in 0..100 {
-        if connect(
-            site.addr,
-            DOMAIN,
-            Some(root_store(&next_pem)),
-            &[b"http/1.1"],
-        )
+    verified_within(site.addr, &next_pem, Duration::from_secs(10))
         .await
-        .is_ok()
-        {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "the site never switched to the prepared root");
+        .expect("the site never switched to the prepared root");
     task.abort();
     wait_for("the task to end", Duration::from_secs(5), || {
         task.is_finished()
