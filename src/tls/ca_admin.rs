@@ -104,7 +104,7 @@ pub fn ca_warnings(cfg: &Config) -> Vec<String> {
 pub(super) fn ca_status(paths: &TlsPaths, ca: &LocalCa, cfg: &Config) -> CaStatus {
     let (_, not_covered) = ca.scope.split(&local_ca::leaf_names(cfg));
     let warning = if !ca.scope.is_constrained() {
-        Some(local_ca::UNCONSTRAINED_WARNING.to_string())
+        Some(local_ca::unconstrained_warning())
     } else if !not_covered.is_empty() {
         Some(local_ca::not_covered_warning(&not_covered))
     } else {

@@ -428,18 +428,23 @@ pub(crate) fn servable_names(root: &LocalCa, cfg: &Config) -> Vec<String> {
 pub(crate) fn not_covered_warning(names: &[String]) -> String {
     format!(
         "the local root CA does not cover {} (added after it was made): the site's \
-         certificate leaves them out; run `koprogo ca rotate`, then import the new root \
-         (`koprogo ca export`) on the office PCs",
+         certificate leaves them out; {ROTATE_STEPS}",
         names.join(", ")
     )
 }
 
+/// How to move the office to a new root without a day of warnings.
+const ROTATE_STEPS: &str = "run `koprogo ca rotate --prepare FILE`, import FILE as a trusted \
+     root on every office PC, then `koprogo ca rotate` and remove the old root from the PCs \
+     (README, \"Local CA\")";
+
 /// What to tell the operator about a root without Name Constraints.
-pub(crate) const UNCONSTRAINED_WARNING: &str =
-    "the local root CA has no name constraints (made by an earlier koprogo): whoever reads \
-     its key can certify any web site to the office PCs that trust it; run `koprogo ca \
-     rotate`, import the new root (`koprogo ca export`) on the office PCs and remove the \
-     old \"KoproGo local CA\" from them";
+pub(crate) fn unconstrained_warning() -> String {
+    format!(
+        "the local root CA has no name constraints (made by an earlier koprogo): whoever \
+         reads its key can certify any web site to the office PCs that trust it; {ROTATE_STEPS}"
+    )
+}
 
 /// Reads the stored leaf: `Ok(None)` when there is none.
 pub(crate) fn read_leaf(paths: &TlsPaths) -> anyhow::Result<Option<Cert>> {
