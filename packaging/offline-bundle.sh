@@ -116,11 +116,12 @@ fi
 cat <<MSG
 
 koprogo is installed. The site uses its own local certificate authority (tls.mode =
-"internal" in /etc/koprogo/koprogo.toml). For the office PCs to trust it, export the
-CA and import it on each PC (or in the browsers):
-  koprogo ca export /root/koprogo-ca.pem
-Configuration: /etc/koprogo/koprogo.toml (domain = the name the PCs use), then
+"internal" in /etc/koprogo/koprogo.toml). First set domain (the name the PCs use)
+and aliases in /etc/koprogo/koprogo.toml, then
   systemctl restart koprogo
+Then, for the office PCs to trust the site, export the CA (it is limited to the names
+configured now) and import it on each PC (or in the browsers):
+  koprogo ca export /root/koprogo-ca.pem
 MSG
 EOF
 sed -i "s/@SUITE@/$suite/" "$dest/install.sh"

@@ -1,8 +1,9 @@
 //! Environment checks shared by `koprogo check` and `koprogo run` (which refuses to
 //! start on any problem, before creating anything): PostgreSQL binaries and version,
 //! an existing cluster's version, the API binary, the service user, directories,
-//! free ports; a warning for a capacity history file that cannot be read, or for
-//! ACME without system CA certificates. Each problem is one line naming what is
+//! free ports; a warning for a capacity history file that cannot be read, for
+//! ACME without system CA certificates, or for a local root CA without Name
+//! Constraints or not covering a configured name. Each problem is one line naming what is
 //! wrong and what to do. With an external database: the client tools, the password and CA files, and
 //! (for `check` only, see [`external_server`]) the server itself.
 
@@ -155,6 +156,8 @@ pub fn preflight(cfg: &Config) -> Preflight {
             cfg.file.display()
         ));
     }
+    // The local root CA: no Name Constraints, names it cannot certify, loose modes.
+    p.warnings.extend(crate::tls::ca_warnings(cfg));
     // Readable state only (an operator's own account may not enter it).
     if std::fs::read_dir(&cfg.paths.state).is_ok() {
         if let Some(why) = crate::capacity::history::History::load(&cfg.paths.state).problem {

@@ -134,6 +134,14 @@ pub enum BackupCommand {
 pub enum CaCommand {
     /// Write the local root CA certificate (PEM) to FILE, or stdout, for importing on office PCs.
     Export { file: Option<PathBuf> },
+    /// Replace the local root CA with one limited to the configured names (the old
+    /// key is deleted). With --prepare: make that root now and write it (PEM) to
+    /// FILE or stdout, for the office PCs to import before the switch.
+    Rotate {
+        #[arg(long)]
+        prepare: bool,
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +202,9 @@ pub fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Export { file },
         } => ca_export(&cfg, file),
+        Command::Ca {
+            command: CaCommand::Rotate { prepare, file },
+        } => ca_rotate(&cfg, prepare, file),
         Command::Cert {
             command: CertCommand::Status { json },
         } => cert_status(&cfg, json),
@@ -559,6 +570,9 @@ fn print_status(st: &StatusReport) {
     );
     print_backup(&st.backup);
     print_update(&st.update);
+    if let Some(w) = st.tls.ca.as_ref().and_then(|c| c.warning.as_ref()) {
+        println!("tls: {w}");
+    }
     for (name, v) in &st.logs {
         let dropped = v.get("lines_dropped").and_then(|x| x.as_u64()).unwrap_or(0);
         if dropped > 0 || v.get("disk_full").and_then(|x| x.as_bool()) == Some(true) {
@@ -812,12 +826,26 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    write_pem(file, &pem)
+}
+
+/// `f` against the current directory (write_atomic needs a parent directory to
+/// open: a bare `root.pem` has an empty one).
+fn absolute(f: &std::path::Path) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(d) if f.is_relative() => d.join(f),
+        _ => f.to_path_buf(),
+    }
+}
+
+/// A root CA certificate (PEM) to `file`, or stdout.
+fn write_pem(file: Option<PathBuf>, pem: &str) -> ExitCode {
     match file {
         None => {
             print!("{pem}");
             ExitCode::SUCCESS
         }
-        Some(f) => match crate::fsutil::write_atomic(&f, pem.as_bytes(), 0o644) {
+        Some(f) => match crate::fsutil::write_atomic(&absolute(&f), pem.as_bytes(), 0o644) {
             Ok(()) => {
                 eprintln!(
                     "koprogo: wrote the local root CA to {} (import it as a trusted root on the office PCs)",
@@ -830,6 +858,90 @@ fn ca_export(cfg: &Config, file: Option<PathBuf>) -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// Runs `f` with the service user's effective user and group when root (restored
+/// after), so the files it creates under `<state>` belong to that user and no path
+/// there is followed with root's rights. (The process is not dumpable meanwhile
+/// and its real uid stays root: the service user can neither trace nor signal it.)
+fn with_service_user_ids<T>(
+    cfg: &Config,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use nix::unistd::{setegid, seteuid, Gid, Uid};
+    if !Uid::effective().is_root() {
+        return f();
+    }
+    let who = privileges::target_identity(cfg)?;
+    setegid(who.gid).map_err(|e| anyhow::anyhow!("setegid {}: {e}", who.gid))?;
+    if let Err(e) = seteuid(who.uid) {
+        let _ = setegid(Gid::from_raw(0));
+        return Err(anyhow::anyhow!("seteuid {}: {e}", who.uid));
+    }
+    let out = f();
+    seteuid(Uid::from_raw(0)).map_err(|e| anyhow::anyhow!("seteuid 0: {e}"))?;
+    setegid(Gid::from_raw(0)).map_err(|e| anyhow::anyhow!("setegid 0: {e}"))?;
+    out
+}
+
+/// `koprogo ca rotate [--prepare] [FILE]`: the CA work as the service user.
+fn ca_rotate(cfg: &Config, prepare: bool, file: Option<PathBuf>) -> ExitCode {
+    if prepare {
+        return match with_service_user_ids(cfg, || crate::tls::prepare_next_root(cfg)) {
+            Ok((next, pem)) => {
+                eprintln!(
+                    "koprogo: next root {} (serial {}), permits {}; the site keeps its current \
+                     root. Import this one on every office PC now, then run `koprogo ca rotate`.",
+                    next.subject,
+                    next.serial,
+                    next.permitted.join(", ")
+                );
+                write_pem(file, &pem)
+            }
+            Err(e) => {
+                eprintln!("koprogo: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if file.is_some() {
+        eprintln!("koprogo: FILE goes with --prepare; after the rotate, `koprogo ca export FILE`");
+        return ExitCode::from(2);
+    }
+    match with_service_user_ids(cfg, || crate::tls::rotate_root(cfg)) {
+        Ok(r) => {
+            match &r.old {
+                Some((name, serial, constrained)) => println!(
+                    "retired   {name} (serial {serial}{}); its key is deleted",
+                    if *constrained {
+                        ""
+                    } else {
+                        ", no name constraints"
+                    }
+                ),
+                None => println!("retired   (no usable root before)"),
+            }
+            println!("new root  {} (serial {})", r.new.subject, r.new.serial);
+            println!("permits   {}", r.new.permitted.join(", "));
+            println!("expires   {}", r.new.not_after);
+            println!(
+                "The running koprogo serves a certificate from the new root within seconds.\n\
+                 {}Remove the old root from the office PCs.",
+                if r.new.exported {
+                    "It is the root prepared before (ca rotate --prepare): PCs that imported it \
+                     trust the site. "
+                } else {
+                    "Now export it (koprogo ca export FILE) and import it as a trusted root on \
+                     every office PC; until then they warn about the site. "
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("koprogo: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -870,6 +982,23 @@ fn cert_status(cfg: &Config, json: bool) -> ExitCode {
         if let Some(e) = &st.last_error {
             println!("last error    {e}");
             println!("retry at      {}", dash(&st.retry_at));
+        }
+        if let Some(ca) = &st.ca {
+            println!("local CA      {} (serial {})", ca.subject, ca.serial);
+            println!(
+                "CA permits    {}",
+                if ca.constrained {
+                    ca.permitted.join(", ")
+                } else {
+                    "ANY name (no name constraints)".into()
+                }
+            );
+            if let Some(n) = &ca.next {
+                println!("CA next       {n} (prepared; `koprogo ca rotate` switches to it)");
+            }
+            if let Some(w) = &ca.warning {
+                println!("CA warning    {w}");
+            }
         }
         if !live {
             println!("(koprogo is not running: read from disk)");

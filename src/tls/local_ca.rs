@@ -1,11 +1,20 @@
 //! The appliance's own certificate authority (rcgen, ECDSA P-256): a persistent root
-//! (`<state>/tls/ca/root.crt` + `root.key`, 10 years, "KoproGo local CA (<domain>)")
-//! that office PCs can import, and a leaf for the domain, the aliases, `localhost`,
-//! 127.0.0.1, ::1 and this box's own addresses (from /proc/net), valid 90 days at
-//! most and never past the root. The leaf lives in `<state>/tls/local/leaf.pem` (key
-//! and certificate in one file, so a crash cannot pair a new key with an old
-//! certificate); a restart reuses it while it still chains to the root, covers the
-//! names and has more than a third of its lifetime left.
+//! (`<state>/tls/ca/root.crt` + `root.key`, 10 years, "KoproGo local CA (<domain>,
+//! <date>)") that office PCs can import, constrained to the appliance's names
+//! (see [`super::constraints`]), and a leaf for the domain, the aliases, `localhost`,
+//! 127.0.0.1, ::1 and this box's own addresses (from /proc/net), those the root
+//! covers, valid 90 days at most and never past the root. The leaf lives in
+//! `<state>/tls/local/leaf.pem` (key and certificate in one file, so a crash cannot
+//! pair a new key with an old certificate); a restart reuses it while it still
+//! chains to the root, covers the names and has more than a third of its lifetime left.
+//!
+//! Replacing a root that office PCs imported breaks them, so a root is replaced on
+//! its own only when it is unusable (corrupt, expiring) or was never handed out
+//! (`koprogo ca export` records the serial it exported in `ca/exported`): a
+//! constrained root never exported that does not cover a configured name (the
+//! `domain` set after the first boot) is remade at once. Otherwise the operator
+//! decides with `koprogo ca rotate` ([`rotate`]); until then the names the root does
+//! not cover are left out of the leaf and status says so.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -26,20 +35,29 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::RootCertStore;
 
 use super::certinfo::{Cert, CertInfo};
+use super::constraints::Scope;
+use super::files::Stamp;
 use super::TlsPaths;
 use crate::config::Config;
-use crate::fsutil::{ensure_dir, write_atomic};
+use crate::fsutil::{ensure_dir, read_bounded_string, write_atomic};
 
 /// Validity of a new root.
 const ROOT_VALIDITY_DAYS: i64 = 3650;
 /// A root with less than this left is replaced (its leaves could not live long).
 const ROOT_MIN_REMAINING_DAYS: i64 = 30;
 
+/// Bound on what is read from `<state>/tls/ca` (a PEM certificate or key is ~1 KiB).
+const MAX_PEM: u64 = 64 * 1024;
+
 /// The loaded root: its certificate and signing key.
 pub(crate) struct LocalCa {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,
     pub info: CertInfo,
+    /// The names it may certify.
+    pub scope: Scope,
+    /// `root.crt` as it was when read: a change means `koprogo ca rotate` ran.
+    pub stamp: Option<Stamp>,
     key: KeyPair,
 }
 
@@ -71,14 +89,15 @@ impl From<RootError> for anyhow::Error {
     }
 }
 
+/// Reads a CA file without following a symlink, bounded. Anything but a readable
+/// regular file (a symlink, a directory, too big) is an I/O error, never "corrupt":
+/// a corrupt root is replaced, and replacing a root breaks every office PC.
 fn read_opt(path: &Path) -> Result<Option<String>, RootError> {
-    match std::fs::read_to_string(path) {
-        Ok(t) => Ok(Some(t)),
+    match crate::fsutil::read_bounded(path, MAX_PEM) {
+        Ok(b) => String::from_utf8(b)
+            .map(Some)
+            .map_err(|_| RootError::Invalid(anyhow!("{}: not text", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(RootError::Invalid(anyhow!(
-            "{}: not text: {e}",
-            path.display()
-        ))),
         Err(e) => Err(RootError::Io(
             anyhow::Error::new(e).context(format!("{}: cannot read", path.display())),
         )),
@@ -88,48 +107,93 @@ fn read_opt(path: &Path) -> Result<Option<String>, RootError> {
 /// Reads the root from disk without creating anything: `Ok(None)` when it does not
 /// exist yet.
 pub(crate) fn read_root(paths: &TlsPaths) -> Result<Option<LocalCa>, RootError> {
-    let (cert_pem, key_pem) = match (read_opt(&paths.root_crt)?, read_opt(&paths.root_key)?) {
+    read_pair(&paths.root_crt, &paths.root_key)
+}
+
+/// The root prepared by `koprogo ca rotate --prepare`, if any.
+pub(crate) fn read_next(paths: &TlsPaths) -> Result<Option<LocalCa>, RootError> {
+    read_pair(&paths.next_crt, &paths.next_key)
+}
+
+fn read_pair(crt: &Path, key_path: &Path) -> Result<Option<LocalCa>, RootError> {
+    let (cert_pem, key_pem) = match (read_opt(crt)?, read_opt(key_path)?) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
-        (None, Some(_)) => {
-            return Err(RootError::Invalid(anyhow!(
-                "{} is missing",
-                paths.root_crt.display()
-            )))
-        }
+        (None, Some(_)) => return Err(RootError::Invalid(anyhow!("{} is missing", crt.display()))),
         (Some(_), None) => {
             return Err(RootError::Invalid(anyhow!(
                 "{} is missing",
-                paths.root_key.display()
+                key_path.display()
             )))
         }
     };
     let invalid = |e: anyhow::Error| RootError::Invalid(e);
     let cert = Cert::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())
-        .with_context(|| format!("{}", paths.root_crt.display()))
+        .with_context(|| format!("{}", crt.display()))
         .map_err(invalid)?;
     let key = KeyPair::from_pem(&key_pem)
-        .map_err(|e| invalid(anyhow!("{}: unusable key: {e}", paths.root_key.display())))?;
+        .map_err(|e| invalid(anyhow!("{}: unusable key: {e}", key_path.display())))?;
     let cert_der = cert
         .leaf_der()
         .cloned()
-        .ok_or_else(|| invalid(anyhow!("{}: no certificate", paths.root_crt.display())))?;
+        .ok_or_else(|| invalid(anyhow!("{}: no certificate", crt.display())))?;
+    let scope = Scope::of_cert(&cert_der)
+        .with_context(|| format!("{}", crt.display()))
+        .map_err(invalid)?;
     Ok(Some(LocalCa {
         cert_pem,
         cert_der,
         info: cert.info,
+        scope,
+        stamp: Stamp::of(crt),
         key,
     }))
 }
 
-/// The root, created (or replaced when unusable: corrupt, expired or about to expire)
-/// under an exclusive lock so `koprogo ca export` and the supervisor cannot race.
-pub(crate) fn load_or_create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
+/// Whether `koprogo ca export` handed this root out. A root without constraints
+/// predates the record: assume it was.
+pub(crate) fn exported(paths: &TlsPaths, ca: &LocalCa) -> bool {
+    !ca.scope.is_constrained()
+        || read_bounded_string(&paths.exported, MAX_PEM)
+            .is_ok_and(|s| s.lines().any(|l| l.trim() == ca.info.serial))
+}
+
+/// Records that this root was handed out (so it is never replaced silently): its
+/// serial is added to `ca/exported`.
+pub(crate) fn mark_exported(paths: &TlsPaths, ca: &LocalCa) -> anyhow::Result<()> {
+    if exported(paths, ca) {
+        return Ok(());
+    }
+    let mut text = read_bounded_string(&paths.exported, MAX_PEM).unwrap_or_default();
+    text.push_str(&format!("{}\n", ca.info.serial));
+    write_atomic(&paths.exported, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", paths.exported.display()))
+}
+
+/// A root that was never handed out and does not cover every one of `names`:
+/// nobody trusts it yet, so a new one for the current names costs nothing.
+pub(crate) fn remake_silently(paths: &TlsPaths, ca: &LocalCa, names: &[String]) -> bool {
+    ca.scope.is_constrained() && !ca.scope.split(names).1.is_empty() && !exported(paths, ca)
+}
+
+/// The root, created (or replaced when unusable: corrupt, expired or about to expire;
+/// or never exported and not covering the configured names) under an exclusive lock
+/// so `koprogo ca export` and the supervisor cannot race.
+pub(crate) fn load_or_create_root(paths: &TlsPaths, cfg: &Config) -> anyhow::Result<LocalCa> {
     ensure_dir(&paths.ca_dir, 0o700)
         .with_context(|| format!("creating {}", paths.ca_dir.display()))?;
     let _lock = lock(&paths.ca_dir.join(".lock"))?;
     let now = Utc::now();
+    let names = leaf_names(cfg);
     match read_root(paths) {
+        Ok(Some(ca)) if ca.usable(now) && remake_silently(paths, &ca, &names) => {
+            tracing::info!(
+                "the local root CA (never exported) does not cover {}: replacing it with \
+                 one for the configured names",
+                ca.scope.split(&names).1.join(", ")
+            );
+            retire(paths)?;
+        }
         Ok(Some(ca)) if ca.usable(now) => return Ok(ca),
         Ok(Some(ca)) => {
             tracing::warn!(
@@ -151,15 +215,136 @@ pub(crate) fn load_or_create_root(paths: &TlsPaths, domain: &str) -> anyhow::Res
             set_aside(&paths.root_key);
         }
     }
-    create_root(paths, domain)
+    create_root(paths, cfg, &names)
 }
 
-fn create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
+/// `koprogo ca rotate --prepare`: the root the next rotate switches to
+/// (`ca/next.crt`, `next.key`), made for the current names if there is none yet, so
+/// the office can import it before the switch. Recorded as exported.
+pub(crate) fn prepare_next(paths: &TlsPaths, cfg: &Config) -> anyhow::Result<LocalCa> {
+    ensure_dir(&paths.ca_dir, 0o700)
+        .with_context(|| format!("creating {}", paths.ca_dir.display()))?;
+    let _lock = lock(&paths.ca_dir.join(".lock"))?;
+    let next = match read_next(paths) {
+        Ok(Some(ca)) if ca.usable(Utc::now()) => ca,
+        Ok(_) | Err(RootError::Invalid(_)) => {
+            remove_if_present(&paths.next_key)?;
+            remove_if_present(&paths.next_crt)?;
+            create_root_at(&paths.next_crt, &paths.next_key, cfg, &leaf_names(cfg))?
+        }
+        Err(RootError::Io(e)) => return Err(e),
+    };
+    mark_exported(paths, &next)?;
+    Ok(next)
+}
+
+/// `koprogo ca rotate`: the prepared root (`--prepare`), or a new one for the
+/// current names, replaces the stored one, whose key is deleted (with the keys of
+/// roots set aside before), so nobody can sign with it any more; its certificate is
+/// kept as `retired-<serial>.crt`. Returns the old root's facts (None when there
+/// was none) and the new root.
+pub(crate) fn rotate(
+    paths: &TlsPaths,
+    cfg: &Config,
+) -> anyhow::Result<(Option<(CertInfo, Scope)>, LocalCa)> {
+    ensure_dir(&paths.ca_dir, 0o700)
+        .with_context(|| format!("creating {}", paths.ca_dir.display()))?;
+    let _lock = lock(&paths.ca_dir.join(".lock"))?;
+    let old = match read_root(paths) {
+        Ok(Some(ca)) => Some((ca.info, ca.scope)),
+        Ok(None) | Err(RootError::Invalid(_)) => None,
+        Err(RootError::Io(e)) => return Err(e),
+    };
+    let next = match read_next(paths) {
+        Ok(Some(ca)) if ca.usable(Utc::now()) => Some(ca),
+        Ok(_) | Err(RootError::Invalid(_)) => None,
+        Err(RootError::Io(e)) => return Err(e),
+    };
+    retire(paths)?;
+    let new = match next {
+        Some(_) => {
+            // Certificate first: a crash in between leaves a root without key, which
+            // the next start sets aside and replaces (never a key without its root).
+            std::fs::rename(&paths.next_crt, &paths.root_crt)
+                .with_context(|| format!("moving {}", paths.next_crt.display()))?;
+            std::fs::rename(&paths.next_key, &paths.root_key)
+                .with_context(|| format!("moving {}", paths.next_key.display()))?;
+            read_root(paths)?.ok_or_else(|| anyhow!("the prepared root vanished"))?
+        }
+        None => create_root(paths, cfg, &leaf_names(cfg))?,
+    };
+    tracing::warn!(
+        old = old.as_ref().map_or("none".into(), |(i, _)| i.serial.clone()),
+        new = %new.info.serial,
+        "local root CA rotated: office PCs must import the new root (koprogo ca export) \
+         and remove the old one"
+    );
+    Ok((old, new))
+}
+
+/// Takes the stored root out of service: the key (and every key set aside before)
+/// deleted, the certificate kept as `retired-<serial>.crt`. The caller holds the CA
+/// lock.
+fn retire(paths: &TlsPaths) -> anyhow::Result<()> {
+    let serial = read_opt(&paths.root_crt)
+        .ok()
+        .flatten()
+        .and_then(|pem| {
+            use rustls::pki_types::pem::PemObject;
+            CertificateDer::from_pem_slice(pem.as_bytes()).ok()
+        })
+        .and_then(|der| CertInfo::parse(&der).ok())
+        .map_or_else(|| Utc::now().timestamp().to_string(), |i| i.serial);
+    let dir = std::fs::read_dir(&paths.ca_dir)
+        .with_context(|| format!("listing {}", paths.ca_dir.display()))?;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "root.key" || name.starts_with("root.key.") {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("deleting {}", e.path().display()))?;
+        }
+    }
+    if paths.root_crt.exists() {
+        let to = paths.ca_dir.join(format!("retired-{serial}.crt"));
+        std::fs::rename(&paths.root_crt, &to)
+            .with_context(|| format!("moving {} to {}", paths.root_crt.display(), to.display()))?;
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("deleting {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn create_root(paths: &TlsPaths, cfg: &Config, names: &[String]) -> anyhow::Result<LocalCa> {
+    create_root_at(&paths.root_crt, &paths.root_key, cfg, names)
+}
+
+/// A new root for `names`, written to `crt` and `key_path`.
+fn create_root_at(
+    crt: &Path,
+    key_path: &Path,
+    cfg: &Config,
+    names: &[String],
+) -> anyhow::Result<LocalCa> {
     let key = new_key()?;
     let now = Utc::now();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("KoproGo local CA ({domain})"));
+    // The date tells the office which root is the current one in a PC's store.
+    dn.push(
+        DnType::CommonName,
+        format!(
+            "KoproGo local CA ({}, {})",
+            cfg.domain,
+            now.format("%Y-%m-%d")
+        ),
+    );
     dn.push(DnType::OrganizationName, "KoproGo appliance");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -168,6 +353,10 @@ fn create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    // Only web servers, only our names: Windows and others honour a CA's EKU, so
+    // the root cannot vouch for code or e-mail either.
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.name_constraints = Scope::for_names(names).to_rcgen();
     params.not_before = asn1(now - chrono::Duration::days(1))?.to_datetime();
     params.not_after = asn1(now + chrono::Duration::days(ROOT_VALIDITY_DAYS))?.to_datetime();
     params.serial_number = Some(random_serial());
@@ -176,12 +365,12 @@ fn create_root(paths: &TlsPaths, domain: &str) -> anyhow::Result<LocalCa> {
         .map_err(|e| anyhow!("creating the local root CA: {e}"))?;
     // Key first: a crash before the certificate is written leaves a root that
     // read_root rejects and the next start replaces, never a certificate without key.
-    write_atomic(&paths.root_key, key.serialize_pem().as_bytes(), 0o600)
-        .with_context(|| format!("writing {}", paths.root_key.display()))?;
-    write_atomic(&paths.root_crt, cert.pem().as_bytes(), 0o644)
-        .with_context(|| format!("writing {}", paths.root_crt.display()))?;
-    tracing::info!(path = %paths.root_crt.display(), "created the local root CA");
-    read_root(paths)?.ok_or_else(|| anyhow!("the local root CA vanished after creation"))
+    write_atomic(key_path, key.serialize_pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    write_atomic(crt, cert.pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", crt.display()))?;
+    tracing::info!(path = %crt.display(), "created a local root CA");
+    read_pair(crt, key_path)?.ok_or_else(|| anyhow!("{} vanished after creation", crt.display()))
 }
 
 /// Root and a servable leaf: the stored one when still good, else a new one.
@@ -191,8 +380,8 @@ pub(crate) fn prepare(
     tuning: &super::TlsTuning,
 ) -> anyhow::Result<(LocalCa, Cert)> {
     ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
-    let root = load_or_create_root(paths, &cfg.domain)?;
-    let names = leaf_names(cfg);
+    let root = load_or_create_root(paths, cfg)?;
+    let names = servable_names(&root, cfg);
     let url = crl_url(cfg);
     let leaf = match reusable_leaf(paths, &root, &names, &url) {
         Some(l) => l,
@@ -225,9 +414,41 @@ pub(crate) fn leaf_names(cfg: &Config) -> Vec<String> {
     out
 }
 
+/// The leaf names `root` can certify (a leaf naming one more would be rejected
+/// whole by every client); logs a warning naming the others.
+pub(crate) fn servable_names(root: &LocalCa, cfg: &Config) -> Vec<String> {
+    let (ok, left_out) = root.scope.split(&leaf_names(cfg));
+    if !left_out.is_empty() {
+        tracing::warn!("{}", not_covered_warning(&left_out));
+    }
+    ok
+}
+
+/// What to tell the operator about names the root does not cover.
+pub(crate) fn not_covered_warning(names: &[String]) -> String {
+    format!(
+        "the local root CA does not cover {} (added after it was made): the site's \
+         certificate leaves them out; {ROTATE_STEPS}",
+        names.join(", ")
+    )
+}
+
+/// How to move the office to a new root without a day of warnings.
+const ROTATE_STEPS: &str = "run `koprogo ca rotate --prepare FILE`, import FILE as a trusted \
+     root on every office PC, then `koprogo ca rotate` and remove the old root from the PCs \
+     (README, \"Local CA\")";
+
+/// What to tell the operator about a root without Name Constraints.
+pub(crate) fn unconstrained_warning() -> String {
+    format!(
+        "the local root CA has no name constraints (made by an earlier koprogo): whoever \
+         reads its key can certify any web site to the office PCs that trust it; {ROTATE_STEPS}"
+    )
+}
+
 /// Reads the stored leaf: `Ok(None)` when there is none.
 pub(crate) fn read_leaf(paths: &TlsPaths) -> anyhow::Result<Option<Cert>> {
-    let pem = match std::fs::read(&paths.leaf) {
+    let pem = match crate::fsutil::read_bounded(&paths.leaf, MAX_PEM) {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("{}", paths.leaf.display())),
@@ -491,10 +712,13 @@ fn set_aside(path: &Path) {
 }
 
 fn lock(path: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)

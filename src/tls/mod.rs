@@ -14,7 +14,11 @@
 //! certificate on any failure, records it in [`CertStatus`] and retries with back-off.
 
 mod acme;
+mod ca_admin;
+#[cfg(test)]
+mod ca_tests;
 mod certinfo;
+mod constraints;
 mod files;
 mod local_ca;
 mod store;
@@ -33,7 +37,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::{Config, TlsMode};
-use crate::fsutil::ensure_dir;
+use ca_admin::ca_status;
+pub use ca_admin::{ca_warnings, export_root, prepare_next_root, rotate_root, CaStatus, Rotated};
 use certinfo::{rfc3339, rfc3339_ms, Cert, Source};
 use files::{FilePair, Stamp};
 use local_ca::LocalCa;
@@ -91,6 +96,9 @@ pub struct CertStatus {
     pub retry_at: Option<String>,
     /// ACME orders placed since this process started.
     pub orders: u64,
+    /// The local root CA (None in `files` mode or before it exists).
+    #[serde(default)]
+    pub ca: Option<CaStatus>,
 }
 
 /// Where the files are, under `<state>/tls/`.
@@ -100,6 +108,11 @@ pub(crate) struct TlsPaths {
     pub ca_dir: PathBuf,
     pub root_crt: PathBuf,
     pub root_key: PathBuf,
+    /// Serials of the roots `koprogo ca export` handed out.
+    pub exported: PathBuf,
+    /// The root `koprogo ca rotate --prepare` made for the next rotate.
+    pub next_crt: PathBuf,
+    pub next_key: PathBuf,
     pub local_dir: PathBuf,
     pub leaf: PathBuf,
     pub acme_dir: PathBuf,
@@ -116,6 +129,9 @@ impl TlsPaths {
         TlsPaths {
             root_crt: ca_dir.join("root.crt"),
             root_key: ca_dir.join("root.key"),
+            exported: ca_dir.join("exported"),
+            next_crt: ca_dir.join("next.crt"),
+            next_key: ca_dir.join("next.key"),
             leaf: local_dir.join("leaf.pem"),
             account: acme_dir.join("account.json"),
             acme_cert: acme_dir.join("certificate.json"),
@@ -154,8 +170,9 @@ pub struct Tls {
     files_seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
 }
 
-/// A signed revocation list (DER) and when it was signed.
-type SignedCrl = (DateTime<Utc>, Arc<Vec<u8>>);
+/// A signed revocation list: when it was signed, the serial of the root that
+/// signed it, the DER.
+type SignedCrl = (DateTime<Utc>, String, Arc<Vec<u8>>);
 
 impl Tls {
     /// Loads or creates what the mode needs so a certificate can be served at once
@@ -168,6 +185,11 @@ impl Tls {
     /// Same with tuning for tests (retry back-off, renewal check period, files poll period).
     pub fn load_with(cfg: &Config, tuning: TlsTuning) -> anyhow::Result<Arc<Tls>> {
         let paths = TlsPaths::new(&cfg.paths.state);
+        // Not fatal here (a certificate problem never takes the site down): what
+        // cannot be opened safely is refused again, clearly, where it is read.
+        if let Err(e) = files::tighten(&paths.dir) {
+            tracing::warn!("{e:#}");
+        }
         let mut progress = Progress::default();
         let mut files_seen = (None, None);
         let mut ca = None;
@@ -243,13 +265,44 @@ impl Tls {
     }
 
     /// Background work until dropped: ACME first issuance and renewal, local-CA leaf
-    /// renewal, files reload.
+    /// renewal (at once when `koprogo ca rotate` replaced the root), files reload.
     pub async fn maintain(self: Arc<Self>) {
         match self.cfg.tls.mode {
             TlsMode::Files => self.files_loop().await,
-            TlsMode::Acme => self.acme_loop().await,
-            TlsMode::Internal | TlsMode::Off => self.local_loop().await,
+            TlsMode::Acme => {
+                tokio::select! {
+                    _ = self.acme_loop() => {}
+                    _ = self.watch_root() => {}
+                }
+            }
+            TlsMode::Internal | TlsMode::Off => {
+                tokio::select! {
+                    _ = self.local_loop() => {}
+                    _ = self.watch_root() => {}
+                }
+            }
         }
+    }
+
+    /// Wakes the renewal loop once per change of `root.crt` on disk (every
+    /// `files_poll`), so a root replaced by `koprogo ca rotate` is served at once.
+    async fn watch_root(&self) {
+        let mut seen = files::Stamp::of(&self.paths.root_crt);
+        loop {
+            tokio::time::sleep(self.tuning.files_poll).await;
+            let now = files::Stamp::of(&self.paths.root_crt);
+            if now != seen {
+                seen = now;
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Whether `root.crt` on disk is no longer the root in memory.
+    fn root_moved(&self) -> bool {
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        ca.as_ref()
+            .is_some_and(|c| c.stamp != files::Stamp::of(&self.paths.root_crt))
     }
 
     /// rustls ServerConfig: TLS 1.2 and 1.3 only, ALPN `h2`, `http/1.1`, `acme-tls/1`,
@@ -273,21 +326,23 @@ impl Tls {
     pub fn crl(&self) -> Option<Arc<Vec<u8>>> {
         let now = Utc::now();
         let mut cached = self.crl.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, der)) = cached.as_ref() {
-            if now - *at < chrono::Duration::days(1) {
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = ca.as_ref()?;
+        if let Some((at, serial, der)) = cached.as_ref() {
+            // Signed by this root (not one rotated away) less than a day ago?
+            if now - *at < chrono::Duration::days(1) && *serial == ca.info.serial {
                 return Some(der.clone());
             }
         }
-        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
-        match local_ca::crl_der(ca.as_ref()?) {
+        match local_ca::crl_der(ca) {
             Ok(der) => {
                 let der = Arc::new(der);
-                *cached = Some((now, der.clone()));
+                *cached = Some((now, ca.info.serial.clone(), der.clone()));
                 Some(der)
             }
             Err(e) => {
                 tracing::warn!("{e:#}");
-                cached.as_ref().map(|(_, d)| d.clone())
+                cached.as_ref().map(|(_, _, d)| d.clone())
             }
         }
     }
@@ -302,6 +357,8 @@ impl Tls {
         st.last_attempt = p.last_attempt.map(rfc3339_ms);
         st.retry_at = p.retry_at.map(rfc3339_ms);
         st.orders = self.orders.load(Ordering::Relaxed);
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        st.ca = ca.as_ref().map(|ca| ca_status(&self.paths, ca, &self.cfg));
         st
     }
 
@@ -335,19 +392,32 @@ impl Tls {
             .unwrap_or(chrono::Duration::hours(1))
     }
 
-    /// Renews the local-CA leaf when it is due, no longer covers every name (a new
-    /// address) or `force`; returns when to look again.
+    /// Renews the local-CA leaf when it is due, no longer covers every name the root
+    /// can certify (a new address), the root on disk changed (`koprogo ca rotate`) or
+    /// must be remade (never exported, a name it does not cover), or `force`; returns
+    /// when to look again.
     fn local_tick(&self, force: bool, backoff: &mut Backoff) -> DateTime<Utc> {
         let now = Utc::now();
         let names = local_ca::leaf_names(&self.cfg);
+        let (servable, remake) = {
+            let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+            match ca.as_ref() {
+                Some(ca) => (
+                    ca.scope.split(&names).0,
+                    local_ca::remake_silently(&self.paths, ca, &names),
+                ),
+                None => (names.clone(), true),
+            }
+        };
         let due = match self.store.local() {
-            Some(e) if e.cert.info.covers_all(&names) => e.cert.info.renew_at(),
+            _ if remake || self.root_moved() => now,
+            Some(e) if e.cert.info.covers_all(&servable) => e.cert.info.renew_at(),
             _ => now,
         };
         if !force && due > now {
             return due;
         }
-        match self.renew_local(&names) {
+        match self.renew_local() {
             Ok(leaf) => {
                 backoff.reset();
                 if self.cfg.tls.mode != TlsMode::Acme {
@@ -375,27 +445,20 @@ impl Tls {
         }
     }
 
-    fn renew_local(&self, names: &[String]) -> anyhow::Result<Cert> {
+    /// A new leaf from the root on disk (read again: `koprogo ca rotate` may have
+    /// replaced it; created or remade when it must be) for the names it covers.
+    fn renew_local(&self) -> anyhow::Result<Cert> {
         let mut ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
-        let usable = ca
-            .as_ref()
-            .is_some_and(|c| c.info.not_after - Utc::now() > chrono::Duration::days(30));
-        if !usable {
-            *ca = Some(local_ca::load_or_create_root(
-                &self.paths,
-                &self.cfg.domain,
-            )?);
-        }
-        let root = ca
-            .as_ref()
-            .ok_or_else(|| anyhow!("local root CA unavailable"))?;
-        local_ca::issue_leaf(
+        let root = local_ca::load_or_create_root(&self.paths, &self.cfg)?;
+        let leaf = local_ca::issue_leaf(
             &self.paths,
-            root,
-            names,
+            &root,
+            &local_ca::servable_names(&root, &self.cfg),
             self.tuning.local_leaf_validity,
             &local_ca::crl_url(&self.cfg),
-        )
+        )?;
+        *ca = Some(root);
+        Ok(leaf)
     }
 
     async fn local_loop(&self) {
@@ -523,13 +586,6 @@ impl Tls {
     }
 }
 
-/// `koprogo ca export`: PEM of the local root CA (created if it does not exist yet).
-pub fn export_root(cfg: &Config) -> anyhow::Result<String> {
-    let paths = TlsPaths::new(&cfg.paths.state);
-    ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
-    Ok(local_ca::load_or_create_root(&paths, &cfg.domain)?.cert_pem)
-}
-
 /// Offline view for `koprogo cert status` when the supervisor is not running: what is
 /// on disk (nothing is created; problems are reported in `last_error`).
 pub fn status_from_disk(cfg: &Config) -> anyhow::Result<CertStatus> {
@@ -583,6 +639,11 @@ pub fn status_from_disk(cfg: &Config) -> anyhow::Result<CertStatus> {
     let mut st = status_of(mode, entry.as_ref());
     st.last_error = error;
     st.next_renewal = next_renewal.map(rfc3339);
+    if mode != TlsMode::Files {
+        if let Ok(Some(ca)) = local_ca::read_root(&paths) {
+            st.ca = Some(ca_status(&paths, &ca, cfg));
+        }
+    }
     Ok(st)
 }
 
@@ -601,6 +662,7 @@ fn status_of(mode: TlsMode, entry: Option<&Arc<Entry>>) -> CertStatus {
         last_attempt: None,
         retry_at: None,
         orders: 0,
+        ca: None,
     }
 }
 
