@@ -4,6 +4,8 @@
 //! played here by commands run with its exact credentials. Root only (switching
 //! users needs it); skipped otherwise.
 
+#[path = "common/backups.rs"]
+mod backups;
 mod common;
 
 use std::os::unix::process::CommandExt;
@@ -105,14 +107,7 @@ fn the_api_runs_as_its_own_user_and_reads_nothing_of_the_appliance() {
     }
 
     // A backup to try reading.
-    let (code, out, err) = a.cli(&["backup", "create"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let backup = out
-        .split_whitespace()
-        .find(|w| w.contains(".kbk"))
-        .expect("file in the message")
-        .trim_end_matches(':')
-        .to_string();
+    let backup = backups::backup_create(&a).display().to_string();
 
     let state = a.path("state");
     let s = |rel: &str| state.join(rel).display().to_string();

@@ -4,6 +4,8 @@
 //! and root's `ca export`, `run`, `restore -i` must leave that file untouched.
 //! Root only (the escalation needs root to exist); skipped otherwise.
 
+#[path = "common/backups.rs"]
+mod backups;
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -252,14 +254,8 @@ fn restore_of_an_encrypted_backup_never_chowns_through_a_swapped_copy() {
     ));
     a.start();
     a.wait_ready();
-    let (code, out, err) = a.cli(&["backup", "create"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let file = out
-        .split_whitespace()
-        .find(|w| w.contains(".kbk.age"))
-        .expect("file in the message")
-        .trim_end_matches(':')
-        .to_string();
+    let file = backups::backup_create(&a).display().to_string();
+    assert!(file.ends_with(".kbk.age"), "{file}");
 
     // The service user replaces every decrypted copy by a link to the victim.
     let backups = a.path("state/backups");

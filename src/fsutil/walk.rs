@@ -22,14 +22,15 @@ fn cstr(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Error::new(ErrorKind::InvalidInput, "NUL in path"))
 }
 
-fn open_at(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd> {
+/// `openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | extra)`.
+fn open_nofollow(dir: &OwnedFd, name: &OsStr, extra: libc::c_int) -> Result<OwnedFd> {
     let c = cstr(name)?;
     // SAFETY: openat with a valid descriptor and a NUL-terminated name.
     let fd = unsafe {
         libc::openat(
             dir.as_raw_fd(),
             c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | extra,
         )
     };
     if fd < 0 {
@@ -37,6 +38,10 @@ fn open_at(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_at(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd> {
+    open_nofollow(dir, name, libc::O_DIRECTORY)
 }
 
 fn open_start(absolute: bool) -> Result<OwnedFd> {
@@ -182,18 +187,9 @@ pub fn open_file(path: &Path) -> Result<std::fs::File> {
             parent
         };
         let dir = open_dir(parent, None)?;
-        let c = cstr(name)?;
-        // SAFETY: openat with a valid descriptor and a NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ELOOP) {
+        let fd = match open_nofollow(&dir, name, libc::O_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 if !trusted(&dir)? {
                     return Err(Error::new(
                         ErrorKind::PermissionDenied,
@@ -208,10 +204,9 @@ pub fn open_file(path: &Path) -> Result<std::fs::File> {
                 path = parent.join(target);
                 continue;
             }
-            return Err(Error::new(e.kind(), format!("{}: {e}", path.display())));
-        }
-        // SAFETY: a fresh descriptor we own.
-        let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            Err(e) => return Err(Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        };
+        let f = std::fs::File::from(fd);
         if !f.metadata()?.is_file() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,

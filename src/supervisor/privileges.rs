@@ -169,7 +169,15 @@ pub fn drop_for_command(cfg: &Config) -> Result<()> {
         return Ok(());
     }
     let who = target_identity(cfg)?;
-    become_user(&who)
+    become_user(&who)?;
+    // As `su` does: what the command runs (psql, libpq) looks in the user's home
+    // (~/.postgresql, ~/.pgpass), not in root's, which it may not even enter.
+    if let Ok(Some(u)) = User::from_uid(who.uid) {
+        std::env::set_var("HOME", &u.dir);
+    }
+    std::env::set_var("USER", &who.name);
+    std::env::set_var("LOGNAME", &who.name);
+    Ok(())
 }
 
 /// Runs `work` as the service user and hands its output back: in a child process
