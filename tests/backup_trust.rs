@@ -264,3 +264,42 @@ fn a_backup_from_another_appliance_needs_its_key_or_trust_foreign() {
     new.stop();
     new.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// The application's role owns its database (the API runs migrations as it). A
+/// compromised API may set that database's search_path and put its own `count`
+/// aggregate first; the supervisor counts rows as the superuser for every backup
+/// and restore check, and must not run that code.
+#[test]
+fn the_application_role_cannot_run_code_as_the_superuser_through_backup_checks() {
+    let marker = std::env::temp_dir().join(format!("koprogo-superuser-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let mut a = boot(NO_SCHEDULE);
+    seed(&a);
+    psql(
+        &a,
+        &format!(
+            "SET ROLE koprogo;
+             CREATE FUNCTION public.evil(int8) RETURNS int8 LANGUAGE plpgsql AS $f$
+               BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {}'''; RETURN $1 + 1; END $f$;
+             CREATE AGGREGATE public.count(*) (sfunc = public.evil, stype = int8, initcond = '0');
+             ALTER DATABASE koprogo SET search_path = public, pg_catalog;",
+            marker.display()
+        ),
+    );
+    let file = backup_create(&a);
+    assert!(
+        !marker.exists(),
+        "the role's own count(*) ran as the superuser during backup create"
+    );
+    let (code, out) = verify(&a, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = restore(&a, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+    a.wait_ready();
+    assert!(
+        !marker.exists(),
+        "the role's own count(*) ran as the superuser during verify or restore"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(5));
+}

@@ -45,6 +45,7 @@ const TABLES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname)
 
 /// Exact row count of every application table.
 pub async fn row_counts(c: &Client) -> Result<BTreeMap<String, i64>> {
+    crate::postgres::pin_search_path(c).await?;
     let mut out = BTreeMap::new();
     for r in c.query(TABLES_SQL, &[]).await? {
         let t: String = r.get(0);
@@ -61,6 +62,7 @@ pub async fn row_counts(c: &Client) -> Result<BTreeMap<String, i64>> {
 /// The application's schema versions: sqlx's migrations table (KoproGo) and the
 /// demo backend's `demo_schema`.
 pub async fn schema_versions(c: &Client) -> Result<BTreeMap<String, i64>> {
+    crate::postgres::pin_search_path(c).await?;
     let mut out = BTreeMap::new();
     for (table, sql) in [
         (

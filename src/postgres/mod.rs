@@ -314,6 +314,20 @@ impl Db {
     }
 }
 
+/// Pins the session's search_path to the catalog, for a superuser connection that
+/// reads a database the API's role owns: that role may set the database's
+/// search_path and put its own `count` aggregate or operators first, to have them
+/// run with superuser rights. (Overrides the database's setting for the session.)
+pub async fn pin_search_path(c: &Client) -> Result<()> {
+    c.execute(
+        "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)",
+        &[],
+    )
+    .await
+    .context("pinning search_path")?;
+    Ok(())
+}
+
 /// Creates the login role `role` (a constant of ours) if it does not exist.
 async fn ensure_login_role(admin: &Client, role: &str) -> Result<()> {
     admin

@@ -117,6 +117,7 @@ pub async fn collect(db: &Db, with_condominiums: bool) -> Result<(DbStats, Optio
             .connect(db.app_db())
             .await
             .with_context(|| format!("cannot connect to the database {}", db.app_db()))?;
+        super::pin_search_path(&c).await?;
         let stats = query(&c, db.app_role())
             .await
             .context("statistics query failed")?;
