@@ -83,15 +83,16 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
 /// Makes the API's directories. When it runs as its own user (see
 /// `supervisor::launcher`), they belong to that user's group, which the supervisor
 /// is in: the working directory readable (0750), uploads and temp files writable
-/// and inherited by the group (02770); uploads restored or written earlier by the
-/// supervisor are handed to the group too. Otherwise all are the supervisor's own.
+/// (0770; no setgid bit: the unit's RestrictSUIDSGID forbids it, and the API's
+/// files get its group anyway); uploads restored or written earlier by the
+/// supervisor are handed to the group at every start. Otherwise all are the supervisor's own.
 fn prepare_dirs(d: &ApiDirs) -> Result<()> {
     use std::os::fd::AsRawFd;
     let api_gid = crate::supervisor::launcher::get().map(|l| l.api.gid);
     for (dir, shared, private) in [
         (&d.work, 0o750, 0o750),
-        (&d.uploads, 0o2770, 0o750),
-        (&d.tmp, 0o2770, 0o700),
+        (&d.uploads, 0o770, 0o750),
+        (&d.tmp, 0o770, 0o700),
     ] {
         let mode = if api_gid.is_some() { shared } else { private };
         let fd = crate::fsutil::ensure_dir_fd(dir, mode)
@@ -123,7 +124,7 @@ fn share_tree(dir: &std::path::Path, gid: nix::unistd::Gid) {
             continue;
         }
         let want = if m.is_dir() {
-            m.mode() | 0o2070
+            m.mode() | 0o070
         } else {
             m.mode() | 0o060
         } & 0o7777;
