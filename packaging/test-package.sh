@@ -563,8 +563,9 @@ EOF
 # koprogo run as PID 1 of a container started as root: binds, prepares, drops to
 # koprogo, serves; SIGTERM stops it cleanly.
 pid1_test() {
-  local root=$1 t nsp pid1='' c uid rc=0 code
+  local root=$1 t nsp pid1='' c uid apiuid rc=0 code
   uid=$(awk -F: '$1 == "koprogo" { print $3 }' "$root/etc/passwd")
+  apiuid=$(awk -F: '$1 == "koprogo-api" { print $3 }' "$root/etc/passwd")
   t=$(now)
   systemd-nspawn -q -D "$root" --register=no --keep-unit --private-network \
     --kill-signal=SIGTERM --console=pipe /usr/bin/koprogo run > "$W/pid1.console" 2>&1 &
@@ -590,19 +591,24 @@ pid1_test() {
       pid1_fail "PID 1 did not drop to koprogo: $(grep ^Uid: "/proc/$pid1/status")"
     [[ $(awk '/^CapEff:/ { print $2 }' "/proc/$pid1/status") == 0000000000000000 ]] ||
       pid1_fail "PID 1 kept capabilities: $(grep ^CapEff: "/proc/$pid1/status")"
-    local kids=0
+    local kids=0 apikids=0 cu
     for c in /proc/[0-9]*; do
       [[ $(awk '/^PPid:/ { print $2 }' "$c/status" 2>/dev/null) == "$pid1" ]] || continue
       kids=$((kids + 1))
-      [[ $(awk '/^Uid:/ { print $2 }' "$c/status") == "$uid" ]] ||
-        pid1_fail "child ${c#/proc/} runs as uid $(awk '/^Uid:/ { print $2 }' "$c/status")"
+      cu=$(awk '/^Uid:/ { print $2 }' "$c/status")
+      case $cu in
+        "$uid") ;;
+        "$apiuid") apikids=$((apikids + 1)) ;;
+        *) pid1_fail "child ${c#/proc/} runs as uid $cu" ;;
+      esac
     done
-    [[ $kids -ge 2 ]] || pid1_fail "expected PostgreSQL and the API as children, found $kids"
+    [[ $kids -ge 3 ]] || pid1_fail "expected PostgreSQL, the launcher and the API as children, found $kids"
+    [[ $apikids -ge 2 ]] || pid1_fail "expected the launcher and the API as koprogo-api, found $apikids"
     code=$(inside curl -ksS -o /dev/null -w '%{http_code}' --max-time 10 https://localhost/api/v1/health) || true
     [[ $code == 200 ]] || pid1_fail "health through the proxy: $code"
     code=$(inside curl -ksS -o /dev/null -w '%{http_code}' --max-time 10 https://localhost/) || true
     [[ $code == 200 ]] || pid1_fail "site through the proxy: $code"
-    kp_log "PID 1: uid $uid, no capabilities, $kids children as koprogo, site and API answer"
+    kp_log "PID 1: uid $uid, no capabilities, $kids children ($apikids as koprogo-api), site and API answer"
   fi
   t=$(now)
   kill -TERM "$nsp" 2>/dev/null || true
