@@ -23,9 +23,9 @@ use nix::sys::signal::Signal;
 use crate::config::Config;
 use crate::postgres::cluster::{APP_DB, APP_ROLE};
 use crate::postgres::Db;
+use crate::process::reaper::ChildSpec;
+use crate::process::service::{NotInstalled, ServiceIo, ServiceSpec, StopStep};
 use crate::secrets::{self, Secrets};
-use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::{NotInstalled, ServiceIo, ServiceSpec, StopStep};
 
 pub struct ApiService {
     pub cfg: Arc<Config>,
@@ -81,14 +81,14 @@ pub fn dirs(cfg: &Config) -> ApiDirs {
 }
 
 /// Makes the API's directories. When it runs as its own user (see
-/// `supervisor::launcher`), they belong to that user's group, which the supervisor
+/// `process::launcher`), they belong to that user's group, which the supervisor
 /// is in: the working directory readable (0750), uploads and temp files writable
 /// (0770; no setgid bit: the unit's RestrictSUIDSGID forbids it, and the API's
 /// files get its group anyway); uploads restored or written earlier by the
 /// supervisor are handed to the group at every start. Otherwise all are the supervisor's own.
 fn prepare_dirs(d: &ApiDirs) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let api_gid = crate::supervisor::launcher::get().map(|l| l.api.gid);
+    let api_gid = crate::process::launcher::get().map(|l| l.api.gid);
     for (dir, shared, private) in [
         (&d.work, 0o750, 0o750),
         (&d.uploads, 0o770, 0o750),

@@ -14,7 +14,7 @@ use crate::postgres::binaries::{self, Binaries};
 use crate::postgres::cluster;
 use crate::postgres::external::{self, ExternalUrl, SslMode};
 use crate::postgres::tls;
-use crate::supervisor::privileges::{self, Identity};
+use crate::process::privileges::{self, Identity};
 
 #[derive(Debug, Default)]
 pub struct Preflight {

@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 use crate::control::{self, Request};
 use crate::logs::{self, LogPipe};
-use crate::supervisor::{self, privileges, reaper::Reaper, Boot, StatusReport};
+use crate::process::{launcher, privileges, reaper::Reaper};
+use crate::supervisor::{self, Boot, StatusReport};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -279,7 +280,7 @@ fn run(cfg: Config) -> ExitCode {
         }
     };
     if let Some(api) = &api {
-        if let Err(e) = supervisor::launcher::start(&cfg.backend.command, api.clone()) {
+        if let Err(e) = launcher::start(&cfg.backend.command, api.clone()) {
             eprintln!("koprogo: {e:#}");
             return ExitCode::from(1);
         }
@@ -298,7 +299,7 @@ fn run(cfg: Config) -> ExitCode {
     }
     if api.is_some() {
         // Under the packaged unit we are not root: give up switching users now.
-        if let Err(e) = supervisor::launcher::drop_switching() {
+        if let Err(e) = launcher::drop_switching() {
             eprintln!("koprogo: {e:#}");
             return ExitCode::from(1);
         }

@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod logs;
 pub mod metrics;
 pub mod postgres;
+pub mod process;
 pub mod procfs;
 pub mod proxy;
 pub mod secrets;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::pg::ExternalPg;
 use common::Appliance;
-use koprogo::supervisor::state::Phase;
+use koprogo::process::state::Phase;
 
 const NO_SCHEDULE: &str = "\n[backup]\nenabled = false\n";
 

@@ -19,7 +19,7 @@ fn two_instances() -> Appliance {
     a
 }
 
-fn row(a: &Appliance, name: &str) -> koprogo::supervisor::state::ServiceReport {
+fn row(a: &Appliance, name: &str) -> koprogo::process::state::ServiceReport {
     Appliance::service(&a.status().expect("status"), name)
 }
 

@@ -283,7 +283,7 @@ fn loaded_site(r: &real::Real, test: &str) -> (common::Appliance, String) {
     (a, token)
 }
 
-fn api_report(a: &common::Appliance) -> koprogo::supervisor::state::ServiceReport {
+fn api_report(a: &common::Appliance) -> koprogo::process::state::ServiceReport {
     common::Appliance::service(&a.status().expect("status"), "api")
 }
 

@@ -300,7 +300,7 @@ fn control_commands_stop_start_restart_logs_psql() {
     let (code, out, err) = a.cli(&["stop", "api"]);
     assert_eq!(code, 0, "{out}{err}");
     let st = a.wait_for(Duration::from_secs(10), "api stopped", |s| {
-        Appliance::service(s, "api").state == koprogo::supervisor::state::Phase::Stopped
+        Appliance::service(s, "api").state == koprogo::process::state::Phase::Stopped
     });
     assert!(Appliance::service(&st, "api").pid.is_none());
     assert!(
@@ -659,7 +659,7 @@ fn runs_without_the_application_and_starts_it_once_installed() {
         Duration::from_secs(30),
         "api not installed, postgres ready",
         |s| {
-            Appliance::service(s, "api").state == koprogo::supervisor::state::Phase::NotInstalled
+            Appliance::service(s, "api").state == koprogo::process::state::Phase::NotInstalled
                 && Appliance::service(s, "postgres").ready
         },
     );

@@ -24,7 +24,7 @@ fn appliance(start_timeout: &str) -> Appliance {
     a
 }
 
-fn api(a: &Appliance) -> koprogo::supervisor::state::ServiceReport {
+fn api(a: &Appliance) -> koprogo::process::state::ServiceReport {
     Appliance::service(&a.status().expect("status"), "api")
 }
 

@@ -13,8 +13,8 @@ use anyhow::Result;
 use arc_swap::ArcSwap;
 
 use crate::backend::ApiService;
-use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::process::reaper::ChildSpec;
+use crate::process::service::{ServiceIo, ServiceSpec, StopStep};
 
 pub struct FreshSecrets {
     inner: ArcSwap<ApiService>,

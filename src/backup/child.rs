@@ -10,7 +10,7 @@ use anyhow::{anyhow, Result};
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 
-use crate::supervisor::reaper::{signal, ChildSpec, Exit, Reaper};
+use crate::process::reaper::{signal, ChildSpec, Exit, Reaper};
 
 /// Output kept from a tool (its last bytes).
 const KEEP: usize = 64 << 10;

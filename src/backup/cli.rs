@@ -210,7 +210,7 @@ fn prepare(
         }
         (false, _) => None,
     };
-    crate::supervisor::privileges::drop_for_command(cfg).map_err(|e| format!("{e:#}"))?;
+    crate::process::privileges::drop_for_command(cfg).map_err(|e| format!("{e:#}"))?;
     if let Some((id, text)) = id {
         let d =
             decrypt_for_supervisor(cfg, file, opened, &id, &text).map_err(|e| format!("{e:#}"))?;

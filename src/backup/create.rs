@@ -20,7 +20,7 @@ use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, Reason};
 use crate::fsutil::ensure_dir;
 use crate::postgres::cluster;
-use crate::supervisor::reaper::ChildSpec;
+use crate::process::reaper::ChildSpec;
 
 /// Bounds on the tools (a stuck one is killed; the operation fails cleanly).
 pub const PG_DUMP_LIMIT: Duration = Duration::from_secs(6 * 3600);

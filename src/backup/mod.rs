@@ -36,9 +36,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::postgres::binaries::Binaries;
 use crate::postgres::Db;
-use crate::supervisor::reaper::Reaper;
-use crate::supervisor::service::Cmd;
-use crate::supervisor::state::{Phase, ServiceState};
+use crate::process::reaper::Reaper;
+use crate::process::service::Cmd;
+use crate::process::state::{Phase, ServiceState};
 
 /// Scratch databases: `verify` restores into `koprogo_verify_*`, `restore` into
 /// `koprogo_restore_*`; the database a restore replaced is `koprogo_prev_*` until

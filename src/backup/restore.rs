@@ -26,8 +26,8 @@ use super::auth::{authenticate, own_key, Origin, Trust};
 use super::verify::{check_postgres_major, drop_database, restore_into};
 use super::{work_dir, Backups, Reason, PREV_DB_PREFIX, RESTORE_DB_PREFIX};
 use crate::fsutil::{ensure_dir, write_atomic};
-use crate::supervisor::service::Cmd;
-use crate::supervisor::state::Phase;
+use crate::process::service::Cmd;
+use crate::process::state::Phase;
 
 /// What has been swapped so far (to undo in reverse).
 #[derive(Default)]

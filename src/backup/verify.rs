@@ -17,7 +17,7 @@ use super::retention::{write_marker, Marker};
 use super::{child, work_dir, Backups, VERIFY_DB_PREFIX};
 use crate::fsutil::ensure_dir;
 
-use crate::supervisor::reaper::ChildSpec;
+use crate::process::reaper::ChildSpec;
 
 pub const PG_RESTORE_LIMIT: Duration = Duration::from_secs(6 * 3600);
 

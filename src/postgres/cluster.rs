@@ -12,8 +12,8 @@ use super::binaries::Binaries;
 use super::tuning;
 use crate::config::Config;
 use crate::fsutil::write_atomic;
-use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::ServiceIo;
+use crate::process::reaper::ChildSpec;
+use crate::process::service::ServiceIo;
 
 /// The cluster's superuser role; the OS user reaches it through pg_ident.conf.
 pub const SUPERUSER: &str = "postgres";
@@ -129,7 +129,7 @@ pub fn write_managed_files(cfg: &Config, os_user: &str) -> Result<()> {
     let run = cfg.paths.run.display().to_string();
     // The API server as its own user reaches the socket through its group (peer
     // authentication then maps it to the application role only, see pg_ident).
-    let api = crate::supervisor::launcher::get().map(|l| l.api.name.clone());
+    let api = crate::process::launcher::get().map(|l| l.api.name.clone());
     let fixed: Vec<(&str, String)> = vec![
         ("listen_addresses", "''".into()),
         ("port", cfg.postgres.port.to_string()),
@@ -187,8 +187,8 @@ pub fn write_managed_files(cfg: &Config, os_user: &str) -> Result<()> {
             ident.push_str(&format!("koprogo {os} {role}\n"));
         }
     }
-    // The API server's own user (see supervisor::launcher): its role only.
-    if let Some(l) = crate::supervisor::launcher::get() {
+    // The API server's own user (see process::launcher): its role only.
+    if let Some(l) = crate::process::launcher::get() {
         ident.push_str(&format!("koprogo {} {APP_ROLE}\n", l.api.name));
     }
     write_atomic(&data.join("pg_ident.conf"), ident.as_bytes(), 0o600)?;

@@ -19,8 +19,8 @@ use anyhow::{bail, Context, Result};
 
 use super::Db;
 use crate::config::Config;
-use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::process::reaper::ChildSpec;
+use crate::process::service::{ServiceIo, ServiceSpec, StopStep};
 
 /// Extensions KoproGo cannot run without (trusted since PostgreSQL 13: a database
 /// owner may create them).

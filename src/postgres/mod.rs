@@ -23,8 +23,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
-use crate::supervisor::reaper::ChildSpec;
-use crate::supervisor::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::process::reaper::ChildSpec;
+use crate::process::service::{ServiceIo, ServiceSpec, StopStep};
 use binaries::Binaries;
 use cluster::{APP_DB, APP_ROLE, RESTORE_ROLE, SUPERUSER};
 

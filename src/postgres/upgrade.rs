@@ -36,8 +36,8 @@ use super::cluster::{self, cluster_major, data_dir, SUPERUSER};
 use super::Db;
 use crate::config::Config;
 use crate::fsutil::write_atomic;
-use crate::supervisor::reaper::{ChildSpec, Exit};
-use crate::supervisor::service::ServiceIo;
+use crate::process::reaper::{ChildSpec, Exit};
+use crate::process::service::ServiceIo;
 
 /// The record of a finished upgrade, in the state directory.
 const MARKER: &str = "pg_upgrade.json";

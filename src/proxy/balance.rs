@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures_util::future::select_all;
 use tokio::sync::watch;
 
-use crate::supervisor::state::ServiceState;
+use crate::process::state::ServiceState;
 
 /// The API servers that may get traffic now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl Picker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::state::Phase;
+    use crate::process::state::Phase;
 
     fn state(port: u16, ready: bool) -> ServiceState {
         let mut s = ServiceState::new("api");

@@ -2,13 +2,7 @@
 //! privileges, logs, reaper, Postgres, API), reports state to systemd and the control
 //! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
 
-pub mod backoff;
-pub mod launcher;
 pub mod notify;
-pub mod privileges;
-pub mod reaper;
-pub mod service;
-pub mod state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,13 +18,13 @@ use crate::config::Config;
 use crate::logs::{LogPipe, LogSettings, LogStats};
 use crate::postgres::binaries::Binaries;
 use crate::postgres::{Db, PostgresService};
+use crate::process::reaper::Reaper;
+use crate::process::service::{self, Cmd, ServiceIo, ServiceSpec, Shutdown, Wiring};
+use crate::process::state::{self, ServiceReport, ServiceState};
 use crate::proxy::server::Listeners;
 use crate::proxy::stats::{ProxySnapshot, ProxyStats};
 use crate::proxy::Proxy;
 use crate::tls::{CertStatus, Tls};
-use reaper::Reaper;
-use service::{Cmd, ServiceIo, ServiceSpec, Shutdown, Wiring};
-use state::{ServiceReport, ServiceState};
 
 /// After the services stopped, how long to wait for the last children to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);

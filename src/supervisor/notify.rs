@@ -112,7 +112,9 @@ pub async fn report(shared: Arc<Shared>) {
 
 /// Resolves when any of the watched states changes; never, once all senders are gone
 /// (the services have stopped).
-async fn futures_any(states: &mut [tokio::sync::watch::Receiver<super::state::ServiceState>]) {
+async fn futures_any(
+    states: &mut [tokio::sync::watch::Receiver<crate::process::state::ServiceState>],
+) {
     let mut waits: Vec<Option<_>> = states
         .iter_mut()
         .map(|s| Some(Box::pin(s.changed())))

@@ -42,10 +42,10 @@ use tokio::time::{sleep, timeout};
 use crate::backup::api::FreshSecrets;
 use crate::backup::{Backups, Reason};
 use crate::config::Config;
+use crate::process::reaper::Spawned;
+use crate::process::service::{stop_process, Cmd, ServiceIo, ServiceSpec, Shutdown, Takeover};
+use crate::process::state::{Phase, ServiceState};
 use crate::proxy::balance::Routes;
-use crate::supervisor::reaper::Spawned;
-use crate::supervisor::service::{stop_process, Cmd, ServiceIo, ServiceSpec, Shutdown, Takeover};
-use crate::supervisor::state::{Phase, ServiceState};
 use binary::{Identity, Seen, Watch};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -453,7 +453,7 @@ impl Updater {
         if let Err(why) = self.gate(api, &mut new, port).await {
             if let Some(exit) = why.1 {
                 // Whatever it left in its process group goes too.
-                crate::supervisor::reaper::signal(pid, nix::sys::signal::Signal::SIGKILL, true);
+                crate::process::reaper::signal(pid, nix::sys::signal::Signal::SIGKILL, true);
                 return Err(fail(
                     format!("the new API server exited at start ({exit})"),
                     Some(pid),
@@ -513,7 +513,7 @@ impl Updater {
         api: &FreshSecrets,
         new: &mut Spawned,
         port: u16,
-    ) -> Result<(), (String, Option<crate::supervisor::reaper::Exit>)> {
+    ) -> Result<(), (String, Option<crate::process::reaper::Exit>)> {
         let limit = api.start_timeout();
         let deadline = Instant::now() + limit;
         let mut shutdown = self.shutdown.clone();

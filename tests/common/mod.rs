@@ -250,7 +250,7 @@ https = ["127.0.0.1:{https}"]
         self.wait_for(BOOT_TIMEOUT, "all ready", |s| s.all_ready)
     }
 
-    pub fn service(s: &StatusReport, name: &str) -> koprogo::supervisor::state::ServiceReport {
+    pub fn service(s: &StatusReport, name: &str) -> koprogo::process::state::ServiceReport {
         s.services
             .iter()
             .find(|x| x.name == name)

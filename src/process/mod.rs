@@ -1,0 +1,13 @@
+//! The building blocks every supervised service uses, below the supervisor that
+//! composes them: the one [`reaper`] (spawns children, collects every exit, reaps
+//! orphans), the [`service`] loop (start, readiness gate, health, back-off, stop) with
+//! its observable [`state`] and [`backoff`], the [`privileges`] of the process
+//! (service user, directories, the state lock) and the [`launcher`] that starts the
+//! API server as its own user. Nothing here knows which services exist.
+
+pub mod backoff;
+pub mod launcher;
+pub mod privileges;
+pub mod reaper;
+pub mod service;
+pub mod state;
