@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use nix::sys::signal::Signal;
@@ -29,12 +30,15 @@ use crate::secrets::{self, Secrets};
 
 pub struct ApiService {
     pub cfg: Arc<Config>,
-    pub secrets: Secrets,
-    pub db: Db,
+    /// Read again from `<state>/secrets.env` before every start: a restore replaces
+    /// that file, and the restarted server must get the restored keys (2FA and energy
+    /// data are encrypted with them), not the ones read at boot.
+    secrets: ArcSwap<Secrets>,
+    db: Db,
     /// The port the current child listens on: home or spare (shared by rebuilds).
-    pub port: Arc<AtomicU16>,
+    port: Arc<AtomicU16>,
     /// Which instance (from 0), and its service name.
-    pub index: u16,
+    index: u16,
     pub name: &'static str,
 }
 
@@ -239,7 +243,7 @@ impl ApiService {
         let name: &'static str = Box::leak(instance_name(&cfg, index).into_boxed_str());
         ApiService {
             cfg,
-            secrets,
+            secrets: ArcSwap::from_pointee(secrets),
             db,
             port: Arc::new(AtomicU16::new(home)),
             index,
@@ -252,8 +256,28 @@ impl ApiService {
         self.port.load(Ordering::Relaxed)
     }
 
-    /// The command of an API server listening on `port`.
+    /// Which API instance this is (from 0).
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The secrets as they are on disk now (a restore may have replaced them).
+    fn fresh_secrets(&self) -> Result<Arc<Secrets>> {
+        let now = Arc::new(secrets::load_or_create(&self.cfg.paths.state)?);
+        if now.values != self.secrets.load().values {
+            tracing::info!(
+                "secrets changed in {}: the API starts with the new ones",
+                now.file.display()
+            );
+        }
+        self.secrets.store(now.clone());
+        Ok(now)
+    }
+
+    /// The command of an API server listening on `port`, with the secrets as they
+    /// are on disk now.
     pub async fn prepare_on(&self, port: u16) -> Result<ChildSpec> {
+        let secrets = self.fresh_secrets()?;
         let d = dirs(&self.cfg);
         prepare_dirs(&d)?;
         let cmd = &self.cfg.backend.command;
@@ -268,7 +292,7 @@ impl ApiService {
         Ok(ChildSpec {
             program: cmd.clone(),
             args: Vec::new(),
-            env: environment(&self.cfg, &self.secrets, port)?,
+            env: environment(&self.cfg, &secrets, port)?,
             cwd: d.work,
             death_signal: Signal::SIGKILL,
             as_api_user: true,
@@ -305,7 +329,8 @@ impl ServiceSpec for ApiService {
 
     async fn on_ready(&self) -> Result<()> {
         // KoproGo resets admin@koprogo.com to "admin123" at every start: close it.
-        let pw = self.secrets.get(secrets::ADMIN_PASSWORD);
+        let secrets = self.secrets.load_full();
+        let pw = secrets.get(secrets::ADMIN_PASSWORD);
         match crate::admin::secure_superadmin(&self.db, pw).await {
             Ok(true) => tracing::info!(
                 "replaced the default password of {} (koprogo admin-password shows the new one)",

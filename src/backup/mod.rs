@@ -12,7 +12,6 @@
 //!
 //! One operation runs at a time; the others wait their turn.
 
-pub mod api;
 pub mod archive;
 pub mod auth;
 pub mod child;

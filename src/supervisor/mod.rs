@@ -288,12 +288,12 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     let mut api_handles = Vec::new();
     let mut instances = Vec::new();
     for index in 0..cfg.backend.instances.max(1) {
-        let api = Arc::new(crate::backup::api::FreshSecrets::new(ApiService::new(
+        let api = Arc::new(ApiService::new(
             cfg.clone(),
             secrets.clone(),
             db.clone(),
             index,
-        )));
+        ));
         let (handle, task, _ready) = launch(
             api.clone(),
             &reaper,

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, timeout};
 
-use crate::backup::api::FreshSecrets;
+use crate::backend::ApiService;
 use crate::backup::{Backups, Reason};
 use crate::config::Config;
 use crate::process::reaper::Spawned;
@@ -114,7 +114,7 @@ pub struct UpdateStatus {
 
 /// One API instance, as the updater drives it.
 pub struct Instance {
-    pub api: Arc<FreshSecrets>,
+    pub api: Arc<ApiService>,
     pub cmds: mpsc::Sender<Cmd>,
     pub state: watch::Receiver<ServiceState>,
 }
@@ -510,7 +510,7 @@ impl Updater {
     /// reaped), Err((why, None)) if it must be stopped.
     async fn gate(
         &self,
-        api: &FreshSecrets,
+        api: &ApiService,
         new: &mut Spawned,
         port: u16,
     ) -> Result<(), (String, Option<crate::process::reaper::Exit>)> {
@@ -560,7 +560,7 @@ impl Updater {
 
     /// SIGTERM, the backend grace, then SIGKILL of the group (hurried by a second
     /// stop signal).
-    async fn stop(&self, api: &FreshSecrets, child: Spawned) {
+    async fn stop(&self, api: &ApiService, child: Spawned) {
         let mut exit = child.exit;
         stop_process(
             api.name(),
