@@ -15,14 +15,27 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 
+use crate::control::StatusReport;
+use crate::postgres::Db;
+use crate::proxy::stats::ProxyStats;
 use crate::proxy::stats::LATENCY_BUCKETS;
 use crate::proxy::{text, Body};
-use crate::supervisor::Shared;
 
 /// Serves GET /metrics on `listener` until `stop` turns true.
-pub async fn serve(
+/// What the endpoint reads of the running site: a read-only view.
+pub trait Source: Send + Sync + 'static {
+    fn status(&self) -> StatusReport;
+    fn proxy(&self) -> &ProxyStats;
+    /// The capacity watch's last report.
+    fn last_capacity(&self) -> Option<crate::capacity::Report>;
+    /// The state directory (its filesystem's usage is exported).
+    fn state_dir(&self) -> &std::path::Path;
+    fn db(&self) -> &Db;
+}
+
+pub async fn serve<S: Source>(
     listener: std::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<S>,
     mut stop: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -47,7 +60,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(answer(&shared, &req).await) }
+                async move { Ok::<_, Infallible>(answer(&*shared, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -58,7 +71,7 @@ pub async fn serve(
     }
 }
 
-async fn answer(shared: &Shared, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+async fn answer<S: Source>(shared: &S, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     if req.method() != Method::GET || req.uri().path() != "/metrics" {
         return text(StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into());
     }
@@ -116,7 +129,7 @@ fn fmt_value(v: f64) -> String {
 }
 
 /// The whole scrape.
-pub async fn render(shared: &Shared) -> String {
+pub async fn render<S: Source>(shared: &S) -> String {
     let st = shared.status();
     let mut o = Out(String::with_capacity(8192));
     o.one(
@@ -196,7 +209,7 @@ pub async fn render(shared: &Shared) -> String {
     }
 
     // The proxy.
-    let p = &shared.proxy;
+    let p = shared.proxy();
     let load =
         |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
     o.family(
@@ -341,8 +354,8 @@ pub async fn render(shared: &Shared) -> String {
 }
 
 /// The levels of the capacity watch's last check (none before the first one).
-fn capacity(o: &mut Out, shared: &Shared) {
-    let Some(r) = shared.capacity.last() else {
+fn capacity<S: Source>(o: &mut Out, shared: &S) {
+    let Some(r) = shared.last_capacity() else {
         return;
     };
     o.family(
@@ -381,8 +394,8 @@ fn capacity(o: &mut Out, shared: &Shared) {
 }
 
 /// Disk of the state directory, memory and load of the host.
-fn host(o: &mut Out, shared: &Shared) {
-    if let Ok(d) = crate::fsutil::disk_usage(&shared.cfg.paths.state) {
+fn host<S: Source>(o: &mut Out, shared: &S) {
+    if let Ok(d) = crate::fsutil::disk_usage(shared.state_dir()) {
         o.one(
             "koprogo_disk_size_bytes",
             "gauge",
@@ -428,8 +441,8 @@ fn host(o: &mut Out, shared: &Shared) {
 
 /// Connections, size, cache hit ratio and dead tuples, by SQL (bounded; the queries
 /// are shared with `koprogo capacity` in `postgres::stats`).
-async fn postgres(o: &mut Out, shared: &Shared) {
-    match crate::postgres::stats::collect(&shared.db, false).await {
+async fn postgres<S: Source>(o: &mut Out, shared: &S) {
+    match crate::postgres::stats::collect(shared.db(), false).await {
         Ok((st, _)) => {
             o.one(
                 "koprogo_postgres_up",

@@ -1,5 +1,5 @@
 //! Measuring every metric of the report, inside the supervisor: /proc for RAM, CPU
-//! and load, statvfs for the disk, the shared SQL queries for PostgreSQL, the
+//! and load, statvfs for the disk, the mon SQL queries for PostgreSQL, the
 //! proxy's histogram for p99, the history file for growth.
 
 use std::collections::BTreeMap;
@@ -7,24 +7,24 @@ use std::time::{Duration, Instant};
 
 use super::history::History;
 use super::levels::{self, MIN_BLOCK_ACCESSES, MIN_TUPLES};
+use super::monitor::Monitor;
 use super::{recommend, Host, Level, Metric, Report};
 use crate::backup::human_size;
-use crate::supervisor::Shared;
 
 /// CPU use is measured over at least this long.
 const MIN_CPU_WINDOW: Duration = Duration::from_secs(1);
 
 /// Measures everything now. `scheduled`: this is the watch's periodic check, which
 /// moves the CPU window forward and records the day's database size sample.
-pub async fn measure(shared: &Shared, scheduled: bool) -> Report {
+pub async fn measure(mon: &Monitor, scheduled: bool) -> Report {
     let now = chrono::Utc::now();
     let cores = crate::postgres::tuning::cores();
     let mut m: BTreeMap<String, Metric> = BTreeMap::new();
     let mem = crate::procfs::meminfo();
     m.insert("ram".into(), ram(mem));
-    m.insert("cpu".into(), cpu(shared, scheduled).await);
+    m.insert("cpu".into(), cpu(mon, scheduled).await);
     m.insert("load_per_core".into(), load(cores));
-    let state = &shared.cfg.paths.state;
+    let state = &mon.view.cfg.paths.state;
     let disk = crate::fsutil::disk_usage(state);
     m.insert(
         "disk".into(),
@@ -48,8 +48,8 @@ pub async fn measure(shared: &Shared, scheduled: bool) -> Report {
             ),
         },
     );
-    let (size, condominiums, condominiums_source) = postgres(shared, &mut m).await;
-    m.insert("p99_latency".into(), p99(shared, scheduled));
+    let (size, condominiums, condominiums_source) = postgres(mon, &mut m).await;
+    m.insert("p99_latency".into(), p99(mon, scheduled));
 
     let mut history = History::load(state);
     if scheduled && history.problem.is_none() {
@@ -123,10 +123,10 @@ fn ram(mem: Option<(u64, u64)>) -> Metric {
 
 /// CPU busy share since the watch's previous check (at least a second: measured
 /// now over a second when there is none).
-async fn cpu(shared: &Shared, scheduled: bool) -> Metric {
+async fn cpu(mon: &Monitor, scheduled: bool) -> Metric {
     let unavailable =
         || Metric::unavailable("%", Some(levels::CPU), "/proc/stat has no cpu line".into());
-    let base = shared.capacity.cpu_base();
+    let base = mon.cpu_base();
     let (earlier, started) = match base {
         Some((at, times)) if at.elapsed() >= MIN_CPU_WINDOW => (times, at),
         _ => {
@@ -143,7 +143,7 @@ async fn cpu(shared: &Shared, scheduled: bool) -> Metric {
     };
     let window = started.elapsed();
     if scheduled {
-        shared.capacity.set_cpu_base(Instant::now(), later);
+        mon.set_cpu_base(Instant::now(), later);
     }
     match later.busy_since(&earlier) {
         Some(busy) => Metric::judged(
@@ -174,18 +174,18 @@ fn load(cores: u64) -> Metric {
 
 /// The PostgreSQL metrics; returns (database size, condominiums, their source).
 async fn postgres(
-    shared: &Shared,
+    mon: &Monitor,
     m: &mut BTreeMap<String, Metric>,
 ) -> (Option<i64>, Option<i64>, String) {
     // Every API instance has its own pool of backend.pool_max connections.
-    let instances = u32::from(shared.cfg.backend.instances.max(1));
-    let pool = shared.cfg.backend.pool_max * instances;
+    let instances = u32::from(mon.view.cfg.backend.instances.max(1));
+    let pool = mon.view.cfg.backend.pool_max * instances;
     let pool_source = if instances > 1 {
         format!("backend.pool_max × {instances} instances")
     } else {
         "backend.pool_max".to_string()
     };
-    let (st, condos) = match crate::postgres::stats::collect(&shared.db, true).await {
+    let (st, condos) = match crate::postgres::stats::collect(&mon.view.db, true).await {
         Ok(x) => x,
         Err(e) => {
             let why = format!("PostgreSQL did not answer: {e:#}");
@@ -214,7 +214,7 @@ async fn postgres(
             format!(
                 "{} open by the API's role {} of its pool of {pool} ({pool_source})",
                 st.app_connections,
-                shared.db.app_role()
+                mon.view.db.app_role()
             ),
         ),
     );
@@ -275,7 +275,7 @@ async fn postgres(
             format!(
                 "{} (database {})",
                 human_size(st.size_bytes.max(0) as u64),
-                shared.db.app_db()
+                mon.view.db.app_db()
             ),
         ),
     );
@@ -290,12 +290,12 @@ async fn postgres(
 
 /// p99 of the requests since the watch's previous check; since koprogo started
 /// when there were none in that window (or no check yet).
-fn p99(shared: &Shared, scheduled: bool) -> Metric {
+fn p99(mon: &Monitor, scheduled: bool) -> Metric {
     use crate::proxy::stats::p99 as percentile;
-    let now = shared.proxy.latency_counts();
-    let base = shared.capacity.latency_base();
+    let now = mon.view.proxy.latency_counts();
+    let base = mon.latency_base();
     if scheduled {
-        shared.capacity.set_latency_base(Instant::now(), now);
+        mon.set_latency_base(Instant::now(), now);
     }
     let recent = base.and_then(|(at, before)| {
         let delta: [u64; 13] = std::array::from_fn(|i| now[i].saturating_sub(before[i]));

@@ -11,7 +11,7 @@
 //!
 //! The report is computed in the supervisor, which holds the proxy's counters and
 //! reaches the database; the command line asks over the control socket
-//! ([`crate::control::Request::Capacity`]) and prints it ([`render`]).
+//! (the control socket's `capacity` request) and prints it ([`render`]).
 
 pub mod history;
 pub mod levels;
@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use levels::{Level, Thresholds};
-pub use measure::measure;
-pub use monitor::Monitor;
+use measure::measure;
+pub use monitor::{Monitor, View};
 
 /// Metric names, in report order. Stable: JSON keys and Prometheus label values.
 pub const METRICS: [&str; 11] = [

@@ -10,22 +10,42 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Level, Metric, Report};
+use crate::config::Config;
+use crate::postgres::Db;
+use crate::process::state::ServiceState;
 use crate::procfs::CpuTimes;
-use crate::supervisor::Shared;
+use crate::proxy::stats::ProxyStats;
 
 /// The proxy's latency bucket counts at some instant.
 pub type LatencyCounts = [u64; 13];
 
-#[derive(Default)]
+/// What the capacity watch reads of the running site (read-only).
+pub struct View {
+    pub cfg: Arc<Config>,
+    pub db: Db,
+    pub proxy: Arc<ProxyStats>,
+}
+
 pub struct Monitor {
+    pub(super) view: View,
     cpu_base: Mutex<Option<(Instant, CpuTimes)>>,
     latency_base: Mutex<Option<(Instant, LatencyCounts)>>,
     last: Mutex<Option<Report>>,
 }
 
 impl Monitor {
-    pub fn new() -> Arc<Monitor> {
-        Arc::default()
+    pub fn new(view: View) -> Arc<Monitor> {
+        Arc::new(Monitor {
+            view,
+            cpu_base: Mutex::default(),
+            latency_base: Mutex::default(),
+            last: Mutex::default(),
+        })
+    }
+
+    /// Measures the report now (see [`super::measure`]).
+    pub async fn measure(&self, scheduled: bool) -> Report {
+        super::measure(self, scheduled).await
     }
 
     /// Where the CPU window of the next measurement starts.
@@ -55,20 +75,18 @@ impl Monitor {
         self.last.lock().ok().and_then(|g| g.clone())
     }
 
-    /// The watch loop; runs until the task is aborted.
-    pub async fn run(shared: Arc<Shared>) {
-        let every = shared.cfg.capacity.interval;
+    /// The watch loop; runs until the task is aborted. `postgres`: its state (the
+    /// first check waits until it has been ready once).
+    pub async fn run(self: Arc<Self>, mut postgres: tokio::sync::watch::Receiver<ServiceState>) {
+        let every = self.view.cfg.capacity.interval;
         // Not during boot: PostgreSQL not answering yet is no capacity problem.
-        if let Some(pg) = shared.services.iter().find(|s| s.name == "postgres") {
-            let mut state = pg.state.clone();
-            let _ = state.wait_for(|s| s.ready()).await;
-        }
+        let _ = postgres.wait_for(|s| s.ready()).await;
         tracing::info!("capacity: checking every {every:?}");
         let mut levels: BTreeMap<String, Level> = BTreeMap::new();
         let mut advice = super::recommend::Advice::Stay;
         loop {
             tokio::time::sleep(every).await;
-            let report = super::measure(&shared, true).await;
+            let report = self.measure(true).await;
             for (name, m) in &report.metrics {
                 let before = levels.insert(name.clone(), m.level).unwrap_or(Level::Ok);
                 log_change(name, before, m);
@@ -87,7 +105,7 @@ impl Monitor {
                 }
                 advice = now;
             }
-            if let Ok(mut g) = shared.capacity.last.lock() {
+            if let Ok(mut g) = self.last.lock() {
                 *g = Some(report);
             }
         }

@@ -3,15 +3,17 @@
 //! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
 
 pub mod notify;
+pub mod site;
 
-use std::collections::BTreeMap;
+pub use crate::control::StatusReport;
+pub use site::{ServiceHandle, Site};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::ApiService;
 use crate::config::Config;
@@ -19,188 +21,20 @@ use crate::logs::{LogPipe, LogSettings, LogStats};
 use crate::postgres::binaries::Binaries;
 use crate::postgres::{Db, PostgresService};
 use crate::process::reaper::Reaper;
-use crate::process::service::{self, Cmd, ServiceIo, ServiceSpec, Shutdown, Wiring};
-use crate::process::state::{self, ServiceReport, ServiceState};
+use crate::process::service::{self, ServiceIo, ServiceSpec, Shutdown, Wiring};
+use crate::process::state::ServiceState;
 use crate::proxy::server::Listeners;
-use crate::proxy::stats::{ProxySnapshot, ProxyStats};
 use crate::proxy::Proxy;
-use crate::tls::{CertStatus, Tls};
+use crate::tls::Tls;
 
 /// After the services stopped, how long to wait for the last children to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
-
-/// The control surface of one running service.
-pub struct ServiceHandle {
-    pub name: &'static str,
-    pub cmds: mpsc::Sender<Cmd>,
-    pub state: watch::Receiver<ServiceState>,
-}
 
 /// The supervisor's own hold on a service task: how to stop it and wait for it.
 struct Task {
     name: &'static str,
     stop: watch::Sender<Shutdown>,
     join: tokio::task::JoinHandle<()>,
-}
-
-/// What the control socket and the notifier read.
-pub struct Shared {
-    pub services: Vec<ServiceHandle>,
-    pub logs: Vec<(String, Arc<LogStats>)>,
-    pub started: Instant,
-    pub reaper: Reaper,
-    pub stopping: watch::Receiver<Shutdown>,
-    pub tls: Arc<Tls>,
-    pub proxy: Arc<ProxyStats>,
-    pub frontend_installed: bool,
-    pub cfg: Arc<Config>,
-    pub db: Db,
-    pub backup: Arc<crate::backup::Backups>,
-    /// The capacity watch (last report, CPU window).
-    pub capacity: Arc<crate::capacity::Monitor>,
-    pub updater: Arc<crate::update::Updater>,
-}
-
-/// `koprogo status --json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub version: String,
-    pub pid: u32,
-    pub uptime_secs: u64,
-    pub all_ready: bool,
-    pub stopping: bool,
-    pub memory_bytes: Option<u64>,
-    pub orphans_reaped: u64,
-    pub services: Vec<ServiceReport>,
-    pub logs: BTreeMap<String, serde_json::Value>,
-    pub tls: CertStatus,
-    pub proxy: ProxySnapshot,
-    /// The frontend directory holds an index.html.
-    pub frontend_installed: bool,
-    /// Backups: last success (time, file, size), last error, next run.
-    #[serde(default)]
-    pub backup: crate::backup::BackupStatus,
-    /// Application updates: the watched binary, the last update, the pre-update backup.
-    #[serde(default)]
-    pub update: crate::update::UpdateStatus,
-}
-
-impl Shared {
-    pub fn status(&self) -> StatusReport {
-        let external = self.cfg.postgres.external.as_ref().map(|u| u.redacted());
-        let services: Vec<ServiceReport> = self
-            .services
-            .iter()
-            .map(|s| {
-                let mut r = s.state.borrow().report();
-                if s.name == "postgres" {
-                    r.external = external.clone();
-                }
-                r
-            })
-            .collect();
-        StatusReport {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            all_ready: services.iter().all(|s| s.ready),
-            stopping: *self.stopping.borrow() != Shutdown::Running,
-            memory_bytes: state::process_memory(std::process::id() as i32),
-            orphans_reaped: self.reaper.orphans_reaped(),
-            services,
-            tls: self.tls.status(),
-            proxy: self.proxy.snapshot(),
-            frontend_installed: self.frontend_installed,
-            backup: self.backup.status(),
-            update: self.updater.status(),
-            logs: self
-                .logs
-                .iter()
-                .map(|(name, stats)| {
-                    let v = serde_json::to_value(stats.snapshot()).unwrap_or_default();
-                    (name.clone(), v)
-                })
-                .collect(),
-        }
-    }
-
-    /// A new superadmin password: kept in the secrets, applied to the database now.
-    pub async fn reset_admin_password(&self) -> Result<String> {
-        let pw = crate::secrets::reset_admin_password(&self.cfg.paths.state)?;
-        crate::admin::secure_superadmin(&self.db, &pw).await?;
-        tracing::info!("superadmin password reset by command");
-        Ok(pw)
-    }
-
-    /// `start|stop|restart SERVICE` from the control socket. With several API
-    /// instances, `api` means all of them, one after the other: a restart waits for
-    /// each to be ready again before the next, so the site stays up.
-    pub async fn command(&self, verb: &str, service: &str) -> Result<String, String> {
-        let group: Vec<&ServiceHandle> = if service == "api" && self.cfg.backend.instances > 1 {
-            self.services
-                .iter()
-                .filter(|s| s.name.starts_with("api-"))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if !group.is_empty() {
-            let mut said = Vec::new();
-            for h in group {
-                said.push(self.command_one(h, verb).await?);
-                if verb == "stop" {
-                    continue;
-                }
-                let mut rx = h.state.clone();
-                let limit = self.cfg.backend.start_timeout + Duration::from_secs(5);
-                let ready = tokio::time::timeout(limit, rx.wait_for(|s| s.ready())).await;
-                if !matches!(ready, Ok(Ok(_))) {
-                    return Err(format!(
-                        "{}; {} was not ready within {}s: the next instances were left as they are",
-                        said.join("; "),
-                        h.name,
-                        limit.as_secs()
-                    ));
-                }
-            }
-            return Ok(said.join("; "));
-        }
-        let Some(h) = self.services.iter().find(|s| s.name == service) else {
-            let mut names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
-            if self.cfg.backend.instances > 1 {
-                names.push("api (all API instances)");
-            }
-            return Err(format!(
-                "no service {service:?}: choose one of {}",
-                names.join(", ")
-            ));
-        };
-        self.command_one(h, verb).await
-    }
-
-    async fn command_one(&self, h: &ServiceHandle, verb: &str) -> Result<String, String> {
-        let service = h.name;
-        if *self.stopping.borrow() != Shutdown::Running {
-            return Err("koprogo is shutting down".into());
-        }
-        let (tx, rx) = oneshot::channel();
-        let cmd = match verb {
-            "start" => Cmd::Start(tx),
-            "stop" => Cmd::Stop(tx),
-            "restart" => Cmd::Restart(tx),
-            other => return Err(format!("unknown command {other:?}")),
-        };
-        h.cmds
-            .send(cmd)
-            .await
-            .map_err(|_| format!("{service} is not accepting commands"))?;
-        // A stop may take the API's whole drain time.
-        match tokio::time::timeout(Duration::from_secs(180), rx).await {
-            Ok(Ok(msg)) => Ok(msg),
-            Ok(Err(_)) => Err(format!("{service} dropped the command")),
-            Err(_) => Err(format!("{service}: no answer within 180 s")),
-        }
-    }
 }
 
 /// Everything `run` found before the runtime starts.
@@ -345,7 +179,13 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         stopping_rx.clone(),
     );
     let watch_task = tokio::spawn(updater.clone().watch());
-    let shared = Arc::new(Shared {
+    let capacity_monitor = crate::capacity::Monitor::new(crate::capacity::View {
+        cfg: cfg.clone(),
+        db: db_shared.clone(),
+        proxy: proxy_stats.clone(),
+    });
+    let pg_state = pg_handle.state.clone();
+    let shared = Site::new(site::Parts {
         services: std::iter::once(pg_handle).chain(api_handles).collect(),
         logs: std::iter::once(("koprogo".to_string(), own_log))
             .chain(logs.iter().map(|l| (l.service.clone(), l.stats.clone())))
@@ -359,7 +199,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         cfg: cfg.clone(),
         db: db_shared,
         backup,
-        capacity: crate::capacity::Monitor::new(),
+        capacity: capacity_monitor.clone(),
         updater: updater.clone(),
     });
 
@@ -384,7 +224,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         None
     };
     let notifier = tokio::spawn(notify::report(shared.clone()));
-    let capacity = tokio::spawn(crate::capacity::Monitor::run(shared.clone()));
+    let capacity = tokio::spawn(capacity_monitor.run(pg_state));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;

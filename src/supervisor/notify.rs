@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sd_notify::NotifyState;
 
-use super::Shared;
+use super::Site;
 
 /// One datagram to NOTIFY_SOCKET, never blocking: `sd_notify::notify` blocks while
 /// the receiver's queue is full (10 datagrams by default), which stalled the
@@ -58,10 +58,10 @@ pub fn stopping() {
 
 /// Follows every service's state: STATUS on each change, READY=1 (once) and an
 /// "all ready" log line when every service is ready, watchdog pings meanwhile.
-pub async fn report(shared: Arc<Shared>) {
+pub async fn report(site: Arc<Site>) {
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut next_ping = tokio::time::Instant::now() + watchdog.unwrap_or_default();
-    let mut states: Vec<_> = shared.services.iter().map(|s| s.state.clone()).collect();
+    let mut states = site.service_states();
     let mut told_ready = false;
     let mut last = String::new();
     loop {
@@ -87,7 +87,7 @@ pub async fn report(shared: Arc<Shared>) {
         }
         if all_ready && !told_ready {
             told_ready = true;
-            tracing::info!("all ready in {:.0?}", shared.started.elapsed());
+            tracing::info!("all ready in {:.0?}", site.started().elapsed());
             send(&[NotifyState::Ready, NotifyState::Status("all ready")]);
         }
         let changed = futures_any(&mut states);
