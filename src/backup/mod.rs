@@ -15,7 +15,6 @@
 pub mod archive;
 pub mod auth;
 pub mod child;
-pub mod cli;
 pub mod create;
 pub mod crypt;
 pub mod restore;

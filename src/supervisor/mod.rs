@@ -2,6 +2,7 @@
 //! privileges, logs, reaper, Postgres, API), reports state to systemd and the control
 //! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
 
+pub mod boot;
 pub mod notify;
 pub mod site;
 

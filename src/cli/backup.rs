@@ -5,7 +5,7 @@
 //! hidden file of the backup directory that the supervisor then reads; the private
 //! key never reaches the service.
 //!
-//! `--trust-key` / `--trust-foreign` (see [`super::auth`]) widen which backups
+//! `--trust-key` / `--trust-foreign` (see [`crate::backup::auth`]) widen which backups
 //! `restore` and `backup verify` accept; `backup key` prints this appliance's key.
 
 use std::path::{Path, PathBuf};
@@ -13,8 +13,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use super::auth::{Key, Trust};
-use super::retention;
+use super::{CliError, Outcome};
+use crate::backup::auth::{Key, Trust};
+use crate::backup::{crypt, retention};
 use crate::config::Config;
 use crate::control::{self, Request};
 
@@ -28,20 +29,14 @@ fn absolute(p: &Path) -> PathBuf {
     }
 }
 
-fn ask(cfg: &Config, req: &Request) -> ExitCode {
+fn ask(cfg: &Config, req: &Request) -> Outcome {
     match control::request_long(cfg, req) {
         Ok(r) if r.ok => {
             println!("{}", r.message);
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Ok(r) => {
-            eprintln!("koprogo: {}", r.message);
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("koprogo: {e:#}");
-            ExitCode::from(3)
-        }
+        Ok(r) => Err(CliError::Failed(r.message)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -95,21 +90,19 @@ impl TrustArgs {
 }
 
 /// `koprogo backup key`: this appliance's backup key on stdout, its id on stderr.
-pub fn key(cfg: &Config) -> ExitCode {
+pub fn key(cfg: &Config) -> Outcome {
     let state = &cfg.paths.state;
     let hex = match crate::secrets::read_value(state, crate::secrets::BACKUP_KEY) {
         Ok(Some(v)) => v,
         Ok(None) => {
-            eprintln!(
-                "koprogo: {} has no {}: start koprogo once (it generates the key at boot)",
+            return Err(CliError::Failed(format!(
+                "{} has no {}: start koprogo once (it generates the key at boot)",
                 crate::secrets::path(state).display(),
                 crate::secrets::BACKUP_KEY
-            );
-            return ExitCode::from(1);
+            )));
         }
         Err(e) => {
-            eprintln!("koprogo: {e:#}");
-            return ExitCode::from(1);
+            return Err(CliError::Failed(format!("{e:#}")));
         }
     };
     match Key::from_hex(&hex) {
@@ -121,20 +114,17 @@ pub fn key(cfg: &Config) -> ExitCode {
                  secret as the backups: whoever has it can make backups this appliance accepts.",
                 k.id()
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
-            eprintln!(
-                "koprogo: {}: {} is malformed ({e:#})",
-                crate::secrets::path(state).display(),
-                crate::secrets::BACKUP_KEY
-            );
-            ExitCode::from(1)
-        }
+        Err(e) => Err(CliError::Failed(format!(
+            "{}: {} is malformed ({e:#})",
+            crate::secrets::path(state).display(),
+            crate::secrets::BACKUP_KEY
+        ))),
     }
 }
 
-pub fn create(cfg: &Config) -> ExitCode {
+pub fn create(cfg: &Config) -> Outcome {
     ask(cfg, &Request::BackupCreate)
 }
 
@@ -164,7 +154,7 @@ fn decrypt_for_supervisor(
     ));
     let guard = Decrypted(dst.clone());
     eprintln!("koprogo: decrypting {} …", file.display());
-    super::crypt::decrypt_opened(file, input, identity, identity_text, &dst)?;
+    crypt::decrypt_opened(file, input, identity, identity_text, &dst)?;
     Ok(guard)
 }
 
@@ -232,29 +222,26 @@ pub fn verify(
     file: Option<PathBuf>,
     identity: Option<PathBuf>,
     trust: &TrustArgs,
-) -> ExitCode {
+) -> Outcome {
     let trust = match trust.resolve() {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("koprogo: {e}");
-            return ExitCode::from(1);
+            return Err(CliError::Failed(e.to_string()));
         }
     };
     let file = match file {
         Some(f) => absolute(&f),
-        None => match super::newest(&cfg.backup.dir) {
+        None => match crate::backup::newest(&cfg.backup.dir) {
             Ok(f) => f,
             Err(e) => {
-                eprintln!("koprogo: {e:#}");
-                return ExitCode::from(1);
+                return Err(CliError::Failed(format!("{e:#}")));
             }
         },
     };
     let (read, guard) = match prepare(cfg, &file, identity.as_deref()) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("koprogo: {e}");
-            return ExitCode::from(1);
+            return Err(CliError::Failed(e.to_string()));
         }
     };
     eprintln!("koprogo: verifying {} …", file.display());
@@ -276,20 +263,22 @@ pub fn restore(
     identity: Option<PathBuf>,
     force: bool,
     trust: &TrustArgs,
-) -> ExitCode {
+) -> Outcome {
     let trust = match trust.resolve() {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("koprogo: refused: {e}; nothing was changed");
-            return ExitCode::from(1);
+            return Err(CliError::Failed(format!(
+                "refused: {e}; nothing was changed"
+            )));
         }
     };
     let file = absolute(&file);
     let (read, guard) = match prepare(cfg, &file, identity.as_deref()) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("koprogo: refused: {e}; nothing was changed");
-            return ExitCode::from(1);
+            return Err(CliError::Failed(format!(
+                "refused: {e}; nothing was changed"
+            )));
         }
     };
     eprintln!(
@@ -319,16 +308,15 @@ struct Row {
     checked: Option<retention::Marker>,
 }
 
-pub fn list(cfg: &Config, json: bool) -> ExitCode {
+pub fn list(cfg: &Config, json: bool) -> Outcome {
     let dir = &cfg.backup.dir;
     let entries = match retention::list(dir) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!(
-                "koprogo: cannot list {}: {e} (run as root or as the service user)",
+            return Err(CliError::Failed(format!(
+                "cannot list {}: {e} (run as root or as the service user)",
                 dir.display()
-            );
-            return ExitCode::from(1);
+            )));
         }
     };
     let rows: Vec<Row> = entries
@@ -347,18 +335,17 @@ pub fn list(cfg: &Config, json: bool) -> ExitCode {
         match serde_json::to_string_pretty(&rows) {
             Ok(s) => println!("{s}"),
             Err(e) => {
-                eprintln!("koprogo: {e}");
-                return ExitCode::from(1);
+                return Err(CliError::Failed(e.to_string()));
             }
         }
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     if rows.is_empty() {
         println!(
             "no backups in {} (make one with `koprogo backup create`)",
             dir.display()
         );
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<46} {:<17} {:>10}  VERIFIED",
@@ -378,12 +365,12 @@ pub fn list(cfg: &Config, json: bool) -> ExitCode {
             "{:<46} {:<17} {:>10}  {}",
             r.name,
             time,
-            super::human_size(r.size_bytes),
+            crate::backup::human_size(r.size_bytes),
             checked
         );
     }
     println!("{} backup(s) in {}", rows.len(), dir.display());
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 fn short_date(rfc: &str) -> String {
