@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+pub mod tree;
 pub mod walk;
 
 /// Writes `data` to `path` atomically with permission bits `mode`.

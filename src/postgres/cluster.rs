@@ -77,18 +77,7 @@ pub async fn ensure_initdb(cfg: &Config, bins: &Binaries, io: &ServiceIo) -> Res
     );
     let spec = ChildSpec {
         program: bins.tool("initdb"),
-        args: vec![
-            "-D".into(),
-            tmp.display().to_string(),
-            "-U".into(),
-            SUPERUSER.into(),
-            "-E".into(),
-            "UTF8".into(),
-            "--locale=C.UTF-8".into(),
-            "--auth-local=peer".into(),
-            "--auth-host=reject".into(),
-            "--no-instructions".into(),
-        ],
+        args: initdb_args(&tmp),
         env: base_env(cfg),
         cwd: cfg.paths.state.clone(),
         death_signal: Signal::SIGKILL,
@@ -105,6 +94,23 @@ pub async fn ensure_initdb(cfg: &Config, bins: &Binaries, io: &ServiceIo) -> Res
     std::fs::rename(&tmp, &data)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), data.display()))?;
     Ok(true)
+}
+
+/// initdb's arguments for a cluster in `dir`, as koprogo makes every cluster (the
+/// new cluster of a major upgrade too: pg_upgrade wants the same settings).
+pub fn initdb_args(dir: &Path) -> Vec<String> {
+    vec![
+        "-D".into(),
+        dir.display().to_string(),
+        "-U".into(),
+        SUPERUSER.into(),
+        "-E".into(),
+        "UTF8".into(),
+        "--locale=C.UTF-8".into(),
+        "--auth-local=peer".into(),
+        "--auth-host=reject".into(),
+        "--no-instructions".into(),
+    ]
 }
 
 /// The minimal environment for Postgres tools.

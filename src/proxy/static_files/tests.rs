@@ -1,10 +1,15 @@
 //! Tests of the static frontend server: real files in a temporary directory, real
 //! requests built with `hyper::Request::builder`, bodies collected in full.
 
+use super::gzip::{GZ_CACHE_BUDGET, GZ_CACHE_MAX_ENTRY};
+use super::response::STREAM_CHUNK;
 use super::*;
 use http_body_util::BodyExt;
 use hyper::Request;
+use std::io::Read;
 use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
 
 const SECRET: &str = "TOP-SECRET-0xDEADBEEF";
