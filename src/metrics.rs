@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::control::StatusReport;
 use crate::postgres::Db;
@@ -21,7 +21,7 @@ use crate::proxy::stats::ProxyStats;
 use crate::proxy::stats::LATENCY_BUCKETS;
 use crate::proxy::{text, Body};
 
-/// Serves GET /metrics on `listener` until `stop` turns true.
+/// Serves GET /metrics on `listener` until `stop` is cancelled.
 /// What the endpoint reads of the running site: a read-only view.
 pub trait Source: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
@@ -36,7 +36,7 @@ pub trait Source: Send + Sync + 'static {
 pub async fn serve<S: Source>(
     listener: std::net::TcpListener,
     shared: Arc<S>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -54,7 +54,7 @@ pub async fn serve<S: Source>(
                     continue;
                 }
             },
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            _ = stop.cancelled() => return,
         };
         let shared = shared.clone();
         tokio::spawn(async move {

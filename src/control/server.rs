@@ -21,8 +21,12 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> impl Future<Output = Response> + Send;
 }
 
-/// Binds the socket (replacing a stale one: the state lock is ours) and serves it.
-pub fn serve<H: Handler>(cfg: &Config, handler: Arc<H>) -> Result<tokio::task::JoinHandle<()>> {
+/// Binds the socket (replacing a stale one: the state lock is ours); the future
+/// serves it.
+pub fn serve<H: Handler>(
+    cfg: &Config,
+    handler: Arc<H>,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(cfg);
     let _ = std::fs::remove_file(&path);
@@ -30,7 +34,7 @@ pub fn serve<H: Handler>(cfg: &Config, handler: Arc<H>) -> Result<tokio::task::J
         UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -43,7 +47,7 @@ pub fn serve<H: Handler>(cfg: &Config, handler: Arc<H>) -> Result<tokio::task::J
                 }
             });
         }
-    }))
+    })
 }
 
 async fn connection<H: Handler>(stream: UnixStream, handler: &H) -> Result<()> {

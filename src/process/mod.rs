@@ -6,8 +6,11 @@
 //! API server as its own user. Nothing here knows which services exist.
 
 pub mod backoff;
+pub mod event;
 pub mod launcher;
 pub mod privileges;
 pub mod reaper;
 pub mod service;
+pub mod spec;
 pub mod state;
+pub mod stop;

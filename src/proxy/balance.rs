@@ -42,9 +42,12 @@ impl Routes {
 /// service task is gone).
 pub fn publish(
     mut states: Vec<watch::Receiver<ServiceState>>,
-) -> (watch::Receiver<Routes>, tokio::task::JoinHandle<()>) {
+) -> (
+    watch::Receiver<Routes>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let (tx, rx) = watch::channel(Routes::of(&states));
-    let task = tokio::spawn(async move {
+    let task = async move {
         loop {
             if states.is_empty() {
                 return;
@@ -63,7 +66,7 @@ pub fn publish(
                 differs
             });
         }
-    });
+    };
     (rx, task)
 }
 

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::limits::ConnLimiter;
 use super::tunnel::Lease;
@@ -61,8 +61,8 @@ pub fn bind(cfg: &Config) -> Result<Listeners> {
     Ok(Listeners { http, https })
 }
 
-/// Serves every listener until `stop` turns true, then drains (bounded).
-pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Receiver<bool>) {
+/// Serves every listener until `stop` is cancelled, then drains (bounded).
+pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, stop: CancellationToken) {
     let conns = ConnLimiter::new(proxy.cfg.proxy.max_conns_per_ip);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -97,7 +97,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
             "proxy: listening on {addr} ({})",
             if secure { "https" } else { "http" }
         );
-        let (proxy, conns, builder, acceptor, mut stop) = (
+        let (proxy, conns, builder, acceptor, stop) = (
             proxy.clone(),
             conns.clone(),
             builder.clone(),
@@ -116,7 +116,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
                             continue;
                         }
                     },
-                    _ = stopped(&mut stop) => break,
+                    _ = stop.cancelled() => break,
                 };
                 let ip = client_key(peer.ip(), proxy.cfg.proxy.ipv6_prefix);
                 let peer = super::Peer {
@@ -174,7 +174,7 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, mut stop: watch::Rec
             }
         }));
     }
-    stopped(&mut stop).await;
+    stop.cancelled().await;
     for l in &loops {
         l.abort();
     }
@@ -195,7 +195,7 @@ async fn connection_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: super::Peer,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     lease: Lease,
 ) {
     let stats = proxy.stats.clone();
@@ -223,7 +223,7 @@ async fn connection_tls(
 
 async fn run_conn<IO, S>(
     builder: &Builder<TokioExecutor>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     io: IO,
     svc: S,
     idle: Duration,
@@ -245,7 +245,7 @@ async fn run_conn<IO, S>(
     loop {
         tokio::select! {
             _ = &mut conn => return,
-            _ = stopped(&mut stop), if !stopping => {
+            _ = stop.cancelled(), if !stopping => {
                 // Finish the requests in flight, take no new ones.
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
@@ -371,11 +371,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-}
-
-/// Resolves once `stop` is true (or its sender is gone).
-pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::ApiService;
 use crate::config::Config;
@@ -148,8 +150,13 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
 
     // The front door answers from the first second (maintenance until the API is ready).
     let tls = Tls::load(&cfg)?;
-    let tls_task = tokio::spawn(tls.clone().maintain());
+    // Background tasks, cancelled in three groups in the order of the stop.
+    let watchers = Group::new(); // certificates, backup schedule, capacity
+    let updates = Group::new(); // the binary watcher, the proxy's routes
+    let last = Group::new(); // control socket, notifier, metrics
+    watchers.spawn(tls.clone().maintain());
     let (routes, routes_task) = crate::proxy::balance::publish(api_states.clone());
+    updates.spawn(routes_task);
     let proxy = Arc::new(Proxy::new(cfg.clone(), tls.clone(), routes.clone(), access));
     let frontend_installed = proxy.files.installed();
     if !frontend_installed {
@@ -158,9 +165,13 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
             cfg.proxy.frontend.display()
         );
     }
-    let (proxy_stop, proxy_stop_rx) = watch::channel(false);
+    let proxy_stop = CancellationToken::new();
     let proxy_stats = proxy.stats.clone();
-    let proxy_task = tokio::spawn(crate::proxy::server::serve(proxy, listeners, proxy_stop_rx));
+    let proxy_task = tokio::spawn(crate::proxy::server::serve(
+        proxy,
+        listeners,
+        proxy_stop.clone(),
+    ));
     let backup = crate::backup::Backups::new(
         cfg.clone(),
         backup_bins,
@@ -170,7 +181,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         api_handles.iter().map(|h| h.cmds.clone()).collect(),
         api_states,
     );
-    let backup_task = tokio::spawn(backup.clone().run_scheduler());
+    watchers.spawn(backup.clone().run_scheduler());
     let updater = crate::update::Updater::new(
         cfg.clone(),
         instances,
@@ -179,7 +190,7 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         backup.clone(),
         stopping_rx.clone(),
     );
-    let watch_task = tokio::spawn(updater.clone().watch());
+    updates.spawn(updater.clone().watch());
     let capacity_monitor = crate::capacity::Monitor::new(crate::capacity::View {
         cfg: cfg.clone(),
         db: db_shared.clone(),
@@ -204,8 +215,8 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         updater: updater.clone(),
     });
 
-    let control = crate::control::serve(&cfg, shared.clone())?;
-    let metrics = if cfg.metrics.enabled {
+    last.spawn(crate::control::serve(&cfg, shared.clone())?);
+    if cfg.metrics.enabled {
         let l = std::net::TcpListener::bind(cfg.metrics.listen)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .with_context(|| {
@@ -216,16 +227,10 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
                 )
             })?;
         tracing::info!("metrics on http://{}/metrics", cfg.metrics.listen);
-        Some(tokio::spawn(crate::metrics::serve(
-            l,
-            shared.clone(),
-            proxy_stop.subscribe(),
-        )))
-    } else {
-        None
-    };
-    let notifier = tokio::spawn(notify::report(shared.clone()));
-    let capacity = tokio::spawn(capacity_monitor.run(pg_state));
+        last.spawn(crate::metrics::serve(l, shared.clone(), proxy_stop.clone()));
+    }
+    last.spawn(notify::report(shared.clone()));
+    watchers.spawn(capacity_monitor.run(pg_state));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -246,35 +251,36 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
 
     // A second signal while stopping means: stop now.
     let stops: Vec<watch::Sender<Shutdown>> = tasks.iter().map(|t| t.stop.clone()).collect();
+    let stopped = CancellationToken::new();
+    let stop_waiting = stopped.clone();
     let hurry = tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = stop_waiting.cancelled() => return false,
         }
         tracing::warn!("second signal: stopping now");
         let _ = stopping_tx.send(Shutdown::Now);
         for s in &stops {
             let _ = s.send(Shutdown::Now);
         }
+        true
     });
 
     // Stop accepting and drain the proxy (bounded), then the API, then Postgres.
-    let _ = proxy_stop.send(true);
+    proxy_stop.cancel();
     let drain = crate::proxy::server::DRAIN + Duration::from_secs(1);
     if tokio::time::timeout(drain, proxy_task).await.is_err() {
         tracing::warn!("proxy: drain took longer than {drain:?}");
     }
-    tls_task.abort();
-    backup_task.abort();
-    capacity.abort();
+    watchers.stop().await;
     // An update in progress stops its new server or finishes draining the old one
-    // (the watcher is not aborted before: dropping its update half-way would leave
+    // (the watcher is not cancelled before: dropping its update half-way would leave
     // a child nobody stops).
     updater
         .wait_idle(cfg.backend.stop_timeout + Duration::from_secs(10))
         .await;
-    watch_task.abort();
-    routes_task.abort();
+    updates.stop().await;
     for t in tasks.into_iter().rev() {
         if *t.stop.borrow() == Shutdown::Running {
             let _ = t.stop.send(Shutdown::Graceful);
@@ -282,13 +288,9 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
         let _ = t.join.await;
         tracing::info!(service = t.name, "stopped");
     }
-    let hurried = hurry.is_finished();
-    hurry.abort();
-    control.abort();
-    notifier.abort();
-    if let Some(m) = metrics {
-        m.abort();
-    }
+    stopped.cancel();
+    let hurried = hurry.await.unwrap_or(false);
+    last.stop().await;
     let deadline = Instant::now() + REAP_WAIT;
     while reaper.live_children() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -310,6 +312,42 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     }
     drop(lock);
     Ok(if hurried || left > 0 { 1 } else { 0 })
+}
+
+/// Tasks that run until their group is stopped: one token cancels them all, one
+/// tracker waits until every one has returned.
+struct Group {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
+    /// Cancels every task of the group and waits until they have returned.
+    async fn stop(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
 }
 
 /// Starts the task of one service; returns its handle and its readiness channel.
