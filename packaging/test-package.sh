@@ -96,11 +96,12 @@ cmd_build() {
     { FAILED+=("build: build-deb.sh (appliance only)"); return 1; }
   timing "build: build-deb.sh (appliance only)" "$(since "$t")"
   t=$(now)
-  packaging/build-deb.sh --no-build --out "$DEBS/prev" --version "$v~prev-1" \
-    --api "$target/release/demo-backend" --frontend tests/demo-frontend >/dev/null &&
-  packaging/build-deb.sh --no-build --out "$DEBS/cur" \
-    --api "$target/release/demo-backend" --frontend tests/demo-frontend >/dev/null ||
-    { FAILED+=("build: build-deb.sh --api --frontend"); return 1; }
+  if ! { packaging/build-deb.sh --no-build --out "$DEBS/prev" --version "$v~prev-1" \
+           --api "$target/release/demo-backend" --frontend tests/demo-frontend >/dev/null &&
+         packaging/build-deb.sh --no-build --out "$DEBS/cur" \
+           --api "$target/release/demo-backend" --frontend tests/demo-frontend >/dev/null; }; then
+    FAILED+=("build: build-deb.sh --api --frontend"); return 1
+  fi
   timing "build: build-deb.sh x2 (--api demo-backend --frontend)" "$(since "$t")"
   ls -l "$DEBS"/*/*.deb >&2
 }
@@ -465,8 +466,8 @@ shlib_packages() {
   mkdir -p "$x/debian" "$x/root"
   dpkg-deb -x "$deb" "$x/root"
   printf 'Source: koprogo\n\nPackage: koprogo\nArchitecture: any\n' > "$x/debian/control"
-  (cd "$x" && find root -type f -perm -u+x -exec sh -c 'head -c 4 "$1" | grep -q ELF' sh {} \; -print |
-    xargs dpkg-shlibdeps -O 2>/dev/null) |
+  (cd "$x" && find root -type f -perm -u+x -exec sh -c 'head -c 4 "$1" | grep -q ELF' sh {} \; -print0 |
+    xargs -0 dpkg-shlibdeps -O 2>/dev/null) |
     sed -n 's/^shlibs:Depends=//p' | tr ',' '\n' | awk '{ print $1 }' | sort -u
   rm -rf "$x"
 }

@@ -44,7 +44,7 @@ unit_pids() {
       case "$all" in *" $pp "*) case "$all" in *" $p "*) ;; *) all="$all$p "; changed=1 ;; esac ;; esac
     done
   done
-  echo $all
+  echo "$all"
 }
 # Processes of a user (by name, or by uid once the user is gone), from /proc
 # (minbase has no ps).
@@ -80,7 +80,7 @@ check_processes() {
     n=$((n + 1))
     case "$(field "$p" Uid)" in
       "$uid" | "$api") ;;
-      *) echo "  pid $p ($(cat /proc/$p/comm)) uid $(field "$p" Uid)"; bad=1 ;;
+      *) echo "  pid $p ($(cat "/proc/$p/comm")) uid $(field "$p" Uid)"; bad=1 ;;
     esac
     if [ "$p" != "$main" ]; then
       [ "$(field "$p" CapEff)" = 0000000000000000 ] || { echo "  pid $p CapEff $(field "$p" CapEff)"; bad=1; }

@@ -45,7 +45,7 @@ step_done
 
 step "upgrade refused while the pre-upgrade backup fails"
 pid=$(systemctl show -p MainPID --value koprogo)
-backups() { ls /var/lib/koprogo/backups/*.kbk 2>/dev/null | wc -l; }
+backups() { local f n=0; for f in /var/lib/koprogo/backups/*.kbk; do [ -e "$f" ] && n=$((n + 1)); done; echo "$n"; }
 # backup.dir is a file now: the backup fails with a clear error.
 mv /var/lib/koprogo/backups /var/lib/koprogo/backups.away && touch /var/lib/koprogo/backups
 out=$(apt-get install -y -q /root/debs/cur.deb 2>&1); code=$?
@@ -56,7 +56,7 @@ check "says why and what to do" has "$out" "the backup before the upgrade failed
 check "old version still installed" is_eq "$(dpkg-query -W -f '${Version} ${Status}' koprogo)" "$PREV_V install ok installed"
 # (dpkg's abort-upgrade runs the old postinst, whose debhelper part restarts it.)
 check "old version running" wait_for 120 ready
-check "the data untouched" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/$(cat /root/item.id))" "row written before the upgrade"
+check "the data untouched" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/"$(cat /root/item.id)")" "row written before the upgrade"
 pid=$(systemctl show -p MainPID --value koprogo)
 step_done
 step "upgrade prev -> cur (apt-get install ./cur)"
@@ -71,7 +71,7 @@ step_done
 check "new version installed" is_eq "$(dpkg-query -W -f '${Version}' koprogo)" "$CUR_V"
 check "service restarted by the upgrade" [ "$(systemctl show -p MainPID --value koprogo)" != "$pid" ]
 check "upgrade keeps the secrets" is_eq "$(sha256sum /var/lib/koprogo/secrets.env)" "$sha"
-check "row kept across the upgrade" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/$id)" "row written before the upgrade"
+check "row kept across the upgrade" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/"$id")" "row written before the upgrade"
 check "config perms kept" is_eq "$(perm /etc/koprogo/koprogo.toml)" "640 root:koprogo"
 
 step "systemctl stop"

@@ -8,7 +8,6 @@
 # /root/ci.result.
 # shellcheck source=SCRIPTDIR/ci-lib.sh
 . /root/ci-lib.sh
-id=$(cat /root/item.id)
 step "remove (keeps data)"
 check "remove" apt-get remove -y -q koprogo
 step_done

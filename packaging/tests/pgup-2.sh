@@ -23,6 +23,7 @@ out=$(koprogo check 2>&1); echo "$out"
 check "check names the fix" has "$out" "install postgresql-15 again"
 out=$(timeout 60 koprogo run 2>&1); code=$?; echo "$out"
 check "run refuses (exit 2)" is_eq "$code" 2
+# shellcheck disable=SC2016 # expanded by the inner sh
 check "nothing touched" sh -c '[ "$(cat /var/lib/koprogo/pgdata/PG_VERSION)" = 15 ] && [ ! -e /var/lib/koprogo/pgdata.15 ]'
 mv /root/pg15.away /usr/lib/postgresql/15
 step_done
@@ -44,6 +45,7 @@ check "data identical" is_eq "$(cat /root/digest.after)" "$(cat /root/digest.bef
 check "API reads the old rows" has "$(curl -ksS --max-time 10 https://localhost/api/v1/items/1)" "row 1 before PostgreSQL 17"
 check "API writes" has "$(curl -ksS --max-time 10 -X POST --data 'row after' https://localhost/api/v1/items)" '"id"'
 check "server is 17" has "$(koprogo psql -Atc 'SHOW server_version')" "17."
+# shellcheck disable=SC2016 # expanded by the inner sh
 check "extensions updated" wait_for 60 sh -c '[ -z "$(koprogo psql -Atc "SELECT e.extname FROM pg_extension e JOIN pg_available_extensions a ON a.name = e.extname WHERE a.default_version <> e.extversion")" ]'
 check "statistics rebuilt" wait_for 60 grep -q "optimizer statistics rebuilt" /var/log/koprogo/koprogo.log
 step "go back to 15 by the logged instructions"

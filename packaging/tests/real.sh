@@ -38,6 +38,7 @@ login() {
 superadmin_checks() {
   local pw token
   pw=$(koprogo admin-password)
+  # shellcheck disable=SC2016 # expanded by the inner sh
   check "koprogo admin-password: a generated password" sh -c '[ -n "$1" ] && [ "$1" != admin123 ]' sh "$pw"
   check "admin123 refused" is_eq "$(login admin123)" 401
   check "the generated password logs in" is_eq "$(login "$pw")" 200
@@ -52,6 +53,7 @@ check "/config.js answers" is_eq "$(tls -o /tmp/config.js -w '%{http_code}' http
 cat /tmp/config.js
 check "/config.js points to /api/v1" grep -Eq "API_URL: *[\"']/api/v1[\"']" /tmp/config.js
 asset=$(cd /usr/share/koprogo/frontend && find _astro -type f -name '*.js' | head -n 1)
+# shellcheck disable=SC2016 # expanded by the inner sh
 check "an asset (/$asset)" sh -c 'curl -sS --max-time 30 --cacert "$1" -o /tmp/asset "https://localhost/$2" && cmp /tmp/asset "/usr/share/koprogo/frontend/$2"' sh <(koprogo ca export) "$asset"
 check "the frontend installed ($FILES files)" is_eq "$(find /usr/share/koprogo/frontend -type f | wc -l)" "$FILES"
 
