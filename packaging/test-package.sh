@@ -48,6 +48,7 @@ cd "$(dirname "$0")/.."
 
 W=${KOPROGO_PKGTEST_DIR:-/var/tmp/koprogo-pkgtest}
 DEBS=$W/debs
+CI_SCRIPTS=packaging/tests # the scripts run inside the test roots (not shipped)
 APT_ARCHIVES=$KP_CACHE/apt-archives
 KEEP=${KEEP:-0}
 TIMINGS=()
@@ -131,9 +132,15 @@ lint_deb() {
 
 cmd_lint() {
   ensure_built || return 1
-  local t deb rc=0
+  local t deb rc=0 f
   for deb in "$(deb_of base)" "$(deb_of cur)"; do
     lint_deb "$deb" || rc=1
+    # The package tests' own scripts (packaging/tests/) are not shipped.
+    for f in "$CI_SCRIPTS"/*.sh; do
+      if dpkg-deb -c "$deb" | grep -q "/${f##*/}\$"; then
+        FAILED+=("lint: $(basename "$deb") ships the test script ${f##*/}"); rc=1
+      fi
+    done
   done
 
   # systemd-analyze on the packaged unit, its ExecStart pointing at the packaged
@@ -164,7 +171,6 @@ cmd_lint() {
 # The checks run inside the booted root as a oneshot ci.service: the scripts in
 # packaging/tests/ (each sources ci-lib.sh); they write /root/ci.log (STEP lines
 # carry timings) and /root/ci.result, then power off.
-CI_SCRIPTS=packaging/tests
 
 # ci_env ROOT VAR=VALUE...: the parameters of the next boot's script, in
 # /root/ci.env (which the script sources); boot removes it once the root is off.
