@@ -80,13 +80,13 @@ KOPROGO=$ROOT/target/release/koprogo
 
 # ---------------------------------------------------------------- CPUs
 expand_cpus() { # "0-2,5" -> "0 1 2 5"
-  local part out=() a b i
+  local part parts cpus=() a b i
   IFS=, read -ra parts <<<"$1"
   for part in "${parts[@]}"; do
-    if [[ $part == *-* ]]; then a=${part%-*}; b=${part#*-}; for ((i = a; i <= b; i++)); do out+=("$i"); done
-    else out+=("$part"); fi
+    if [[ $part == *-* ]]; then a=${part%-*}; b=${part#*-}; for ((i = a; i <= b; i++)); do cpus+=("$i"); done
+    else cpus+=("$part"); fi
   done
-  echo "${out[@]}"
+  echo "${cpus[@]}"
 }
 NCPU=$(grep -c '^processor' /proc/cpuinfo)
 read -ra CPUS <<<"$(expand_cpus "$(taskset -pc $$ | sed 's/.*: *//')")"
@@ -111,6 +111,7 @@ run_child() { # a long foreground command, in the background so that a signal is
   CHILD=""
   return "$rc"
 }
+# shellcheck disable=SC2046 # split on purpose: the pids on one line (read -ra reads one)
 nginx_pids() { if [[ -n $NPID ]]; then echo "$NPID" $(ps -o pid= --ppid "$NPID" 2>/dev/null); fi; }
 stop_sampler() {
   if [[ -n $SAMPLER ]]; then kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""; fi
@@ -270,6 +271,7 @@ chmod 0644 "$TMP/certs/cert.pem"; chmod 0600 "$TMP/certs/key.pem"
 mkdir -p "$TMP/nginx/tmp"
 NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/.*nginx\///; s/ .*//')
 if printf '%s\n1.25.1\n' "$NGINX_VERSION" | sort -V -C; then # older than 1.25.1
+  # shellcheck disable=SC2153 # N_HTTPS is set by pick_port (printf -v)
   N_LISTEN="listen 127.0.0.1:$N_HTTPS ssl http2;"; N_HTTP2=""
 else
   N_LISTEN="listen 127.0.0.1:$N_HTTPS ssl;"; N_HTTP2="http2 on;"
@@ -496,7 +498,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) 
 log_lines() { case $1 in nginx) wc -l < "$TMP/nginx/access.log" ;; caddy) wc -l < "$TMP/caddy/access.log" ;; *) echo 0 ;; esac; }
 
 wait_quiet() { # secs: until both CPUs are < 20 % busy over a second (others' jobs), bounded
-  local limit=$1 start=$SECONDS b0 t0 b1 t1 c2 d0 u0 d1 u1 busy0 busy1
+  local limit=$1 start=$SECONDS b0 t0 b1 t1 d0 u0 d1 u1 busy0 busy1
   while :; do
     read -r b0 t0 <<<"$(cpu_busy "$PROXY_CPU")"; read -r d0 u0 <<<"$(cpu_busy "$LOAD_CPU")"
     run_child sleep 1
@@ -535,7 +537,7 @@ measured() { # name phase oha_run-args…: oha_run, plus the proxy's CPU ticks, 
 }
 pct() { awk -v a="$1" -v t="$2" 'BEGIN {printf "%.0f", t ? 100 * a / t : 0}'; }
 per_cpu_s() { awk -v n="$1" -v t="$2" -v c="$CLK" 'BEGIN {printf "%.0f", t ? n * c / t : 0}'; }
-round() { local x out=(); for x in "$@"; do out+=("$(awk -v x="$x" 'BEGIN {printf "%.0f", x}')"); done; echo "${out[*]}"; }
+round() { local x r=(); for x in "$@"; do r+=("$(awk -v x="$x" 'BEGIN {printf "%.0f", x}')"); done; echo "${r[*]}"; }
 
 for name in koprogo nginx caddy; do
   port=${PORT[$name]}

@@ -158,6 +158,7 @@ run_child() { # a long foreground command, in the background so that a signal is
   return "$rc"
 }
 children() { ps -o pid= --ppid "$1" 2>/dev/null || true; }
+# shellcheck disable=SC2046 # split on purpose: the pids on one line
 nginx_pids() { if [[ -n $NPID ]]; then echo "$NPID" $(children "$NPID"); fi; }
 stop_pid() { # pid signal seconds: signal, wait (bounded), then SIGKILL
   local pid=$1 sig=$2 secs=$3 i
@@ -521,7 +522,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
     # 5xx is cheap and would flatter whoever answers it.
     reqs=$(jq '.requests - .non2xx' <<<"$line")
     ((reqs > 0)) || die "$mode: wrk completed no request with a 2xx answer: $line"
-    d=(); for i in "${!s0[@]}"; do d+=($((s1[i] - s0[i]))); done
+    d=()
+    # shellcheck disable=SC2154 # s0 and s1 are set by snapshot (read -ra "$1")
+    for i in "${!s0[@]}"; do d+=($((s1[i] - s0[i]))); done
     # d: 0 sup, 1 logs, 2 api, 3 pg, 4 nginx, 5 wrk, 6 app busy, 7 app total, 8 load busy, 9 load total
     ours=$((d[0] + d[2] + d[3] + d[4]))
     R[$mode.rps]+="$(jq '(.requests - .non2xx) / .duration_us * 1e6' <<<"$line") "

@@ -4,13 +4,13 @@
 //! listener, and a restart reuses the stored certificate (no new order).
 
 mod common;
-mod common_tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::acme::{pebble_available, Pebble};
+use common::https::{https_get, load_roots};
 use common::Appliance;
-use common_tls::{https_get, load_roots, pebble_available, Pebble};
 
 fn acme_site(challenge: &str) -> (Appliance, Pebble) {
     let a = Appliance::new("frontend = \"frontend\"\n");

@@ -6,14 +6,18 @@
 //! (`certificateValidityPeriod`, which Debian's Pebble 2.4 supports). Without Pebble
 //! and without root to install it, each test prints "skipped" and passes.
 
-mod common_tls;
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common_tls::*;
+use common::acme::{
+    http01_listener, pebble_available, serve_http01, serve_tls, Http01, Pebble, TlsServer,
+};
+use common::https::{connect, load_roots, peer, ping};
+use common::{free_port, init_logging, wait_for};
 use koprogo::config::Config;
 use koprogo::tls::{Tls, TlsTuning};
 use rustls::client::danger::ServerCertVerifier;
@@ -372,12 +376,7 @@ fn no_pebble_process_is_left_behind() {
     }
     // A scenario of our own, then the check that its processes are gone.
     let d = tempfile::tempdir().expect("tempdir");
-    let pebble = Pebble::start(
-        &d.path().join("pebble"),
-        free_port(false),
-        free_port(false),
-        None,
-    );
+    let pebble = Pebble::start(&d.path().join("pebble"), free_port(), free_port(), None);
     let pids = pebble.pids();
     assert_eq!(pids.len(), 2);
     drop(pebble);

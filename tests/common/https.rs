@@ -1,13 +1,19 @@
-//! Real TLS clients for the front door's tests: rustls trusting only a given root
-//! (the exported local CA), HTTP/1.1 or HTTP/2 by ALPN, and a raw TLS stream for
-//! requests no well-behaved client would send.
+//! Real TLS clients for the tests: rustls trusting only a given root (the exported
+//! local CA, Pebble's roots), HTTP/1.1 or HTTP/2 by ALPN, a raw TLS stream for
+//! requests no well-behaved client would send, and the one certificate verifier
+//! that accepts anything (for tests that inspect what a server presented).
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -40,10 +46,7 @@ impl Reply {
 impl Client {
     /// Trusts only the PEM roots in `root_pem`; offers `alpn` (e.g. h2 and http/1.1).
     pub fn new(root_pem: &str, alpn: &[&[u8]]) -> Client {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_certs(root_pem) {
-            roots.add(cert).expect("add root");
-        }
+        let roots = load_roots(root_pem);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -58,7 +61,7 @@ impl Client {
 
     pub async fn connect(&self, port: u16, sni: &str) -> std::io::Result<TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string())
+        let name = ServerName::try_from(sni.to_string())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(name, tcp)
@@ -127,17 +130,143 @@ impl Client {
     }
 }
 
-fn rustls_pki_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .filter_map(Result::ok)
-        .collect()
-}
-
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// Accepts any certificate and signature: the tests inspect what was served.
+#[derive(Debug)]
+struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify_tls12_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A raw TLS connection (see `connect`).
+pub type TlsConn = TlsStream<TcpStream>;
+
+/// A root store holding every certificate of `pem` (panics on a bad one).
+pub fn load_roots(pem: &str) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    roots
+}
+
+/// TLS client; `roots` None = accept any certificate.
+pub async fn connect(
+    addr: SocketAddr,
+    name: &str,
+    roots: Option<RootCertStore>,
+) -> anyhow::Result<TlsConn> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?;
+    let mut cc = match roots {
+        Some(r) => builder.with_root_certificates(r).with_no_client_auth(),
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth(),
+    };
+    cc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(name.to_string())?;
+    let conn = tokio_rustls::TlsConnector::from(Arc::new(cc));
+    Ok(tokio::time::timeout(Duration::from_secs(5), conn.connect(name, tcp)).await??)
+}
+
+/// Serial (lowercase hex) and issuer CN of the certificate a connection got.
+pub fn peer(c: &TlsConn) -> (String, String) {
+    let certs = c.get_ref().1.peer_certificates().expect("peer certs");
+    let (_, x) = x509_parser::parse_x509_certificate(&certs[0]).expect("x509");
+    let serial = x
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let issuer = x
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (serial, issuer)
+}
+
+/// Sends a line and reads the answer line.
+pub async fn ping(c: &mut TlsConn, text: &str) -> anyhow::Result<String> {
+    c.write_all(format!("{text}\n").as_bytes()).await?;
+    c.flush().await?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut byte)).await??;
+        if n == 0 || byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8(line)?)
+}
+
+/// GET over HTTPS (HTTP/1.1, Connection: close); returns the body.
+pub async fn https_get(addr: SocketAddr, name: &str, roots: RootCertStore, path: &str) -> String {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cc = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let sn = ServerName::try_from(name.to_string()).expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cc))
+        .connect(sn, tcp)
+        .await
+        .expect("tls");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }

@@ -1,9 +1,12 @@
 //! Test harness: a whole appliance (real `koprogo run`, real PostgreSQL, the demo
 //! backend) in a private temporary directory on free loopback ports. Every wait is
 //! bounded; dropping an `Appliance` kills what is left and checks that no process
-//! of its tree survives.
+//! of its tree survives. The submodules hold what only some tests need (`acme`:
+//! Pebble; `https`: TLS clients; `ports`: the port reservations every helper uses);
+//! a test declares `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod acme;
 pub mod chromium;
 pub mod https;
 pub mod load;
@@ -45,6 +48,27 @@ pub fn demo_bin() -> PathBuf {
 /// A loopback port reserved for this test process (see `ports`).
 pub fn free_port() -> u16 {
     ports::reserve(1, false)
+}
+
+/// Waits (bounded) for `f` to hold, from async code (`Appliance::wait_for` waits
+/// on the appliance's status).
+pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs to the test output when RUST_LOG is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn is_root() -> bool {
@@ -393,32 +417,33 @@ impl Drop for Appliance {
 
 /// (pid, process group, command line) of every process.
 pub fn processes() -> Vec<(i32, i32, String)> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let pgrp = fields.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        out.push((pid, pgrp, cmdline));
-    }
-    out
+    proc_stats()
+        .into_iter()
+        .map(|(pid, fields)| {
+            let pgrp = fields.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                .unwrap_or_default();
+            (pid, pgrp, cmdline)
+        })
+        .collect()
 }
 
 /// (pid, state letter, ppid) of every process.
 pub fn process_states() -> Vec<(i32, char, i32)> {
+    proc_stats()
+        .into_iter()
+        .map(|(pid, fields)| {
+            let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
+            let ppid = fields.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            (pid, state, ppid)
+        })
+        .collect()
+}
+
+/// (pid, the fields of `/proc/PID/stat` after the command name) of every process
+/// that could be read.
+fn proc_stats() -> Vec<(i32, Vec<String>)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -433,10 +458,8 @@ pub fn process_states() -> Vec<(i32, char, i32)> {
         let Some(close) = stat.rfind(')') else {
             continue;
         };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = fields.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push((pid, state, ppid));
+        let fields = stat[close + 2..].split(' ').map(String::from).collect();
+        out.push((pid, fields));
     }
     out
 }

@@ -1,20 +1,13 @@
-//! Helpers for the ACME tests: Debian's Pebble (`pebble` + `pebble-challtestsrv`, a
-//! fake DNS that answers 127.0.0.1 for every name) on free loopback ports, a
-//! certificate for Pebble's own HTTPS listener made here with rcgen (the Debian package
-//! ships none), the challenge listeners the appliance's proxy would run (HTTP-01 on a
+//! Pebble for the ACME tests: Debian's `pebble` + `pebble-challtestsrv` (a fake DNS
+//! that answers 127.0.0.1 for every name) on reserved loopback ports, a certificate
+//! for Pebble's own HTTPS listener made here with rcgen (the Debian package ships
+//! none), and the challenge listeners the appliance's proxy would run (HTTP-01 on a
 //! plain port, TLS with `Tls::server_config()` for TLS-ALPN-01 and for the tests'
-//! own line-echo connections), and TLS clients. Processes are killed in `Drop` and
-//! die with the test (PR_SET_PDEATHSIG) even if it is killed.
+//! own line-echo connections). Processes are killed in `Drop` and die with the test
+//! (PR_SET_PDEATHSIG) even if it is killed. The TLS clients are in `https`.
 #![allow(dead_code)]
 
-// Also loaded by `common` in test crates that use both; the two copies cannot hand
-// out the same port, as each reservation is a lock on its own open file.
-#[allow(clippy::duplicate_mod)]
-#[path = "../common/ports.rs"]
-pub mod ports;
-
 use std::fs::File;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -23,12 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use koprogo::tls::{Tls, ACME_TLS_ALPN};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use super::free_port;
+use super::https::{https_get, load_roots};
+use super::ports;
 
 pub const PEBBLE: &str = "/usr/bin/pebble";
 pub const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
@@ -39,7 +32,7 @@ pub fn pebble_available() -> bool {
     if Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists() {
         return true;
     }
-    if !nix::unistd::Uid::effective().is_root() {
+    if !super::is_root() {
         return false;
     }
     let Ok(lock) = File::create("/tmp/koprogo-test-pebble-install.lock") else {
@@ -69,13 +62,6 @@ pub fn pebble_available() -> bool {
     Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists()
 }
 
-/// A loopback port free for TCP (and UDP when `udp`), reserved for this test process
-/// below the kernel's ephemeral range (see `ports`), so Pebble can bind it again after
-/// a restart.
-pub fn free_port(udp: bool) -> u16 {
-    ports::reserve(1, udp)
-}
-
 /// Pebble and its fake DNS, killed on drop.
 pub struct Pebble {
     pub dir: PathBuf,
@@ -100,9 +86,11 @@ impl Pebble {
         std::fs::write(&listener_root, root).expect("write root");
         std::fs::write(dir.join("pebble.crt"), cert).expect("write cert");
         std::fs::write(dir.join("pebble.key"), key).expect("write key");
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
-        let management = SocketAddr::from(([127, 0, 0, 1], free_port(false)));
-        let dns = SocketAddr::from(([127, 0, 0, 1], free_port(true)));
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Reserved for UDP too, below the ephemeral range (see `ports`): the fake
+        // DNS binds it again after a restart.
+        let dns = SocketAddr::from(([127, 0, 0, 1], ports::reserve(1, true)));
         let mut conf = serde_json::json!({
             "pebble": {
                 "listenAddress": listen.to_string(),
@@ -136,7 +124,7 @@ impl Pebble {
         c.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
             .args(["-dns01", &dns.to_string()])
             .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &format!("127.0.0.1:{}", free_port(false))]);
+            .args(["-management", &format!("127.0.0.1:{}", free_port())]);
         p.challtestsrv = Some(spawn(c, chall_log));
         wait_tcp(dns, "pebble-challtestsrv DNS");
         p.start_pebble();
@@ -374,166 +362,4 @@ pub fn serve_tls(listener: TcpListener, tls: Arc<Tls>) -> TlsServer {
         }
     });
     TlsServer { addr, task }
-}
-
-/// Accepts any certificate and signature: the tests inspect what was served.
-#[derive(Debug)]
-struct AnyCert;
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-pub type Client = tokio_rustls::client::TlsStream<TcpStream>;
-
-pub fn load_roots(pem: &str) -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    roots
-}
-
-/// TLS client; `roots` None = accept any certificate.
-pub async fn connect(
-    addr: SocketAddr,
-    name: &str,
-    roots: Option<RootCertStore>,
-) -> anyhow::Result<Client> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?;
-    let mut cc = match roots {
-        Some(r) => builder.with_root_certificates(r).with_no_client_auth(),
-        None => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
-            .with_no_client_auth(),
-    };
-    cc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from(name.to_string())?;
-    let conn = tokio_rustls::TlsConnector::from(Arc::new(cc));
-    Ok(tokio::time::timeout(Duration::from_secs(5), conn.connect(name, tcp)).await??)
-}
-
-/// Serial (lowercase hex) and issuer CN of the certificate a connection got.
-pub fn peer(c: &Client) -> (String, String) {
-    let certs = c.get_ref().1.peer_certificates().expect("peer certs");
-    let (_, x) = x509_parser::parse_x509_certificate(&certs[0]).expect("x509");
-    let serial = x
-        .tbs_certificate
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let issuer = x
-        .issuer()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .unwrap_or("")
-        .to_string();
-    (serial, issuer)
-}
-
-/// Sends a line and reads the answer line.
-pub async fn ping(c: &mut Client, text: &str) -> anyhow::Result<String> {
-    c.write_all(format!("{text}\n").as_bytes()).await?;
-    c.flush().await?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut byte)).await??;
-        if n == 0 || byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-    }
-    Ok(String::from_utf8(line)?)
-}
-
-/// GET over HTTPS (HTTP/1.1, Connection: close); returns the body.
-pub async fn https_get(addr: SocketAddr, name: &str, roots: RootCertStore, path: &str) -> String {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cc = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let sn = ServerName::try_from(name.to_string()).expect("name");
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cc))
-        .connect(sn, tcp)
-        .await
-        .expect("tls");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
-/// Waits (bounded) for `f` to hold.
-pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Logs to the test output when RUST_LOG is set.
-pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Appends a note to a file (diagnostics kept next to the state).
-pub fn note(path: &Path, text: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{text}");
-    }
 }
