@@ -862,12 +862,8 @@ fn free_bytes(path: &Path) -> Result<u64> {
 }
 
 fn human(bytes: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (MIB * 1024.0))
-    } else {
-        format!("{:.0} MiB", (bytes as f64 / MIB).ceil())
-    }
+    use crate::config::units::{human_bytes, ByteUnits};
+    human_bytes(bytes, ByteUnits::MibCeil)
 }
 
 #[cfg(test)]
