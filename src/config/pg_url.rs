@@ -7,6 +7,19 @@
 
 use std::fmt;
 
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio_postgres::config::Host;
+
+/// What a URL component keeps as is: RFC 3986's unreserved characters.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A host name or address (an IPv6 one's colons kept, inside its brackets).
+const HOST: &AsciiSet = &COMPONENT.remove(b':');
+
 /// Query parameters the URL may carry (the libpq names the API understands too).
 const ALLOWED_PARAMS: &[&str] = &[
     "sslmode",
@@ -14,6 +27,9 @@ const ALLOWED_PARAMS: &[&str] = &[
     "connect_timeout",
     "application_name",
     "options",
+    "host",
+    "port",
+    "user",
 ];
 
 /// libpq's `sslmode`.
@@ -73,70 +89,31 @@ impl fmt::Debug for ExternalUrl {
 }
 
 impl ExternalUrl {
-    /// Parses `postgresql://user[:password]@host[:port]/dbname[?key=value&…]`;
-    /// the error says what is wrong and how to write it (without the password).
+    /// Parses `postgresql://user[:password]@host[:port]/dbname[?key=value&…]` with
+    /// tokio-postgres' parser (what our own connections use), so the forms libpq
+    /// accepts work: an IPv6 host in brackets, a Unix-socket directory as a
+    /// %-encoded host or as `?host=/dir`. The error says what is wrong and how to
+    /// write it (without the password).
     pub fn parse(raw: &str) -> Result<ExternalUrl, String> {
         let example = "write it as postgresql://USER@HOST:PORT/DATABASE?sslmode=verify-full";
         let rest = raw
             .strip_prefix("postgresql://")
             .or_else(|| raw.strip_prefix("postgres://"))
             .ok_or_else(|| format!("not a postgresql:// URL: {example}"))?;
-        let (authority, tail) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(i) => (&authority[..i], &authority[i + 1..]),
-            None => ("", authority),
-        };
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // tokio-postgres decodes a bad %-escape as written: refuse it here.
+        let (authority, path) =
+            before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+        let userinfo = authority.find('@').map_or("", |i| &authority[..i]);
         let (user, password) = match userinfo.split_once(':') {
             Some((u, p)) => (u, Some(p)),
             None => (userinfo, None),
         };
-        let user = decode(user).ok_or("the user name has a bad %-escape")?;
-        if user.is_empty() {
-            return Err(format!("no user name: {example}"));
+        decode(user).ok_or("the user name has a bad %-escape")?;
+        if let Some(p) = password {
+            decode(p).ok_or("the password has a bad %-escape")?;
         }
-        let password = match password {
-            Some(p) => Some(decode(p).ok_or("the password has a bad %-escape")?),
-            None => None,
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or("an IPv6 host needs its closing ']'")?;
-            (h.to_string(), after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (hostport.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!(
-                "no host: {example} (a server on this machine is 127.0.0.1 or localhost)"
-            ));
-        }
-        if host.contains(',') {
-            return Err("several hosts are not supported: name one (a load balancer or the primary's address)".into());
-        }
-        let port = match port {
-            None => 5432,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("port {p:?} is not a port number (1-65535)"))?,
-        };
-        let (path, query) = match tail.split_once('?') {
-            Some((p, q)) => (p, q),
-            None => (tail, ""),
-        };
-        let dbname =
-            decode(path.trim_start_matches('/')).ok_or("the database name has a bad %-escape")?;
-        if dbname.is_empty() {
-            return Err(format!("no database name: {example}"));
-        }
+        decode(path.trim_start_matches('/')).ok_or("the database name has a bad %-escape")?;
         let mut params = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -155,6 +132,74 @@ impl ExternalUrl {
             }
             params.push((k, v));
         }
+        // tokio-postgres knows neither sslrootcert nor verify-*: it gets the URL
+        // without our parameters, with the host, port and user ones.
+        let mut text = format!("postgresql://{before_query}");
+        let forwarded: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| ["host", "port", "user"].contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect();
+        if !forwarded.is_empty() {
+            text.push('?');
+            text.push_str(&forwarded.join("&"));
+        }
+        let c: tokio_postgres::Config = text.parse().map_err(|e: tokio_postgres::Error| {
+            // The reason is the source ("invalid value for option `port`").
+            let e = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            if e.contains("`port`") {
+                "the port is not a port number (1-65535)".to_string()
+            } else if e.contains("`host`") {
+                format!(
+                    "the host is not valid (an IPv6 address goes in brackets, [::1]): {example}"
+                )
+            } else {
+                format!("{e}: {example}")
+            }
+        })?;
+        let user = c.get_user().unwrap_or("").to_string();
+        if user.is_empty() {
+            return Err(format!("no user name: {example}"));
+        }
+        let password = match c.get_password() {
+            Some(p) => {
+                Some(String::from_utf8(p.to_vec()).map_err(|_| "the password is not UTF-8")?)
+            }
+            None => None,
+        };
+        // `?host=` overrides the authority's host, as in libpq (the API's URL has both).
+        let hosts = c.get_hosts();
+        let in_authority = hosts.len() - usize::from(params.iter().any(|(k, _)| k == "host"));
+        if in_authority > 1 {
+            return Err("several hosts are not supported: name one (a load balancer or the primary's address)".into());
+        }
+        let host = match hosts.last() {
+            None => {
+                return Err(format!(
+                    "no host: {example} (a server on this machine is 127.0.0.1 or localhost)"
+                ))
+            }
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(dir)) => dir
+                .to_str()
+                .ok_or("the socket directory is not UTF-8")?
+                .to_string(),
+        };
+        if host.is_empty() {
+            return Err(format!(
+                "no host: {example} (a server on this machine is 127.0.0.1 or localhost)"
+            ));
+        }
+        // `?port=` after the authority's port (or its default) wins, as in libpq.
+        let port = match c.get_ports().last() {
+            None => 5432,
+            Some(0) => return Err("port 0 is not a port number (1-65535)".into()),
+            Some(p) => *p,
+        };
+        let dbname = c.get_dbname().unwrap_or("").to_string();
+        if dbname.is_empty() {
+            return Err(format!("no database name: {example}"));
+        }
         let mut url = ExternalUrl {
             user,
             password,
@@ -171,12 +216,21 @@ impl ExternalUrl {
                 )
             })?;
         }
+        // libpq ignores sslmode on a Unix socket: no TLS there.
+        if url.is_socket() {
+            url.sslmode = SslMode::Disable;
+        }
         if let Some(t) = url.param("connect_timeout") {
             if t.parse::<u64>().is_err() {
                 return Err(format!("connect_timeout={t:?}: a number of seconds"));
             }
         }
         Ok(url)
+    }
+
+    /// The host is a Unix-socket directory (an absolute path), not a network name.
+    pub fn is_socket(&self) -> bool {
+        self.host.starts_with('/')
     }
 
     pub fn param(&self, key: &str) -> Option<&str> {
@@ -186,30 +240,33 @@ impl ExternalUrl {
             .map(|(_, v)| v.as_str())
     }
 
-    fn host_for_url(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        }
-    }
-
+    /// The URL for the API (sqlx) and messages, every part %-encoded: `password`
+    /// goes in as given (already encoded, or `***`), `extra` parameters last. A
+    /// Unix-socket directory goes in `?host=` with `localhost` in the authority
+    /// (sqlx refuses an empty host; it then uses the socket, no TCP).
     pub fn build(&self, password: Option<&str>, extra: &[(&str, String)]) -> String {
         let mut s = format!("postgresql://{}", encode(&self.user));
         if let Some(p) = password {
             s.push(':');
             s.push_str(p);
         }
-        s.push_str(&format!(
-            "@{}:{}/{}",
-            self.host_for_url(),
-            self.port,
-            encode(&self.dbname)
-        ));
-        let pairs: Vec<String> = self
-            .params
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.clone()))
+        let host = if self.is_socket() {
+            "localhost".to_string()
+        } else if self.host.contains(':') {
+            format!("[{}]", utf8_percent_encode(&self.host, HOST))
+        } else {
+            utf8_percent_encode(&self.host, HOST).to_string()
+        };
+        s.push_str(&format!("@{host}:{}/{}", self.port, encode(&self.dbname)));
+        let socket = self.is_socket().then(|| ("host", self.host.clone()));
+        let pairs: Vec<String> = socket
+            .into_iter()
+            .chain(
+                self.params
+                    .iter()
+                    .filter(|(k, _)| !["host", "port", "user"].contains(&k.as_str()))
+                    .map(|(k, v)| (k.as_str(), v.clone())),
+            )
             .chain(extra.iter().map(|(k, v)| (*k, v.clone())))
             .map(|(k, v)| format!("{}={}", encode(k), encode(&v)))
             .collect();
@@ -250,24 +307,22 @@ pub fn redact_raw(raw: &str) -> String {
     }
 }
 
+/// `s` %-decoded; `None` for a `%` not followed by two hex digits (which
+/// percent-encoding would keep as written) or text that is not UTF-8.
 fn decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return None;
-            }
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
+    let escapes_ok = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|t| t.into_owned())
 }
 
 /// A path for a URL's query value: each segment percent-encoded, the `/` kept.
@@ -275,16 +330,9 @@ pub fn encode_path(path: &str) -> String {
     path.split('/').map(encode).collect::<Vec<_>>().join("/")
 }
 
+/// `s` for a URL component: all but RFC 3986's unreserved characters %-encoded.
 pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, COMPONENT).to_string()
 }
 
 #[cfg(test)]
@@ -345,5 +393,79 @@ mod tests {
         );
         assert_eq!(redact_raw("postgresql://u@h/d"), "postgresql://u@h/d");
         assert_eq!(redact_raw("nonsense"), "nonsense");
+    }
+
+    #[test]
+    fn ipv6_forms() {
+        let u = ExternalUrl::parse("postgresql://u@[::1]/db").expect("[::1]");
+        assert_eq!((u.host.as_str(), u.port), ("::1", 5432));
+        let u = ExternalUrl::parse("postgresql://u@[::1]:6432/db").expect("[::1]:6432");
+        assert_eq!((u.host.as_str(), u.port), ("::1", 6432));
+        assert_eq!(u.build(None, &[]), "postgresql://u@[::1]:6432/db");
+        let u = ExternalUrl::parse("postgresql://u@[2001:db8::5]/db?sslmode=require").expect("v6");
+        assert_eq!(u.host, "2001:db8::5");
+        // Without brackets it is not host "::" on port 1.
+        for bad in [
+            "postgresql://u@::1/db",
+            "postgresql://u@[::1]x/db",
+            "postgresql://u@[::1/db",
+        ] {
+            let e = ExternalUrl::parse(bad).expect_err(bad);
+            assert!(e.contains("host") || e.contains("port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn unix_socket_forms() {
+        for raw in [
+            "postgresql://u@%2Frun%2Fpostgresql/db",
+            "postgresql://u@/db?host=/run/postgresql",
+            "postgresql://u@/db?host=%2Frun%2Fpostgresql",
+            "postgresql:///db?host=/run/postgresql&user=u",
+        ] {
+            let u = ExternalUrl::parse(raw).expect(raw);
+            assert_eq!(
+                (u.user.as_str(), u.host.as_str(), u.dbname.as_str()),
+                ("u", "/run/postgresql", "db"),
+                "{raw}"
+            );
+            assert!(u.is_socket(), "{raw}");
+            // libpq ignores sslmode on a socket.
+            assert_eq!(u.sslmode, SslMode::Disable, "{raw}");
+        }
+        let u = ExternalUrl::parse("postgresql://u@/db?host=/run/pg&port=5433").expect("port");
+        assert_eq!(u.port, 5433);
+        // The API (sqlx) needs a non-empty authority host: localhost, the socket in ?host=.
+        assert_eq!(
+            u.build(None, &[]),
+            "postgresql://u@localhost:5433/db?host=%2Frun%2Fpg"
+        );
+        let e = ExternalUrl::parse("postgresql:///db?host=/run/pg").expect_err("no user");
+        assert!(e.contains("no user"), "{e}");
+    }
+
+    #[test]
+    fn special_characters_survive_a_round_trip() {
+        let pw = "p@ss:w/rd%";
+        for raw in [
+            "postgresql://k%2Fa@db.example.be:5433/d%20b?sslmode=require",
+            "postgresql://k%2Fa@%2Frun%2Fpg%20x/d%20b",
+        ] {
+            let u = ExternalUrl::parse(raw).expect(raw);
+            let built = u.build(Some(&encode(pw)), &[]);
+            assert!(built.contains("p%40ss%3Aw%2Frd%25"), "{built}");
+            let back = ExternalUrl::parse(&built).expect(&built);
+            assert_eq!(back.password.as_deref(), Some(pw), "{built}");
+            assert_eq!(
+                (
+                    back.user.as_str(),
+                    back.host.as_str(),
+                    back.port,
+                    back.dbname.as_str()
+                ),
+                (u.user.as_str(), u.host.as_str(), u.port, u.dbname.as_str()),
+                "{built}"
+            );
+        }
     }
 }
