@@ -194,3 +194,44 @@ fn tunnel_idle_timeout_is_bounded() {
     let e = parse("[proxy]\ntunnel_idle_timeout = \"ten minutes\"\n").expect_err("text");
     assert!(e.0.contains("tunnel_idle_timeout"), "{e}");
 }
+
+#[test]
+fn overflowing_sizes_and_durations_are_errors() {
+    assert!(parse_size("99999999999G").is_err());
+    assert!(parse_duration("999999999999999d").is_err());
+    assert!(parse_duration("200000000000s").is_err());
+    assert_eq!(
+        parse_duration("36500d"),
+        Ok(Duration::from_secs(36500 * 86400))
+    );
+    for (toml, key, why) in [
+        (
+            "[logs]\nmax_size = \"99999999999G\"\n",
+            "max_size",
+            "too large",
+        ),
+        (
+            "[proxy]\nmax_upload = \"17179869184G\"\n",
+            "max_upload",
+            "too large",
+        ),
+        (
+            "[postgres]\nmemory = \"99999999999G\"\n",
+            "memory",
+            "too large",
+        ),
+        (
+            "[logs]\nmax_age = \"999999999999999d\"\n",
+            "max_age",
+            "too long",
+        ),
+        ("[backup]\nmax_age = \"36501d\"\n", "max_age", "too long"),
+        ("[proxy]\nhsts = 99999999999999\n", "hsts", "too long"),
+    ] {
+        let e = parse(toml).expect_err(toml);
+        assert!(
+            e.0.contains("/etc/koprogo/test.toml") && e.0.contains(key) && e.0.contains(why),
+            "{toml}: {e}"
+        );
+    }
+}

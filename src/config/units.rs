@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// Parses "35s", "2m", "1h", "7d" or a bare number of seconds.
+/// The longest duration a setting may have: 100 years (longer ones overflow the
+/// clocks they are added to, and mean "never" anyway).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// Parses "35s", "2m", "1h", "7d" or a bare number of seconds (at most
+/// [`MAX_DURATION`]).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -26,7 +31,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .and_then(at_most_max)
+        .ok_or_else(|| too_long(s))
+}
+
+fn at_most_max(d: Duration) -> Option<Duration> {
+    (d <= MAX_DURATION).then_some(d)
+}
+
+fn too_long(s: &str) -> String {
+    format!("{s:?} is too long: use at most 100 years (e.g. \"7d\")")
 }
 
 /// Parses "10MiB", "512MB", "64k", "1G" or a bare number of bytes (binary multiples).
@@ -48,7 +64,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    Ok(n.saturating_mul(mult))
+    n.checked_mul(mult).ok_or_else(|| {
+        format!("{s:?} is too large: a size must stay below 16 EiB (e.g. \"512MB\", \"2G\")")
+    })
 }
 
 /// A local time of day, "HH:MM" (24-hour): "02:00" → (2, 0).
@@ -103,7 +121,8 @@ enum NumOrText {
 /// serde: a duration as a number of seconds or a [`parse_duration`] text.
 pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumOrText::deserialize(d)? {
-        NumOrText::Num(n) => Ok(Duration::from_secs(n)),
+        NumOrText::Num(n) => at_most_max(Duration::from_secs(n))
+            .ok_or_else(|| serde::de::Error::custom(too_long(&n.to_string()))),
         NumOrText::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
 }
