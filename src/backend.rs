@@ -170,7 +170,9 @@ pub fn database_url(cfg: &Config) -> Result<String> {
             Ok(url.api_url(cfg, pw.as_deref()))
         }
         None => Ok(format!(
-            "postgresql://{APP_ROLE}@localhost/{APP_DB}?host={}&port={}",
+            "postgresql://{}@localhost/{}?host={}&port={}",
+            crate::postgres::external::encode(APP_ROLE),
+            crate::postgres::external::encode(APP_DB),
             crate::postgres::external::encode_path(&cfg.paths.run.display().to_string()),
             cfg.postgres.port
         )),

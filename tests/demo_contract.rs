@@ -313,3 +313,77 @@ fn demo_pool_is_sized_by_the_environment_and_survives_a_postgres_restart() {
     });
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", show());
 }
+
+/// The `DATABASE_URL` the appliance builds from `postgres.url` reaches a real
+/// PostgreSQL through sqlx (the demo's and, when present, the real koprogo-api's):
+/// a password with URL metacharacters over TCP (SCRAM), and a Unix-socket
+/// directory written as libpq writes it (%-encoded host, and `?host=`).
+#[test]
+fn built_database_urls_with_special_characters_and_a_socket_reach_postgres() {
+    let real = common::real::real(
+        "built_database_urls_with_special_characters_and_a_socket_reach_postgres",
+    );
+    let pw = "p@ss:w/rd%";
+    let pg = common::pg::ExternalPg::start("kpurl", "kpurl");
+    pg.sql("postgres", &format!("ALTER ROLE kpurl PASSWORD '{pw}'"));
+    let dir = pg.dir.path().display().to_string();
+    let bins: Vec<_> = std::iter::once(common::demo_bin())
+        .chain(real.map(|r| r.api))
+        .collect();
+    // A fresh database per run: the demo's and the real server's schemas differ.
+    let mut runs = Vec::new();
+    for (i, bin) in bins.iter().enumerate() {
+        for (j, form) in ["tcp", "host", "param"].iter().enumerate() {
+            let db = format!("kpurl{i}{j}");
+            pg.sql("postgres", &format!("CREATE DATABASE {db} OWNER kpurl"));
+            let raw = match *form {
+                "tcp" => format!("postgresql://kpurl@127.0.0.1:{}/{db}", pg.port),
+                "host" => format!(
+                    "postgresql://kpurl@{}:{}/{db}",
+                    koprogo::postgres::external::encode(&dir),
+                    pg.port
+                ),
+                _ => format!("postgresql://kpurl@/{db}?host={dir}&port={}", pg.port),
+            };
+            runs.push((bin, raw));
+        }
+    }
+    for (bin, raw) in &runs {
+        let cfg = koprogo::config::Config::parse(
+            &format!("[postgres]\nmode = \"external\"\nurl = \"{raw}\"\n"),
+            Path::new("/etc/koprogo/url.toml"),
+        )
+        .expect(raw);
+        let url = cfg.postgres.external.as_ref().expect("parsed");
+        let database_url = url.api_url(&cfg, Some(pw));
+        assert!(!database_url.contains(pw), "{database_url}");
+        {
+            let cwd = tempfile::tempdir().expect("tempdir");
+            let port = common::free_port();
+            let log = cwd.path().join("api.log");
+            let out = std::fs::File::create(&log).expect("log");
+            let mut cmd = command(bin, cwd.path(), port, &database_url, &[]);
+            cmd.stdout(out.try_clone().expect("fd")).stderr(out);
+            let mut api = Running(cmd.spawn().expect("spawn"));
+            let show = || std::fs::read_to_string(&log).unwrap_or_default();
+            eventually(
+                Duration::from_secs(60),
+                &format!("{} on {database_url}", bin.display()),
+                || {
+                    assert!(
+                        api.0.try_wait().expect("wait").is_none(),
+                        "{} exited on {database_url} (from {raw}):\n{}",
+                        bin.display(),
+                        show()
+                    );
+                    common::http(port, "GET", "/api/v1/health", "").is_ok_and(|(c, _)| c == 200)
+                },
+            );
+            if **bin == common::demo_bin() {
+                // The demo's health does not need the database; a write does.
+                let (code, body) = common::http(port, "POST", "/api/v1/items", "x").expect("post");
+                assert_eq!(code, 201, "{body}");
+            }
+        }
+    }
+}

@@ -11,24 +11,8 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-/// `backup.encrypt_to` at config load: a recipient must parse; a file is only
-/// checked when a backup is made (loading the config reads nothing else).
-pub fn check_recipient_setting(setting: &str) -> Result<(), String> {
-    if setting.starts_with("age1") {
-        age::x25519::Recipient::from_str(setting)
-            .map(|_| ())
-            .map_err(|e| {
-                format!("not a valid age recipient ({e}): paste the public key printed by `age-keygen`, or name a file of recipients")
-            })
-    } else if setting.trim().is_empty() {
-        Err(
-            "empty: remove the key, or set an age recipient (\"age1…\") or a file of recipients"
-                .into(),
-        )
-    } else {
-        Ok(())
-    }
-}
+/// `backup.encrypt_to` at config load (checked by the configuration).
+pub use crate::config::check_recipient_setting;
 
 /// The recipients of `backup.encrypt_to`: one "age1…" key, or a file with one per
 /// line ('#' comments allowed).

@@ -137,13 +137,9 @@ fn rfc3339(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// Sizes of files and directories: B, KiB, MiB or GiB.
 pub fn human_size(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
+    crate::config::units::human_bytes(b, crate::config::units::ByteUnits::All)
 }
 
 /// Where operations stage files (same filesystem as the uploads, for the swap).

@@ -4,18 +4,8 @@
 
 use chrono::{DateTime, Duration as ChronoDuration, Local, LocalResult, NaiveTime, TimeZone};
 
-/// "02:00" → (2, 0).
-pub fn parse_time(s: &str) -> Result<(u32, u32), String> {
-    let bad =
-        || "not a time of day: write \"HH:MM\" (24-hour local time), e.g. \"02:00\"".to_string();
-    let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
-    let h: u32 = h.parse().map_err(|_| bad())?;
-    let m: u32 = m.parse().map_err(|_| bad())?;
-    if h > 23 || m > 59 {
-        return Err(bad());
-    }
-    Ok((h, m))
-}
+/// "02:00" → (2, 0): the parser is the configuration's (`backup.schedule`).
+pub use crate::config::units::parse_time;
 
 /// The first time strictly after `now` whose local clock reads `h:m`.
 pub fn next_run<Tz: TimeZone>(now: &DateTime<Tz>, h: u32, m: u32) -> DateTime<Tz> {

@@ -3,11 +3,8 @@
 use crate::control::StatusReport;
 
 fn human_bytes(b: Option<u64>) -> String {
-    match b {
-        Some(b) if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        Some(b) => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        None => "-".into(),
-    }
+    use crate::config::units::{human_bytes, ByteUnits};
+    b.map_or("-".into(), |b| human_bytes(b, ByteUnits::MibUp))
 }
 
 fn human_secs(s: Option<u64>) -> String {

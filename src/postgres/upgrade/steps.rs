@@ -343,10 +343,6 @@ pub(super) fn revert_instructions(cfg: &Config, old: u32, new: u32, old_bin: &Pa
 }
 
 fn human(bytes: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (MIB * 1024.0))
-    } else {
-        format!("{:.0} MiB", (bytes as f64 / MIB).ceil())
-    }
+    use crate::config::units::{human_bytes, ByteUnits};
+    human_bytes(bytes, ByteUnits::MibCeil)
 }
