@@ -217,6 +217,41 @@ fn backup_verify_and_restore_against_the_external_server() {
     a.assert_no_leftovers(Duration::from_secs(10));
 }
 
+/// A database name with a double quote in it: the SQL text names it as a quoted
+/// identifier (it was pasted between quotes by hand, which broke restore's renames).
+#[test]
+fn a_database_name_with_a_double_quote_backs_up_verifies_and_restores() {
+    let mut pg = ExternalPg::start("kpquote", "kpquote");
+    pg.sql("postgres", "CREATE DATABASE \"kp\"\"quote\" OWNER kpquote");
+    pg.db = "kp\"quote".into();
+    let mut a = Appliance::new(NO_SCHEDULE);
+    let pw = a.path("db-password");
+    pg.write_password_file(&pw);
+    set_postgres(
+        &a,
+        &format!(
+            "mode = \"external\"\nurl = \"postgresql://kpquote@127.0.0.1:{}/kp%22quote\"\npassword_file = \"{}\"\n",
+            pg.port,
+            pw.display()
+        ),
+    );
+    a.start();
+    a.wait_ready();
+    for i in 0..3 {
+        post_item(&a, &format!("row {i}"));
+    }
+    let file = backups::backup_create(&a);
+    let (code, out, err) = a.cli(&["backup", "verify"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+    pg.app_sql("DELETE FROM items");
+    let (code, out) = backups::restore(&a, &file, &[]);
+    assert_eq!(code, 0, "restore: {out}");
+    a.wait_ready();
+    assert_eq!(pg.app_sql("SELECT count(*) FROM items"), "3");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+}
+
 #[test]
 fn a_role_that_may_not_create_the_extensions_gets_the_dba_command() {
     let pg = ExternalPg::start("kpown", "kpdb");
