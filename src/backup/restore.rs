@@ -128,7 +128,7 @@ async fn restore_staged(
     let foreign = matches!(origin, Origin::Foreign(_));
     let m = checked.manifest;
     check_postgres_major(b, &m, label).map_err(refused)?;
-    archive::check_secrets(&checked.secrets)
+    crate::secrets::check_copy(&checked.secrets)
         .with_context(|| format!("{label}: its secrets.env"))
         .map_err(refused)?;
     if !force {

@@ -344,7 +344,7 @@ async fn verify_in(
     let shown = record.display().to_string();
     let origin = authenticate(&checked, &own_key(&b.cfg.paths.state)?, trust, &shown)?;
     check_postgres_major(b, &checked.manifest, &shown)?;
-    let keys = archive::check_secrets(&checked.secrets).with_context(|| shown.clone())?;
+    let keys = crate::secrets::check_copy(&checked.secrets).with_context(|| shown.clone())?;
     let foreign = matches!(origin, Origin::Foreign(_));
     let db = restore_into(b, &dump, scratch, &checked.manifest, foreign)
         .await
