@@ -14,6 +14,16 @@ pub fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(rest.split(' ').map(String::from).collect())
 }
 
+/// The executable of `pid` (`/proc/<pid>/exe`), if it can be read.
+pub fn exe(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// The working directory of `pid` (`/proc/<pid>/cwd`), if it can be read.
+pub fn cwd(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+}
+
 /// Every live process whose process group is `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -208,6 +218,8 @@ mod tests {
     fn reads_our_own_process() {
         let me = std::process::id() as i32;
         let f = stat_fields(me).expect("own stat");
+        assert_eq!(exe(me), std::env::current_exe().ok());
+        assert_eq!(cwd(me), std::env::current_dir().ok());
         assert!(matches!(f[0].as_str(), "R" | "S"));
         let pgid = nix::unistd::getpgrp().as_raw();
         assert!(group_members(pgid).contains(&me));
