@@ -234,7 +234,7 @@ pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
 fn hash_for_end_point(hash: &x509_parser::oid_registry::Oid, cert_der: &[u8]) -> Option<Vec<u8>> {
     use sha2::{Digest, Sha256, Sha384, Sha512};
     use x509_parser::oid_registry::*;
-    let is = |oids: &[&Oid]| oids.iter().any(|o| *o == hash);
+    let is = |oids: &[&Oid]| oids.contains(&hash);
     if is(&[
         &OID_PKCS1_SHA384WITHRSA,
         &OID_SIG_ECDSA_WITH_SHA384,
