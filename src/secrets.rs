@@ -151,20 +151,44 @@ pub fn read_value(state: &Path, key: &str) -> Result<Option<String>> {
             })
         }
     };
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim().to_string()))
+    let mut values = parse(&text).map_err(|n| {
+        anyhow::anyhow!(
+            "{}:{n}: not KEY=VALUE: fix the line or restore the file from a backup",
+            file.display()
+        )
+    })?;
+    Ok(values.remove(key))
 }
 
-fn validate(file: &Path, key: &str, v: &str) -> Result<()> {
-    let ok = match key {
+/// Whether `v` has the form key `key` needs.
+fn well_formed(key: &str, v: &str) -> bool {
+    match key {
         JWT_SECRET => v.len() >= 32,
         ADMIN_PASSWORD => v.len() >= 16,
         _ => v.len() == 64 && v.chars().all(|c| c.is_ascii_hexdigit()),
-    };
-    if !ok {
+    }
+}
+
+/// Checks a copy of secrets.env (in a backup, or about to go into one): UTF-8,
+/// `KEY=VALUE` lines, and the keys the data depends on present and well formed.
+/// Returns the names of its keys.
+pub fn check_copy(text: &[u8]) -> Result<Vec<String>> {
+    let text =
+        std::str::from_utf8(text).map_err(|_| anyhow::anyhow!("secrets.env is not UTF-8"))?;
+    let keys = parse(text).map_err(|_| anyhow::anyhow!("secrets.env: a line is not KEY=VALUE"))?;
+    for k in [JWT_SECRET, TOTP_KEY, ENERGY_KEY] {
+        let Some(v) = keys.get(k) else {
+            bail!("secrets.env has no {k}");
+        };
+        if !well_formed(k, v) {
+            bail!("secrets.env: {k} is malformed");
+        }
+    }
+    Ok(keys.into_keys().collect())
+}
+
+fn validate(file: &Path, key: &str, v: &str) -> Result<()> {
+    if !well_formed(key, v) {
         bail!(
             "{}: {key} is malformed ({}): restore the file from a backup; deleting the line \
              generates a new key but makes data encrypted with the old one unreadable",
@@ -198,7 +222,7 @@ fn random_password(len: usize) -> String {
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buf)
 }
 
 #[cfg(test)]

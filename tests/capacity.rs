@@ -365,3 +365,91 @@ fn capacity_history_survives_a_restart_and_a_corrupt_file_is_kept() {
     );
     a.assert_no_leftovers(Duration::from_secs(5));
 }
+
+/// A memory cgroup of the test's own (v1 memory hierarchy, or v2 where the memory
+/// controller is delegated), removed on drop; `None` where none can be made.
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    fn create(limit: u64) -> Option<MemoryCgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let name = format!("koprogo-test-{}", std::process::id());
+        for line in own.lines() {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let (base, file) = if controllers.split(',').any(|c| c == "memory") {
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+            } else if controllers.is_empty() {
+                ("/sys/fs/cgroup", "memory.max")
+            } else {
+                continue;
+            };
+            let dir = std::path::Path::new(base)
+                .join(path.trim_start_matches('/'))
+                .join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let cg = MemoryCgroup(dir);
+            if std::fs::write(cg.0.join(file), limit.to_string()).is_ok() {
+                return Some(cg);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// PostgreSQL is tuned for the memory limit of the appliance's cgroup (a systemd
+/// `MemoryMax=`, a container's limit), not for the machine's RAM: `koprogo run`
+/// started in a cgroup limited to 512 MiB gives PostgreSQL an eighth of that as
+/// shared_buffers. (It read the root cgroup's file, so the limit was missed.)
+#[test]
+fn postgres_is_tuned_for_the_memory_limit_of_our_cgroup() {
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(cg) = MemoryCgroup::create(512 << 20) else {
+        eprintln!("skipped: no memory cgroup can be made here");
+        return;
+    };
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.0.join("cgroup.procs"))
+        .expect("cgroup.procs");
+    let fd = procs.as_raw_fd();
+    let mut a = Appliance::new("");
+    // The harness sets a budget of 128MB: back to the default, detected.
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    assert!(text.contains("memory = \"128MB\""), "{text}");
+    std::fs::write(
+        &a.config,
+        text.replace("memory = \"128MB\"", "memory = \"auto\""),
+    )
+    .expect("write config");
+    let mut cmd = a.cmd();
+    // SAFETY: only write(2) between fork and exec, on a descriptor open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0": the writing process itself moves into the cgroup.
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    a.start_with(cmd);
+    a.wait_ready();
+    let conf = std::fs::read_to_string(a.path("state/pgdata/koprogo.conf")).expect("koprogo.conf");
+    assert!(conf.contains("shared_buffers = 64MB\n"), "{conf}");
+    assert!(conf.contains("effective_cache_size = 192MB\n"), "{conf}");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+    drop(procs);
+    drop(cg);
+}

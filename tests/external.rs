@@ -217,6 +217,41 @@ fn backup_verify_and_restore_against_the_external_server() {
     a.assert_no_leftovers(Duration::from_secs(10));
 }
 
+/// A database name with a double quote in it: the SQL text names it as a quoted
+/// identifier (it was pasted between quotes by hand, which broke restore's renames).
+#[test]
+fn a_database_name_with_a_double_quote_backs_up_verifies_and_restores() {
+    let mut pg = ExternalPg::start("kpquote", "kpquote");
+    pg.sql("postgres", "CREATE DATABASE \"kp\"\"quote\" OWNER kpquote");
+    pg.db = "kp\"quote".into();
+    let mut a = Appliance::new(NO_SCHEDULE);
+    let pw = a.path("db-password");
+    pg.write_password_file(&pw);
+    set_postgres(
+        &a,
+        &format!(
+            "mode = \"external\"\nurl = \"postgresql://kpquote@127.0.0.1:{}/kp%22quote\"\npassword_file = \"{}\"\n",
+            pg.port,
+            pw.display()
+        ),
+    );
+    a.start();
+    a.wait_ready();
+    for i in 0..3 {
+        post_item(&a, &format!("row {i}"));
+    }
+    let file = backups::backup_create(&a);
+    let (code, out, err) = a.cli(&["backup", "verify"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+    pg.app_sql("DELETE FROM items");
+    let (code, out) = backups::restore(&a, &file, &[]);
+    assert_eq!(code, 0, "restore: {out}");
+    a.wait_ready();
+    assert_eq!(pg.app_sql("SELECT count(*) FROM items"), "3");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+}
+
 #[test]
 fn a_role_that_may_not_create_the_extensions_gets_the_dba_command() {
     let pg = ExternalPg::start("kpown", "kpdb");
@@ -354,8 +389,13 @@ fn external_configuration_mistakes_exit_2_with_the_key_and_the_fix() {
 
 /// A CA and a server certificate for `localhost` signed by it: (ca, cert, key) PEM.
 fn test_pki() -> (String, String, String) {
+    test_pki_signed_with(&rcgen::PKCS_ECDSA_P256_SHA256)
+}
+
+/// The same, the CA's key (hence the server certificate's signature) of `alg`.
+fn test_pki_signed_with(alg: &'static rcgen::SignatureAlgorithm) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("key");
+    let ca_key = KeyPair::generate_for(alg).expect("key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     // A subject of its own (OpenSSL takes a leaf whose issuer is its subject for self-signed).
@@ -463,6 +503,56 @@ fn tls_to_the_external_server_honours_sslmode() {
         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
     ]);
     assert_eq!((code, out.trim()), (0, "t"), "{err}");
+}
+
+/// SCRAM over TLS is bound to the server's certificate (`tls-server-end-point`):
+/// a client requiring channel binding connects, with certificates signed with
+/// SHA-256 and with SHA-384 (the hash follows the signature; PostgreSQL checks it).
+#[test]
+fn scram_over_tls_binds_to_the_server_certificate() {
+    use koprogo::postgres::tls::{Check, PgTls};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for alg in [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+    ] {
+        let (ca, cert, key) = test_pki_signed_with(alg);
+        let pg = ExternalPg::start_tls("kpbind", "kpbind", &cert, &key);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca).expect("write ca");
+        for check in [Check::Full, Check::None] {
+            let tls = PgTls::checking(check, Some(&ca_file)).expect("connector");
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host("localhost")
+                .port(pg.port)
+                .user(&pg.user)
+                .password(&pg.password)
+                .dbname(&pg.db)
+                .channel_binding(tokio_postgres::config::ChannelBinding::Require)
+                .connect_timeout(Duration::from_secs(10));
+            let ssl = rt.block_on(async {
+                let (client, conn) =
+                    tokio::time::timeout(Duration::from_secs(20), cfg.connect(tls))
+                        .await
+                        .expect("connect in time")
+                        .unwrap_or_else(|e| panic!("{alg:?} {check:?}: {e}"));
+                tokio::spawn(conn);
+                client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .expect("query")
+                    .get::<_, bool>(0)
+            });
+            assert!(ssl, "{alg:?} {check:?}");
+        }
+    }
 }
 
 #[test]

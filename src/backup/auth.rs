@@ -20,7 +20,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::archive::{hex, Checked};
+use super::archive::Checked;
 
 pub const ALGORITHM: &str = "hmac-sha256";
 /// Bound into every MAC, so the key authenticates nothing but backup manifests.
@@ -33,13 +33,9 @@ impl Key {
     /// 64 hex characters (the form secrets.env and `koprogo backup key` use).
     pub fn from_hex(text: &str) -> Result<Key> {
         let t = text.trim();
-        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("a backup key is 64 hex characters (as `koprogo backup key` prints it)");
-        }
         let mut k = [0u8; 32];
-        for (i, byte) in k.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
-                .map_err(|_| anyhow!("a backup key is 64 hex characters"))?;
+        if hex::decode_to_slice(t, &mut k).is_err() {
+            bail!("a backup key is 64 hex characters (as `koprogo backup key` prints it)");
         }
         Ok(Key(k))
     }
@@ -49,7 +45,7 @@ impl Key {
         let mut h = Sha256::new();
         h.update(b"koprogo backup key id\n");
         h.update(self.0);
-        hex(&h.finalize()[..8])
+        hex::encode(&h.finalize()[..8])
     }
 
     fn mac(&self) -> Hmac<Sha256> {
@@ -66,7 +62,7 @@ impl Key {
         format!(
             "{ALGORITHM} {} {}\n",
             self.id(),
-            hex(&m.finalize().into_bytes())
+            hex::encode(m.finalize().into_bytes())
         )
     }
 

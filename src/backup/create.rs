@@ -186,7 +186,7 @@ async fn create_in(
         .with_context(|| format!("cannot read {}", secrets_file.display()))?;
     let (secrets, key) = super::auth::split_secrets(&secrets)
         .with_context(|| format!("{} is not usable", secrets_file.display()))?;
-    let secret_keys = archive::check_secrets(&secrets)
+    let secret_keys = crate::secrets::check_copy(&secrets)
         .with_context(|| format!("{} is not usable", secrets_file.display()))?;
     let rows = tables.values().sum();
     let manifest = Manifest {

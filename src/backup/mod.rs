@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
+use postgres_protocol::escape::escape_identifier;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -460,7 +461,10 @@ impl Backups {
             if name.starts_with(VERIFY_DB_PREFIX) || name.starts_with(RESTORE_DB_PREFIX) {
                 tracing::info!("dropping the scratch database {name} left by an interrupted run");
                 let _ = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\"{force}"))
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {}{force}",
+                        escape_identifier(&name)
+                    ))
                     .await;
             } else if name.starts_with(PREV_DB_PREFIX) {
                 tracing::warn!(

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use postgres_protocol::escape::escape_identifier;
 use tokio::sync::oneshot;
 
 use super::archive::{self, Extract};
@@ -127,7 +128,7 @@ async fn restore_staged(
     let foreign = matches!(origin, Origin::Foreign(_));
     let m = checked.manifest;
     check_postgres_major(b, &m, label).map_err(refused)?;
-    archive::check_secrets(&checked.secrets)
+    crate::secrets::check_copy(&checked.secrets)
         .with_context(|| format!("{label}: its secrets.env"))
         .map_err(refused)?;
     if !force {
@@ -294,6 +295,20 @@ async fn swap_back(
     Ok(())
 }
 
+/// The renames of `pairs` (from, to) in one transaction.
+fn rename_sql(pairs: &[(&str, &str)]) -> String {
+    let mut sql = String::from("BEGIN;");
+    for (from, to) in pairs {
+        sql.push_str(&format!(
+            "ALTER DATABASE {} RENAME TO {};",
+            escape_identifier(from),
+            escape_identifier(to)
+        ));
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
 /// Renames databases in one transaction (all or none), after closing every other
 /// session on them (the API is stopped; a stray `koprogo psql` is not).
 async fn rename_databases(b: &Backups, pairs: &[(&str, &str)]) -> Result<()> {
@@ -302,11 +317,7 @@ async fn rename_databases(b: &Backups, pairs: &[(&str, &str)]) -> Result<()> {
             .await
             .context("cannot connect to PostgreSQL")?;
     let names: Vec<String> = pairs.iter().map(|(from, _)| from.to_string()).collect();
-    let mut sql = String::from("BEGIN;");
-    for (from, to) in pairs {
-        sql.push_str(&format!("ALTER DATABASE \"{from}\" RENAME TO \"{to}\";"));
-    }
-    sql.push_str("COMMIT;");
+    let sql = rename_sql(pairs);
     let mut last = None;
     for _ in 0..50 {
         admin
@@ -417,4 +428,18 @@ async fn api_start_and_wait(b: &Backups, wait: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rename_sql;
+
+    #[test]
+    fn database_names_are_quoted_as_identifiers() {
+        assert_eq!(
+            rename_sql(&[("ko\"pro", "koprogo_prev_1"), ("a b", "ko\"pro")]),
+            "BEGIN;ALTER DATABASE \"ko\"\"pro\" RENAME TO \"koprogo_prev_1\";\
+             ALTER DATABASE \"a b\" RENAME TO \"ko\"\"pro\";COMMIT;"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
+use postgres_protocol::escape::escape_identifier;
 
 use super::archive::{self, Extract, Manifest};
 use super::auth::{authenticate, own_key, Origin, Trust};
@@ -41,11 +42,12 @@ pub(crate) async fn restore_into(
             .context("cannot connect to PostgreSQL")?;
     let owner =
         b.db.app_owner()
-            .map(|o| format!(" OWNER {o}"))
+            .map(|o| format!(" OWNER {}", escape_identifier(o)))
             .unwrap_or_default();
     if let Err(e) = admin
         .batch_execute(&format!(
-            "CREATE DATABASE \"{name}\"{owner} ENCODING 'UTF8' TEMPLATE template0"
+            "CREATE DATABASE {}{owner} ENCODING 'UTF8' TEMPLATE template0",
+            escape_identifier(name)
         ))
         .await
     {
@@ -58,7 +60,7 @@ pub(crate) async fn restore_into(
                  ALTER ROLE {} CREATEDB;",
                 url.host,
                 url.port,
-                url.user
+                escape_identifier(&url.user)
             ),
             None => bail!("cannot create the scratch database {name}: {why}"),
         }
@@ -247,7 +249,10 @@ pub(crate) async fn drop_database(b: &Backups, name: &str) {
     match b.db.connect_admin().await {
         Ok(admin) => {
             if let Err(e) = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    escape_identifier(name)
+                ))
                 .await
             {
                 tracing::warn!("cannot drop the scratch database {name}: {e:#}");
@@ -339,7 +344,7 @@ async fn verify_in(
     let shown = record.display().to_string();
     let origin = authenticate(&checked, &own_key(&b.cfg.paths.state)?, trust, &shown)?;
     check_postgres_major(b, &checked.manifest, &shown)?;
-    let keys = archive::check_secrets(&checked.secrets).with_context(|| shown.clone())?;
+    let keys = crate::secrets::check_copy(&checked.secrets).with_context(|| shown.clone())?;
     let foreign = matches!(origin, Origin::Foreign(_));
     let db = restore_into(b, &dump, scratch, &checked.manifest, foreign)
         .await

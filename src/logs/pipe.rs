@@ -8,7 +8,7 @@ use super::writer::LogFile;
 use super::{check_service_name, LogSettings, LogStats, MAX_LINE};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -66,8 +66,12 @@ impl LogPipe {
         check_service_name(service)?;
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // Best effort: an unprivileged user over its pipe quota keeps the default 64 KiB.
-        // SAFETY: fcntl on a descriptor we own, with an integer argument.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        if let Err(e) = nix::fcntl::fcntl(
+            write.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE),
+        ) {
+            tracing::debug!("log pipe of {service} keeps its default size: F_SETPIPE_SZ: {e}");
+        }
         let stats = Arc::new(LogStats::default());
         let (jobs, job_rx) = mpsc::channel();
         let _ = jobs.send(Job::Startup);
@@ -167,19 +171,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for PipeWriter {
 }
 
 /// Waits until `fd` is readable (or hung up): `Ok(false)` on timeout.
-fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd, count 1.
-    match unsafe { libc::poll(&mut pfd, 1, ms) } {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(false),
-        _ => Ok(true),
-    }
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    Ok(poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], ms)? > 0)
 }
 
 /// The `log-<service>` thread: drain the pipe until EOF (or, after a timed-out `close`,
@@ -187,9 +182,8 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
 fn capture(read: File, mut file: LogFile, closing: &AtomicBool) -> io::Result<()> {
     let mut buf = vec![0u8; READ_BUF];
     let mut lines = Splitter::default();
-    let fd = read.as_raw_fd();
     loop {
-        match wait_readable(fd, file.poll_timeout()) {
+        match wait_readable(read.as_fd(), file.poll_timeout()) {
             Ok(true) => {}
             Ok(false) => {
                 if closing.load(Ordering::Relaxed) {

@@ -266,10 +266,9 @@ pub async fn clear_stale_pid(cfg: &Config) -> Result<()> {
 
 /// Is `pid` a live postgres whose working directory is `data`?
 fn is_our_postmaster(pid: i32, data: &Path) -> bool {
-    let exe_is_postgres = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.file_name().is_some_and(|n| n == "postgres"))
-        .unwrap_or(false);
-    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    let exe_is_postgres =
+        crate::procfs::exe(pid).is_some_and(|p| p.file_name().is_some_and(|n| n == "postgres"));
+    let cwd = crate::procfs::cwd(pid);
     let data = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
     exe_is_postgres && cwd.as_deref() == Some(data.as_path())
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -44,7 +45,7 @@ pub const EXTENSIONS: &[&str] = &["pgcrypto", "uuid-ossp", "pg_stat_statements"]
 fn create_extensions_sql() -> String {
     EXTENSIONS
         .iter()
-        .map(|e| format!("CREATE EXTENSION IF NOT EXISTS \"{e}\";"))
+        .map(|e| format!("CREATE EXTENSION IF NOT EXISTS {};", escape_identifier(e)))
         .collect()
 }
 
@@ -177,9 +178,10 @@ impl Db {
         ensure_login_role(&admin, RESTORE_ROLE).await?;
         admin
             .batch_execute(&format!(
-                "ALTER ROLE {RESTORE_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
+                "ALTER ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE
                    NOREPLICATION NOBYPASSRLS;
-                 ALTER ROLE {RESTORE_ROLE} RESET ALL;"
+                 ALTER ROLE {role} RESET ALL;",
+                role = escape_identifier(RESTORE_ROLE)
             ))
             .await
             .with_context(|| format!("preparing the role {RESTORE_ROLE}"))
@@ -208,12 +210,17 @@ impl Db {
         }
         let admin = self.connect("postgres").await?;
         admin
-            .batch_execute(&format!("ALTER DATABASE \"{dbname}\" RESET ALL"))
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RESET ALL",
+                escape_identifier(dbname)
+            ))
             .await
             .with_context(|| format!("resetting the settings of database {dbname}"))?;
         let c = self.connect(dbname).await?;
         c.batch_execute(&format!(
-            "REASSIGN OWNED BY {RESTORE_ROLE} TO {APP_ROLE}; DROP OWNED BY {RESTORE_ROLE};"
+            "REASSIGN OWNED BY {restore} TO {app}; DROP OWNED BY {restore};",
+            restore = escape_identifier(RESTORE_ROLE),
+            app = escape_identifier(APP_ROLE)
         ))
         .await
         .with_context(|| format!("handing database {dbname} to the role {APP_ROLE}"))
@@ -300,7 +307,9 @@ impl Db {
         if !exists {
             admin
                 .batch_execute(&format!(
-                    "CREATE DATABASE {APP_DB} OWNER {APP_ROLE} ENCODING 'UTF8' TEMPLATE template0"
+                    "CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE template0",
+                    escape_identifier(APP_DB),
+                    escape_identifier(APP_ROLE)
                 ))
                 .await
                 .context("creating the application database")?;
@@ -328,16 +337,22 @@ pub async fn pin_search_path(c: &Client) -> Result<()> {
     Ok(())
 }
 
+/// `DO` block creating the login role `role` if it does not exist (a `DO` body is
+/// a string, so the name is quoted as an identifier, then the body as a literal).
+fn ensure_login_role_sql(role: &str) -> String {
+    let body = format!(
+        "BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {}) THEN \
+         CREATE ROLE {} LOGIN; END IF; END",
+        escape_literal(role),
+        escape_identifier(role)
+    );
+    format!("DO {}", escape_literal(&body))
+}
+
 /// Creates the login role `role` (a constant of ours) if it does not exist.
 async fn ensure_login_role(admin: &Client, role: &str) -> Result<()> {
     admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN
-               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
-                 CREATE ROLE {role} LOGIN;
-               END IF;
-             END $$;"
-        ))
+        .batch_execute(&ensure_login_role_sql(role))
         .await
         .with_context(|| format!("creating the role {role}"))
 }
@@ -406,5 +421,20 @@ impl ServiceSpec for PostgresService {
             group: false,
             wait: Duration::from_secs(5),
         }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_sql_text_are_quoted() {
+        assert_eq!(
+            ensure_login_role_sql("ko\"pro'x"),
+            "DO 'BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = ''ko\"pro''''x'') \
+             THEN CREATE ROLE \"ko\"\"pro''x\" LOGIN; END IF; END'"
+        );
+        assert!(create_extensions_sql().contains("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\";"));
     }
 }

@@ -10,7 +10,12 @@
 //! | `verify-ca` | yes | the chain, against the CA or the system roots |
 //! | `verify-full` | yes | the chain and the host name |
 //!
-//! SCRAM channel binding is not offered (plain SCRAM-SHA-256 is used).
+//! SCRAM authentication is bound to the TLS session (`SCRAM-SHA-256-PLUS` with
+//! RFC 5929 `tls-server-end-point`, the hash of the server's certificate): a
+//! man in the middle holding another certificate cannot relay the exchange. The
+//! binding is offered whenever the server supports it (libpq's
+//! `channel_binding=prefer`); `channel_binding=require` refuses a server that
+//! does not.
 
 use std::future::Future;
 use std::io;
@@ -62,11 +67,15 @@ pub struct PgTls {
 impl PgTls {
     /// The connector for `url`; `ca` is `ca_file` or the URL's `sslrootcert`.
     pub fn new(url: &ExternalUrl, ca: Option<&Path>) -> Result<PgTls> {
+        PgTls::checking(check_for(url.sslmode, ca.is_some()), ca)
+    }
+
+    /// The connector checking the server's certificate as `check` says.
+    pub fn checking(check: Check, ca: Option<&Path>) -> Result<PgTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .context("TLS setup")?;
-        let check = check_for(url.sslmode, ca.is_some());
         let config = match check {
             Check::None => builder
                 .dangerous()
@@ -188,7 +197,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for PgTlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
+        let (_, session) = self.0.get_ref();
+        match session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| server_end_point(cert))
+        {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash),
+            None => ChannelBinding::none(),
+        }
+    }
+}
+
+/// RFC 5929 `tls-server-end-point` of the server's certificate: its DER hashed with
+/// the hash of its signature algorithm, SHA-256 where that is MD5 or SHA-1 (what
+/// PostgreSQL computes on its side). `None` for a signature without a hash of its
+/// own (Ed25519: PostgreSQL has no binding for it either) or an unparsable one.
+pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::oid_registry::OID_PKCS1_RSASSAPSS;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let alg = &cert.signature_algorithm;
+    if alg.algorithm == OID_PKCS1_RSASSAPSS {
+        use x509_parser::signature_algorithm::SignatureAlgorithm;
+        match SignatureAlgorithm::try_from(alg).ok()? {
+            SignatureAlgorithm::RSASSA_PSS(params) => {
+                hash_for_end_point(params.hash_algorithm_oid(), cert_der)
+            }
+            _ => None,
+        }
+    } else {
+        hash_for_end_point(&alg.algorithm, cert_der)
+    }
+}
+
+/// `cert_der` hashed for [`server_end_point`] by the hash `oid` names or implies.
+fn hash_for_end_point(hash: &x509_parser::oid_registry::Oid, cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha256, Sha384, Sha512};
+    use x509_parser::oid_registry::*;
+    let is = |oids: &[&Oid]| oids.contains(&hash);
+    if is(&[
+        &OID_PKCS1_SHA384WITHRSA,
+        &OID_SIG_ECDSA_WITH_SHA384,
+        &OID_NIST_HASH_SHA384,
+    ]) {
+        Some(Sha384::digest(cert_der).to_vec())
+    } else if is(&[
+        &OID_PKCS1_SHA512WITHRSA,
+        &OID_SIG_ECDSA_WITH_SHA512,
+        &OID_NIST_HASH_SHA512,
+    ]) {
+        Some(Sha512::digest(cert_der).to_vec())
+    } else if is(&[
+        &OID_PKCS1_SHA256WITHRSA,
+        &OID_SIG_ECDSA_WITH_SHA256,
+        &OID_NIST_HASH_SHA256,
+        &OID_PKCS1_SHA1WITHRSA,
+        &OID_PKCS1_MD5WITHRSAENC,
+        &OID_HASH_SHA1,
+    ]) {
+        Some(Sha256::digest(cert_der).to_vec())
+    } else {
+        None
     }
 }
 
@@ -286,5 +355,38 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_end_point;
+    use sha2::{Digest, Sha256, Sha384};
+
+    /// A self-signed certificate for `localhost` with a key of `alg` (its signature too).
+    fn cert(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert")
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_certificate_is_hashed_with_its_signature_hash() {
+        let p256 = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(
+            server_end_point(&p256),
+            Some(Sha256::digest(&p256).to_vec())
+        );
+        let p384 = cert(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(
+            server_end_point(&p384),
+            Some(Sha384::digest(&p384).to_vec())
+        );
+        assert_eq!(server_end_point(&cert(&rcgen::PKCS_ED25519)), None);
+        assert_eq!(server_end_point(b"not a certificate"), None);
     }
 }

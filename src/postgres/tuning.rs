@@ -7,7 +7,7 @@ const MB: u64 = 1 << 20;
 const GB: u64 = 1 << 30;
 
 /// The memory the tuning plans for: the configured budget, or the machine's RAM
-/// (lowered to a cgroup v2 limit when one is set).
+/// (lowered to our cgroup's memory limit when one is set).
 pub fn memory_budget(cfg: &Config) -> u64 {
     match cfg.postgres.memory {
         MemoryBudget::Bytes(b) => b,
@@ -15,23 +15,10 @@ pub fn memory_budget(cfg: &Config) -> u64 {
     }
 }
 
-/// Physical RAM, or the cgroup's memory.max if lower.
+/// Physical RAM, or the memory limit of our cgroup (or of a parent) if lower.
 pub fn detect_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
-        .trim_start_matches("MemTotal:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let ram = kb * 1024;
-    let cg = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    Some(cg.map_or(ram, |c| c.min(ram)))
+    let (ram, _) = crate::procfs::meminfo()?;
+    Some(crate::procfs::cgroup_memory_limit().map_or(ram, |c| c.min(ram)))
 }
 
 pub fn cores() -> u64 {

@@ -497,3 +497,23 @@ async fn a_prepared_root_is_imported_first_then_switched_to() {
     })
     .await;
 }
+
+/// The machine's addresses (getifaddrs; they came from /proc/net/fib_trie and
+/// if_inet6, and the set was the same here: 127.0.0.1, 192.0.2.2, ::1, fd00::2):
+/// loopback's 127.0.0.1 and ::1 included, as before, no IPv6 link-local, no repeats.
+#[test]
+fn the_machine_addresses_include_loopback_and_no_link_local() {
+    let ips = local_ca::box_addresses();
+    assert!(ips.contains(&"127.0.0.1".parse().expect("ip")), "{ips:?}");
+    if std::path::Path::new("/proc/sys/net/ipv6/conf/lo").exists() {
+        assert!(ips.contains(&"::1".parse().expect("ip")), "{ips:?}");
+    }
+    assert!(
+        !ips.iter().any(|ip| ip.to_string().starts_with("fe80")),
+        "{ips:?}"
+    );
+    let mut unique = ips.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ips.len(), "{ips:?}");
+}

@@ -78,12 +78,7 @@ impl CertInfo {
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_string)
             .unwrap_or_else(|| cert.issuer().to_string());
-        let serial = cert
-            .tbs_certificate
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let serial = hex::encode(cert.tbs_certificate.raw_serial());
         let ts = |t: i64| {
             DateTime::<Utc>::from_timestamp(t, 0)
                 .ok_or_else(|| anyhow!("certificate date out of range"))

@@ -2,7 +2,7 @@
 //! (`<state>/tls/ca/root.crt` + `root.key`, 10 years, "KoproGo local CA (<domain>,
 //! <date>)") that office PCs can import, constrained to the appliance's names
 //! (see [`super::constraints`]), and a leaf for the domain, the aliases, `localhost`,
-//! 127.0.0.1, ::1 and this box's own addresses (from /proc/net), those the root
+//! 127.0.0.1, ::1 and this box's own addresses (getifaddrs), those the root
 //! covers, valid 90 days at most and never past the root. The leaf lives in
 //! `<state>/tls/local/leaf.pem` (key and certificate in one file, so a crash cannot
 //! pair a new key with an old certificate); a restart reuses it while it still
@@ -631,50 +631,29 @@ pub(crate) fn chains_to(ca: &LocalCa, leaf: &Cert, name: Option<&str>) -> anyhow
     Ok(())
 }
 
-/// This box's unicast addresses (not loopback-only /8 entries nor IPv6 link-local):
-/// IPv4 from /proc/net/fib_trie ("/32 host LOCAL"), IPv6 from /proc/net/if_inet6.
+/// This box's addresses on its interfaces that are up (getifaddrs), loopback's
+/// 127.0.0.1 and ::1 included, IPv6 link-local ones left out (useless in a
+/// certificate without a zone). Empty when the interfaces cannot be listed.
 pub(crate) fn box_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    if let Ok(trie) = std::fs::read_to_string("/proc/net/fib_trie") {
-        let mut last: Option<IpAddr> = None;
-        for line in trie.lines() {
-            let t = line.trim();
-            if let Some(addr) = t.strip_prefix("|-- ") {
-                last = addr.trim().parse().ok();
-            } else if t.starts_with("/32 host LOCAL") {
-                if let Some(ip) = last.take() {
-                    if !out.contains(&ip) {
-                        out.push(ip);
-                    }
-                }
-            }
-        }
-    }
-    if let Ok(v6) = std::fs::read_to_string("/proc/net/if_inet6") {
-        for line in v6.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(hex), Some(_idx), Some(_plen), Some(scope)) =
-                (f.next(), f.next(), f.next(), f.next())
-            else {
-                continue;
-            };
-            // Scope 0x20 is link-local: useless in a certificate without a zone.
-            if scope == "20" || hex.len() != 32 {
+    for a in addrs.filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)) {
+        let Some(addr) = a.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let ip = v6.ip();
+            if ip.segments()[0] & 0xffc0 == 0xfe80 {
                 continue;
             }
-            let mut bytes = [0u8; 16];
-            let ok = (0..16).all(|i| {
-                hex.get(2 * i..2 * i + 2)
-                    .and_then(|b| u8::from_str_radix(b, 16).ok())
-                    .map(|b| bytes[i] = b)
-                    .is_some()
-            });
-            if ok {
-                let ip = IpAddr::from(bytes);
-                if !out.contains(&ip) {
-                    out.push(ip);
-                }
-            }
+            IpAddr::V6(ip)
+        } else {
+            continue;
+        };
+        if !out.contains(&ip) {
+            out.push(ip);
         }
     }
     out

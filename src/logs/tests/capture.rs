@@ -148,7 +148,7 @@ fn close_is_bounded_when_a_write_end_is_still_open() {
     let stats = Arc::clone(&pipe.stats);
     let mut held = File::from(pipe.writer_fd().unwrap());
     // The dup is close-on-exec: children get it only through Stdio.
-    let flags = unsafe { libc::fcntl(held.as_raw_fd(), libc::F_GETFD) };
+    let flags = nix::fcntl::fcntl(held.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
     assert!(flags & libc::FD_CLOEXEC != 0);
     held.write_all(b"before close\n").unwrap();
     let started = Instant::now();
