@@ -7,7 +7,7 @@
 //! that are listed before it on its line); nothing imports upward:
 //!
 //! 1. Foundations: [`fsutil`] (link-safe file access, atomic writes), [`procfs`]
-//!    (what /proc says), [`config`] (the file as written, resolved, validated;
+//!    (what /proc says), [`sync`] (the poisoned-lock policy), [`config`] (the file as written, resolved, validated;
 //!    units). They import nothing else of the crate (config nothing at all).
 //! 2. Building blocks: [`process`] (reaper, service loop, privileges, launcher),
 //!    [`logs`] (capture and rotation), [`secrets`].
@@ -25,6 +25,7 @@
 pub mod config;
 pub mod fsutil;
 pub mod procfs;
+pub mod sync;
 
 pub mod logs;
 pub mod process;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The layers of src/lib.rs, bottom first; within a layer, a module may import
 /// the ones listed before it.
 const LAYERS: &[&[&str]] = &[
-    &["fsutil", "procfs", "config"],
+    &["fsutil", "procfs", "sync", "config"],
     &["logs", "process", "secrets"],
     &[
         "postgres", "tls", "admin", "proxy", "backend", "backup", "capacity", "update",

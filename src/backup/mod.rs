@@ -38,6 +38,7 @@ use crate::postgres::Db;
 use crate::process::reaper::Reaper;
 use crate::process::service::Cmd;
 use crate::process::state::{Phase, ServiceState};
+use crate::sync::LockExt;
 
 /// Scratch databases: `verify` restores into `koprogo_verify_*`, `restore` into
 /// `koprogo_restore_*`; the database a restore replaced is `koprogo_prev_*` until
@@ -194,11 +195,12 @@ impl Backups {
     }
 
     pub fn status(&self) -> BackupStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status.locked().clone()
     }
 
     fn set_status(&self, f: impl FnOnce(&mut BackupStatus)) {
-        if let Ok(mut s) = self.status.lock() {
+        {
+            let mut s = self.status.locked();
             f(&mut s);
         }
     }

@@ -15,6 +15,7 @@ use crate::postgres::Db;
 use crate::process::state::ServiceState;
 use crate::procfs::CpuTimes;
 use crate::proxy::stats::ProxyStats;
+use crate::sync::LockExt;
 
 /// The proxy's latency bucket counts at some instant.
 pub type LatencyCounts = [u64; 13];
@@ -50,29 +51,31 @@ impl Monitor {
 
     /// Where the CPU window of the next measurement starts.
     pub fn cpu_base(&self) -> Option<(Instant, CpuTimes)> {
-        self.cpu_base.lock().ok().and_then(|g| *g)
+        *self.cpu_base.locked()
     }
 
     pub fn set_cpu_base(&self, at: Instant, t: CpuTimes) {
-        if let Ok(mut g) = self.cpu_base.lock() {
+        {
+            let mut g = self.cpu_base.locked();
             *g = Some((at, t));
         }
     }
 
     /// The proxy's latency histogram at the previous periodic check.
     pub fn latency_base(&self) -> Option<(Instant, LatencyCounts)> {
-        self.latency_base.lock().ok().and_then(|g| *g)
+        *self.latency_base.locked()
     }
 
     pub fn set_latency_base(&self, at: Instant, c: LatencyCounts) {
-        if let Ok(mut g) = self.latency_base.lock() {
+        {
+            let mut g = self.latency_base.locked();
             *g = Some((at, c));
         }
     }
 
     /// The report of the last periodic check.
     pub fn last(&self) -> Option<Report> {
-        self.last.lock().ok().and_then(|g| g.clone())
+        self.last.locked().clone()
     }
 
     /// The watch loop; runs until the task is aborted. `postgres`: its state (the
@@ -105,7 +108,8 @@ impl Monitor {
                 }
                 advice = now;
             }
-            if let Ok(mut g) = self.last.lock() {
+            {
+                let mut g = self.last.locked();
                 *g = Some(report);
             }
         }

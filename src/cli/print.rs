@@ -23,10 +23,7 @@ pub fn print_status(st: &StatusReport) {
         "SERVICE", "STATE", "PID", "READY", "RESTARTS", "UPTIME", "MEMORY"
     );
     for s in &st.services {
-        let state = serde_json::to_value(s.state)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let state = s.state.as_str();
         let mut note = Vec::new();
         if let (Some(p), true) = (s.port, s.ready) {
             note.push(format!("127.0.0.1:{p}"));

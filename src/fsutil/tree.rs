@@ -85,11 +85,9 @@ pub fn sync_fs(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     let dir =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: syncfs on a descriptor we own for the duration of the call.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot flush the copy {}", path.display()));
-    }
+    nix::unistd::syncfs(dir.as_raw_fd())
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot flush the copy {}", path.display()))?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@
 //! supervisor's own tracing output goes through one of these pipes, so a capture thread
 //! logging into its own pipe could deadlock. Errors go to [`LogStats::last_error`].
 
+use crate::sync::LockExt;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,7 +118,7 @@ impl LogStats {
 
     fn last_error_guard(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         // A panic while holding this lock cannot leave the Option half-written.
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner())
+        self.last_error.locked()
     }
 }
 

@@ -276,7 +276,10 @@ pub async fn ensure_extensions(
             );
         }
         if let Err(e) = c
-            .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS \"{ext}\""))
+            .batch_execute(&format!(
+                "CREATE EXTENSION IF NOT EXISTS {}",
+                postgres_protocol::escape::escape_identifier(ext)
+            ))
             .await
         {
             bail!(

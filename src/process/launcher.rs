@@ -34,6 +34,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 
 use super::privileges::Identity;
+use crate::sync::LockExt;
 
 /// Largest message either way (an environment is a few KiB).
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -149,10 +150,7 @@ pub fn drop_switching() -> Result<()> {
 
 impl Launcher {
     fn ask(&self, req: &Request, fd: Option<RawFd>) -> Result<Reply> {
-        let sock = self
-            .sock
-            .lock()
-            .map_err(|_| anyhow!("the launcher's socket is poisoned"))?;
+        let sock = self.sock.locked();
         let data = serde_json::to_vec(req)?;
         let fds = fd.map(|f| [f]);
         let cmsg: Vec<ControlMessage> = fds
@@ -216,16 +214,8 @@ impl Launcher {
 
 /// The launcher's life: become the API user, then answer until the socket closes.
 fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> Result<()> {
-    // SAFETY: prctl with integer arguments.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("prctl(PR_SET_PDEATHSIG)")?;
     if nix::unistd::getppid().as_raw() != supervisor {
         return Ok(());
     }
@@ -260,8 +250,7 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
         bail!("dropping privileges failed: root could be regained");
     }
     // Not ptrace-able by the API processes, though they are the same user.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE)")?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     // The API processes started, by process group. Their death signal cannot come
@@ -270,8 +259,11 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
     let mut started: Vec<i32> = Vec::new();
     let end_all = |started: &[i32]| {
         for pid in started {
-            // SAFETY: kill with integer arguments; only API processes are reachable.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            // As the API user, only API processes are reachable.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     };
     loop {
@@ -339,12 +331,13 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
             },
             Ok(Request::Signal { pid, signal, group }) => {
                 let target = if group { -pid } else { pid };
-                // SAFETY: kill with integer arguments; as the API user, only API
-                // processes can be reached.
-                let r = unsafe { libc::kill(target, signal) };
+                // As the API user, only API processes can be reached.
+                let sent = nix::sys::signal::Signal::try_from(signal).and_then(|sig| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), sig)
+                });
                 Reply {
                     pid,
-                    error: (r != 0).then(|| std::io::Error::last_os_error().to_string()),
+                    error: sent.err().map(|e| std::io::Error::from(e).to_string()),
                 }
             }
             Err(e) => Reply {
@@ -371,11 +364,8 @@ fn keep_only(sock: OwnedFd) -> Result<OwnedFd> {
         std::mem::forget(sock);
         3
     } else {
-        // SAFETY: dup3 onto 3 (closing whatever was there), then our copy closes.
-        let r = unsafe { libc::dup3(raw, 3, libc::O_CLOEXEC) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error()).context("dup3");
-        }
+        // Onto 3 (closing whatever was there), then our copy closes.
+        nix::unistd::dup3(raw, 3, nix::fcntl::OFlag::O_CLOEXEC).context("dup3")?;
         drop(sock);
         3
     };

@@ -13,6 +13,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Uid, User};
 
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::config::Config;
 use crate::fsutil::ensure_dir_fd;
 
@@ -240,9 +242,9 @@ pub fn lock_path(cfg: &Config) -> std::path::PathBuf {
 }
 
 /// Takes the exclusive state lock (held for the life of the returned file).
-pub fn lock_state(cfg: &Config) -> Result<File> {
+pub fn lock_state(cfg: &Config) -> Result<Flock<File>> {
     let path = lock_path(cfg);
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -251,15 +253,17 @@ pub fn lock_state(cfg: &Config) -> Result<File> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own for the duration of the call.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = crate::fsutil::read_bounded_string(&path, 64).unwrap_or_default();
-        bail!(
+    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err(_) => {
+            let holder = crate::fsutil::read_bounded_string(&path, 64).unwrap_or_default();
+            bail!(
             "another koprogo (pid {}) is running on {}: stop it first (koprogo status shows it)",
             holder.trim(),
             cfg.paths.state.display()
         );
-    }
+        }
+    };
     f.set_len(0)?;
     writeln!(f, "{}", std::process::id())?;
     Ok(f)
@@ -277,8 +281,8 @@ pub fn running_pid(cfg: &Config) -> Option<String> {
     if !f.metadata().ok()?.is_file() {
         return None;
     }
-    // SAFETY: flock on a descriptor we own; a shared lock is released with `f`.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+    // A shared lock is released when it is dropped.
+    if Flock::lock(f, FlockArg::LockSharedNonblock).is_ok() {
         None
     } else {
         Some(

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::sync::LockExt;
 use anyhow::{anyhow, Context, Result};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -165,7 +166,7 @@ impl Reaper {
 
     /// Children of ours still running.
     pub fn live_children(&self) -> usize {
-        self.registry.lock().map(|r| r.len()).unwrap_or(0)
+        self.registry.locked().len()
     }
 }
 
@@ -174,7 +175,7 @@ fn reap_all(registry: &Registry, orphans: &AtomicU64) {
         // waitpid runs under the registry lock: the spawner holds it while forking,
         // and std's spawn itself waits for a child whose exec failed, so the reaper
         // must not take that pid from under it.
-        let Ok(mut reg) = registry.lock() else { return };
+        let mut reg = registry.locked();
         let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
             Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
@@ -199,9 +200,7 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
     if let (true, Some(l)) = (spec.as_api_user, super::launcher::get()) {
         // The launcher makes it our child (CLONE_PARENT); the registry is held until
         // its pid is known, so the reaper cannot take its exit first.
-        let mut reg = registry
-            .lock()
-            .map_err(|_| anyhow!("the child registry is poisoned"))?;
+        let mut reg = registry.locked();
         let pid = l
             .spawn(
                 &spec.args,
@@ -259,9 +258,7 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
     }
     // Hold the registry while forking so the reaper cannot see the pid before its
     // owner is registered.
-    let mut reg = registry
-        .lock()
-        .map_err(|_| anyhow!("the child registry is poisoned"))?;
+    let mut reg = registry.locked();
     let child = cmd.spawn().with_context(|| {
         format!(
             "cannot start {} (in {})",

@@ -22,15 +22,13 @@ use super::reaper::{signal, Exit, Spawned};
 use super::state::{Phase, ServiceState};
 
 pub use super::spec::{Cmd, NotInstalled, ServiceIo, ServiceSpec, Shutdown, StopStep, Takeover};
+use super::stop::stop_child;
 pub use super::stop::stop_process;
 
 /// How often a ready service is probed, and how many failures in a row restart it.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 pub const HEALTH_FAILURES: u32 = 3;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Between an HTTP service leaving the proxy's routes and its stop signal.
-const LEAVE_ROUTES: Duration = Duration::from_millis(250);
 
 /// How often a service whose program is missing looks for it again.
 const NOT_INSTALLED_POLL: Duration = Duration::from_secs(5);
@@ -523,7 +521,7 @@ impl<S: ServiceSpec> Machine<S> {
             }
             End::NotReadyInTime | End::SetupFailed | End::Unhealthy => {
                 // Stop it and retry after a back-off.
-                self.stop_child(pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
                 self.w.state.send_modify(|s| {
                     s.restarts += 1;
                     s.failures += 1;
@@ -536,18 +534,18 @@ impl<S: ServiceSpec> Machine<S> {
                     service = name,
                     "dependency restarted: stopping, will start again when it is ready"
                 );
-                self.stop_child(pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
                 self.w.state.send_modify(|s| s.restarts += 1);
                 false
             }
             End::Command(Cmd::Stop(r)) => {
-                self.stop_child(pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
                 self.want = false;
                 let _ = r.send(format!("{name}: stopped"));
                 false
             }
             End::Command(Cmd::Restart(r)) => {
-                self.stop_child(pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
                 self.w.state.send_modify(|s| s.restarts += 1);
                 self.backoff.reset();
                 let _ = r.send(format!("{name}: restarting"));
@@ -562,51 +560,11 @@ impl<S: ServiceSpec> Machine<S> {
                 false
             }
             End::Shutdown(mode) => {
-                self.stop_child(pid, exit, mode == Shutdown::Now).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, mode == Shutdown::Now).await;
                 self.w.state.send_modify(|s| s.set(Phase::Stopped, None));
                 true
             }
         }
-    }
-
-    /// Stops the child with the spec's plan and records it in the service state.
-    async fn stop_child(
-        &mut self,
-        pid: Option<i32>,
-        mut exit_rx: oneshot::Receiver<Exit>,
-        now: bool,
-    ) {
-        let name = self.name;
-        let Some(pid) = pid else {
-            // Nothing of ours runs: the run simply ends.
-            self.w.state.send_modify(|s| s.set(Phase::Stopped, None));
-            return;
-        };
-        let serving = self.w.state.borrow().ready() && self.spec.port().is_some();
-        self.w
-            .state
-            .send_modify(|s| s.set_running(Phase::Stopping, Some(pid)));
-        if serving && !now {
-            // Out of the proxy's routing table first: a request that picked this server
-            // just before reaches it before it stops listening.
-            sleep(LEAVE_ROUTES).await;
-        }
-        let exit = stop_process(
-            name,
-            pid,
-            &mut exit_rx,
-            self.spec.stop_plan(),
-            self.spec.stop_now(),
-            self.w.shutdown.clone(),
-            now,
-        )
-        .await;
-        self.w.state.send_modify(|s| {
-            if let Some(e) = exit {
-                s.last_exit = Some(e.to_string());
-            }
-            s.set(Phase::Stopped, None);
-        });
     }
 }
 

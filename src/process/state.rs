@@ -26,6 +26,28 @@ pub enum Phase {
     Stopping,
 }
 
+impl Phase {
+    /// The name status and STATUS= show (the same as in `status --json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Stopped => "stopped",
+            Phase::Waiting => "waiting",
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Unhealthy => "unhealthy",
+            Phase::Backoff => "backoff",
+            Phase::NotInstalled => "not-installed",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Live state of one service, owned by its task.
 #[derive(Debug, Clone)]
 pub struct ServiceState {
@@ -163,4 +185,27 @@ pub fn process_memory(pid: i32) -> Option<u64> {
         Some(kb * 1024)
     };
     read("smaps_rollup", "Pss:").or_else(|| read("status", "VmRSS:"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn phase_names_are_the_json_names() {
+        use super::Phase::*;
+        for p in [
+            Stopped,
+            Waiting,
+            Starting,
+            Ready,
+            Unhealthy,
+            Backoff,
+            NotInstalled,
+            Stopping,
+        ] {
+            assert_eq!(
+                serde_json::to_value(p).ok(),
+                Some(serde_json::json!(p.to_string()))
+            );
+        }
+    }
 }

@@ -9,7 +9,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep, timeout};
 
 use super::reaper::{signal, Exit};
-use super::spec::{Shutdown, StopStep};
+use super::service::Wiring;
+use super::spec::{ServiceSpec, Shutdown, StopStep};
+use super::state::Phase;
+
+/// Between an HTTP service leaving the proxy's routes and its stop signal.
+const LEAVE_ROUTES: Duration = Duration::from_millis(250);
 
 /// After the last stop step (SIGKILL of the group), how long to wait for the reaper.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -72,4 +77,44 @@ pub async fn stop_process(
         None => tracing::error!(service = name, pid, "did not exit even after SIGKILL"),
     }
     exit
+}
+
+/// Stops the child with the spec's plan and records it in the service state.
+pub(super) async fn stop_child<S: ServiceSpec>(
+    spec: &S,
+    w: &mut Wiring,
+    pid: Option<i32>,
+    mut exit_rx: oneshot::Receiver<Exit>,
+    now: bool,
+) {
+    let name = spec.name();
+    let Some(pid) = pid else {
+        // Nothing of ours runs: the run simply ends.
+        w.state.send_modify(|s| s.set(Phase::Stopped, None));
+        return;
+    };
+    let serving = w.state.borrow().ready() && spec.port().is_some();
+    w.state
+        .send_modify(|s| s.set_running(Phase::Stopping, Some(pid)));
+    if serving && !now {
+        // Out of the proxy's routing table first: a request that picked this server
+        // just before reaches it before it stops listening.
+        sleep(LEAVE_ROUTES).await;
+    }
+    let exit = stop_process(
+        name,
+        pid,
+        &mut exit_rx,
+        spec.stop_plan(),
+        spec.stop_now(),
+        w.shutdown.clone(),
+        now,
+    )
+    .await;
+    w.state.send_modify(|s| {
+        if let Some(e) = exit {
+            s.last_exit = Some(e.to_string());
+        }
+        s.set(Phase::Stopped, None);
+    });
 }

@@ -114,6 +114,7 @@ mod tests {
         let (a_tx, a_rx) = watch::channel(state(1000, true));
         let (b_tx, b_rx) = watch::channel(state(1001, false));
         let (mut routes, task) = publish(vec![a_rx, b_rx]);
+        let task = tokio::spawn(task);
         assert_eq!(routes.borrow().ready, vec![1000]);
         b_tx.send_modify(|s| *s = state(1001, true));
         let r = routes

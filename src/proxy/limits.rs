@@ -1,6 +1,7 @@
 //! Per-client-IP guards: a token-bucket request rate (→ 429 + Retry-After) and a
 //! cap on open connections. Both forget idle clients so memory stays bounded.
 
+use crate::sync::LockExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -36,9 +37,7 @@ impl RateLimiter {
             return Ok(());
         }
         let now = Instant::now();
-        let Ok(mut map) = self.buckets.lock() else {
-            return Ok(());
-        };
+        let mut map = self.buckets.locked();
         if map.len() >= SWEEP_AT {
             // Full buckets carry no information: drop them.
             let (rate, burst) = (self.rate, self.burst);
@@ -82,7 +81,7 @@ impl ConnLimiter {
 
     /// A slot for a new connection from `ip`, or None when it has too many open.
     pub fn acquire(&self, ip: IpAddr) -> Option<ConnSlot> {
-        let mut map = self.open.lock().ok()?;
+        let mut map = self.open.locked();
         let n = map.entry(ip).or_insert(0);
         if self.max > 0 && *n >= self.max {
             return None;
@@ -97,7 +96,8 @@ impl ConnLimiter {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.open.lock() {
+        {
+            let mut map = self.open.locked();
             if let Some(n) = map.get_mut(&self.ip) {
                 *n -= 1;
                 if *n == 0 {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::sync::LockExt;
 use serde::{Deserialize, Serialize};
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -155,7 +156,8 @@ impl AccessLog {
             upstream,
             host
         );
-        if let Ok(mut w) = out.lock() {
+        {
+            let mut w = out.locked();
             let _ = w.write_all(line.as_bytes());
         }
     }

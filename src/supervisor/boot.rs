@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::logs::{self, LogPipe};
 use crate::process::{launcher, privileges, reaper::Reaper};
+use crate::sync::RwLockExt;
 
 use super::Boot;
 
@@ -99,7 +100,8 @@ pub fn run(cfg: Config) -> Result<u8, BootError> {
         cfg, bins, who.name, pipes, &own, started, lock, listeners, access,
     );
     // Close our side of the supervisor log so its writer drains and exits.
-    if let Ok(mut w) = own_file.write() {
+    {
+        let mut w = own_file.write_now();
         *w = None;
     }
     let _ = own.close(Duration::from_secs(5));
@@ -119,7 +121,7 @@ fn supervise_in_runtime(
     pipes: Vec<LogPipe>,
     own: &LogPipe,
     started: Instant,
-    lock: std::fs::File,
+    lock: nix::fcntl::Flock<std::fs::File>,
     listeners: crate::proxy::server::Listeners,
     access: Option<logs::PipeWriter>,
 ) -> u8 {
@@ -172,7 +174,8 @@ struct OwnLog(Arc<RwLock<Option<logs::PipeWriter>>>);
 impl Write for OwnLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let _ = std::io::stderr().write_all(buf);
-        if let Ok(mut g) = self.0.write() {
+        {
+            let mut g = self.0.write_now();
             if let Some(w) = g.as_mut() {
                 let _ = w.write_all(buf);
             }

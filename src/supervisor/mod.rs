@@ -50,7 +50,7 @@ pub struct Boot {
     /// Counters of the supervisor's own log, whose pipe `main` owns.
     pub own_log: Arc<LogStats>,
     pub reaper: Reaper,
-    pub lock: std::fs::File,
+    pub lock: nix::fcntl::Flock<std::fs::File>,
     pub started: Instant,
     /// Proxy sockets, bound before privileges were dropped.
     pub listeners: Listeners,

@@ -69,14 +69,7 @@ pub async fn report(site: Arc<Site>) {
             .iter()
             .map(|s| {
                 let s = s.borrow();
-                format!(
-                    "{}: {}",
-                    s.name,
-                    serde_json::to_value(s.phase)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                )
+                format!("{}: {}", s.name, s.phase)
             })
             .collect();
         let all_ready = states.iter().all(|s| s.borrow().ready());

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::{Config, TlsMode};
+use crate::sync::LockExt;
 use ca_admin::ca_status;
 pub use ca_admin::{ca_warnings, export_root, prepare_next_root, rotate_root, CaStatus, Rotated};
 use certinfo::{rfc3339, rfc3339_ms, Cert, Source};
@@ -300,7 +301,7 @@ impl Tls {
 
     /// Whether `root.crt` on disk is no longer the root in memory.
     fn root_moved(&self) -> bool {
-        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = self.ca.locked();
         ca.as_ref()
             .is_some_and(|c| c.stamp != files::Stamp::of(&self.paths.root_crt))
     }
@@ -325,8 +326,8 @@ impl Tls {
     /// revoked), signed again once a day; None without a local CA (files mode).
     pub fn crl(&self) -> Option<Arc<Vec<u8>>> {
         let now = Utc::now();
-        let mut cached = self.crl.lock().unwrap_or_else(|e| e.into_inner());
-        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = self.crl.locked();
+        let ca = self.ca.locked();
         let ca = ca.as_ref()?;
         if let Some((at, serial, der)) = cached.as_ref() {
             // Signed by this root (not one rotated away) less than a day ago?
@@ -357,7 +358,7 @@ impl Tls {
         st.last_attempt = p.last_attempt.map(rfc3339_ms);
         st.retry_at = p.retry_at.map(rfc3339_ms);
         st.orders = self.orders.load(Ordering::Relaxed);
-        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = self.ca.locked();
         st.ca = ca.as_ref().map(|ca| ca_status(&self.paths, ca, &self.cfg));
         st
     }
@@ -369,11 +370,11 @@ impl Tls {
     }
 
     fn progress_lock(&self) -> MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+        self.progress.locked()
     }
 
     fn http01_lock(&self) -> MutexGuard<'_, HashMap<String, String>> {
-        self.http01.lock().unwrap_or_else(|e| e.into_inner())
+        self.http01.locked()
     }
 
     async fn sleep_until(&self, at: DateTime<Utc>) {
@@ -400,7 +401,7 @@ impl Tls {
         let now = Utc::now();
         let names = local_ca::leaf_names(&self.cfg);
         let (servable, remake) = {
-            let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+            let ca = self.ca.locked();
             match ca.as_ref() {
                 Some(ca) => (
                     ca.scope.split(&names).0,
@@ -448,7 +449,7 @@ impl Tls {
     /// A new leaf from the root on disk (read again: `koprogo ca rotate` may have
     /// replaced it; created or remade when it must be) for the names it covers.
     fn renew_local(&self) -> anyhow::Result<Cert> {
-        let mut ca = self.ca.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ca = self.ca.locked();
         let root = local_ca::load_or_create_root(&self.paths, &self.cfg)?;
         let leaf = local_ca::issue_leaf(
             &self.paths,
@@ -550,7 +551,7 @@ impl Tls {
             let forced = self.force.swap(false, Ordering::SeqCst);
             let stamp = pair.stamp();
             {
-                let mut seen = self.files_seen.lock().unwrap_or_else(|e| e.into_inner());
+                let mut seen = self.files_seen.locked();
                 if *seen == stamp && !forced {
                     continue;
                 }

@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 
 use super::certinfo::{Cert, Source};
 use super::ACME_TLS_ALPN;
+use crate::sync::LockExt;
 
 /// One servable certificate and where it came from.
 #[derive(Debug)]
@@ -90,7 +91,7 @@ impl CertStore {
     }
 
     fn challenges_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CertifiedKey>>> {
-        self.challenges.lock().unwrap_or_else(|e| e.into_inner())
+        self.challenges.locked()
     }
 }
 

@@ -46,6 +46,7 @@ use crate::process::reaper::Spawned;
 use crate::process::service::{stop_process, Cmd, ServiceIo, ServiceSpec, Shutdown, Takeover};
 use crate::process::state::{Phase, ServiceState};
 use crate::proxy::balance::Routes;
+use crate::sync::LockExt;
 use binary::{Identity, Seen, Watch};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -177,11 +178,12 @@ impl Updater {
     }
 
     pub fn status(&self) -> UpdateStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.status.locked().clone()
     }
 
     fn set(&self, f: impl FnOnce(&mut UpdateStatus)) {
-        if let Ok(mut s) = self.status.lock() {
+        {
+            let mut s = self.status.locked();
             f(&mut s);
         }
     }
@@ -211,7 +213,7 @@ impl Updater {
             if *self.shutdown.borrow() != Shutdown::Running {
                 return;
             }
-            let applied = self.applied.lock().ok().and_then(|a| *a);
+            let applied = *self.applied.locked();
             match w.look(&path, applied) {
                 Seen::Unchanged => self.set(|s| s.pending = None),
                 Seen::Settling(why) => {
@@ -251,7 +253,8 @@ impl Updater {
     }
 
     fn set_applied(&self, id: Identity) {
-        if let Ok(mut a) = self.applied.lock() {
+        {
+            let mut a = self.applied.locked();
             *a = Some(id);
         }
     }

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// The format this koprogo writes and the newest it reads (1: before
@@ -77,42 +76,6 @@ pub struct Member {
     pub size: u64,
     /// Hex sha256 of the data ("" for directories).
     pub sha256: String,
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses secrets.env as stored in a backup: the keys the data depends on must be
-/// there and well-formed. Returns the key names.
-pub fn check_secrets(text: &[u8]) -> Result<Vec<String>> {
-    let text = std::str::from_utf8(text).map_err(|_| anyhow!("secrets.env is not UTF-8"))?;
-    let mut keys = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((k, v)) = line.split_once('=') else {
-            bail!("secrets.env: a line is not KEY=VALUE");
-        };
-        keys.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    use crate::secrets::{ENERGY_KEY, JWT_SECRET, TOTP_KEY};
-    for k in [JWT_SECRET, TOTP_KEY, ENERGY_KEY] {
-        let Some(v) = keys.get(k) else {
-            bail!("secrets.env has no {k}");
-        };
-        let ok = if k == JWT_SECRET {
-            v.len() >= 32
-        } else {
-            v.len() == 64 && v.chars().all(|c| c.is_ascii_hexdigit())
-        };
-        if !ok {
-            bail!("secrets.env: {k} is malformed");
-        }
-    }
-    Ok(keys.into_keys().collect())
 }
 
 /// The kind of a tar extension header (it describes the member after it), or None.

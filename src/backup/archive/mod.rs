@@ -34,8 +34,8 @@ mod read;
 mod write;
 
 pub use format::{
-    check_secrets, hex, Manifest, Member, PgInfo, UploadsInfo, DUMP, FORMAT, MAGIC_NAME, MANIFEST,
-    MANIFEST_AUTH, MANIFEST_SUM, MAX_EXTENSION, SECRETS, UPLOADS,
+    Manifest, Member, PgInfo, UploadsInfo, DUMP, FORMAT, MAGIC_NAME, MANIFEST, MANIFEST_AUTH,
+    MANIFEST_SUM, MAX_EXTENSION, SECRETS, UPLOADS,
 };
 pub use read::{check, is_age, Checked, Extract, Refused};
 pub use write::{Sink, Writer};

@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::format::{
-    extension, hex, newer_format, Manifest, Member, BLOCK, DUMP, FORMAT, MAGIC_NAME, MANIFEST,
+    extension, newer_format, Manifest, Member, BLOCK, DUMP, FORMAT, MAGIC_NAME, MANIFEST,
     MANIFEST_AUTH, MANIFEST_SUM, MAX_EXTENSION, MAX_MANIFEST, MAX_SECRETS, SECRETS, UPLOADS,
 };
 
@@ -278,7 +278,7 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
                     if s.pos != header_at + BLOCK as u64 {
                         return Err(damaged("unexpected layout before the manifest".into()));
                     }
-                    hex(&s.hasher.clone().finalize())
+                    hex::encode(s.hasher.clone().finalize())
                 };
                 if size > MAX_MANIFEST || size % BLOCK as u64 != 0 {
                     return Err(damaged(format!("manifest of {size} bytes")));
@@ -329,7 +329,7 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
                     name: name.clone(),
                     kind: "file".into(),
                     size: secrets.len() as u64,
-                    sha256: hex(&h.finalize()),
+                    sha256: hex::encode(h.finalize()),
                 }
             } else if name == UPLOADS && is_dir {
                 Member {
@@ -424,7 +424,7 @@ fn check_inner(path: &Path, extract: &Extract, progress: &mut Progress) -> Resul
     if want.len() != 64
         || !sum_text[64..].starts_with('\n')
         || sum_text[65..].bytes().any(|b| b != b' ')
-        || want != hex(&Sha256::digest(&manifest_raw))
+        || want != hex::encode(Sha256::digest(&manifest_raw))
     {
         return Err(damaged("manifest checksum mismatch".into()));
     }
@@ -532,7 +532,7 @@ fn copy_hashed(
         name: name.to_string(),
         kind: "file".into(),
         size,
-        sha256: hex(&h.finalize()),
+        sha256: hex::encode(h.finalize()),
     })
 }
 

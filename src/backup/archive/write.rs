@@ -7,7 +7,7 @@ use std::io::{self, BufWriter, Read, Write};
 use sha2::{Digest, Sha256};
 
 use super::format::{
-    hex, Manifest, Member, BLOCK, FORMAT, MAGIC_NAME, MANIFEST, MANIFEST_AUTH, MANIFEST_SUM,
+    Manifest, Member, BLOCK, FORMAT, MAGIC_NAME, MANIFEST, MANIFEST_AUTH, MANIFEST_SUM,
 };
 
 /// Where the archive goes: a plain file, or an age stream to the recipients.
@@ -164,7 +164,7 @@ impl Writer {
                 name: name.to_string(),
                 kind: "file".into(),
                 size,
-                sha256: hex(&exact.hasher.finalize()),
+                sha256: hex::encode(exact.hasher.finalize()),
             });
         }
         Ok(())
@@ -191,12 +191,12 @@ impl Writer {
         manifest: &mut Manifest,
         key: &crate::backup::auth::Key,
     ) -> io::Result<(File, u64)> {
-        manifest.archive_sha256 = hex(&self.builder.get_ref().hasher.clone().finalize());
+        manifest.archive_sha256 = hex::encode(self.builder.get_ref().hasher.clone().finalize());
         manifest.members = std::mem::take(&mut self.members);
         let mut json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
         json.push(b'\n');
         pad_spaces(&mut json, BLOCK);
-        let sum = hex(&Sha256::digest(&json));
+        let sum = hex::encode(Sha256::digest(&json));
         self.append(
             MANIFEST,
             &json,

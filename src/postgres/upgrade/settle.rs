@@ -140,8 +140,8 @@ async fn after_upgrade(db: &Db) -> Result<usize> {
         for row in outdated {
             let ext: String = row.get(0);
             c.batch_execute(&format!(
-                "ALTER EXTENSION \"{}\" UPDATE",
-                ext.replace('"', "\"\"")
+                "ALTER EXTENSION {} UPDATE",
+                postgres_protocol::escape::escape_identifier(&ext)
             ))
             .await
             .with_context(|| format!("ALTER EXTENSION {ext} UPDATE in database {name}"))?;

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use hyper::body::Bytes;
 
 use super::Inner;
+use crate::sync::LockExt;
 
 /// Files larger than this are never gzipped on the fly (served identity instead).
 pub(super) const GZIP_MAX: u64 = 8 * 1024 * 1024;
@@ -43,10 +44,7 @@ impl Inner {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, GzCache> {
-        match self.gz_cache.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.gz_cache.locked()
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::negotiation::extension;
 use super::{Inner, ReqInfo};
+use crate::sync::LockExt;
 
 /// A regular file found under the root, already open.
 pub(super) struct Found {
@@ -118,10 +119,7 @@ impl Inner {
     }
 
     fn under_root(&self, canon: &Path) -> bool {
-        let lock = || match self.root_canon.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let lock = || self.root_canon.locked();
         if lock().as_ref().is_some_and(|root| canon.starts_with(root)) {
             return true;
         }
