@@ -1,5 +1,7 @@
-//! Restart back-off: 1 s doubling to 60 s, reset once a run has been stable for a
-//! minute. There is no give-up: the delay only caps.
+//! The back-off: a delay doubling up to a cap, reset after a success. Services
+//! restart after 1 s doubling to 60 s, reset once a run has been stable for a minute;
+//! certificate renewals retry between `tls` tuning's bounds. There is no give-up:
+//! the delay only caps.
 
 use std::time::Duration;
 
@@ -10,25 +12,36 @@ pub const STABLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    min: Duration,
+    max: Duration,
     next: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: FIRST }
+        Backoff::between(FIRST, MAX)
     }
 }
 
 impl Backoff {
+    /// `min` doubling up to `max` (at least `min`).
+    pub fn between(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
     /// The delay before the next attempt; doubles the one after it.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(MAX);
+        self.next = (self.next * 2).min(self.max);
         d
     }
 
     pub fn reset(&mut self) {
-        self.next = FIRST;
+        self.next = self.min;
     }
 }
 

@@ -16,7 +16,7 @@
 //! hyper-rustls client with that single root: the first certificate of the file),
 //! otherwise the system's roots through rustls-platform-verifier.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +24,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use instant_acme::{
-    Account, AccountBuilder, AccountCredentials, AuthorizationStatus, CertificateIdentifier,
-    ChallengeType, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    Order, OrderStatus, RetryPolicy,
 };
 use rand::Rng;
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
@@ -33,7 +33,10 @@ use rustls::pki_types::PrivateKeyDer;
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 
-use super::certinfo::{parse_chain, rfc3339, Cert, Source};
+#[cfg(test)]
+use super::acme_account::*;
+use super::acme_account::{account, forget_account};
+use super::certinfo::{rfc3339, Cert, Source};
 use super::store::Entry;
 use super::{Tls, TlsPaths};
 use crate::config::{AcmeChallenge, Config};
@@ -51,16 +54,10 @@ struct StoredCert {
     private_key: String,
 }
 
-/// The stored accounts, keyed by directory URL.
-#[derive(Serialize, Deserialize, Default)]
-struct AccountBook {
-    accounts: BTreeMap<String, serde_json::Value>,
-}
-
 /// What the maintenance loop keeps between attempts.
 #[derive(Default)]
 pub(crate) struct Runtime {
-    account: Option<Account>,
+    pub(super) account: Option<Account>,
     ari: Ari,
 }
 
@@ -496,112 +493,6 @@ fn is_problem(e: &anyhow::Error, kind: &str) -> bool {
                 if p.r#type.as_deref().is_some_and(|t| t.ends_with(&format!(":{kind}")))
         )
     })
-}
-
-/// The account for the configured directory: cached, else restored from
-/// account.json, else created there and stored before anything else happens.
-async fn account(tls: &Tls, rt: &mut Runtime) -> anyhow::Result<Account> {
-    if let Some(a) = &rt.account {
-        return Ok(a.clone());
-    }
-    let cfg = &tls.cfg;
-    let directory = cfg.tls.acme_directory.clone();
-    let mut book = read_book(&tls.paths);
-    let stored = book
-        .accounts
-        .get(&directory)
-        .and_then(|v| serde_json::from_value::<AccountCredentials>(v.clone()).ok());
-    let account = match stored {
-        Some(creds) => builder(cfg)?
-            .from_credentials(creds)
-            .await
-            .context("contacting the directory")?,
-        None => {
-            let email = cfg.tls.acme_email.clone().unwrap_or_default();
-            let contact = format!("mailto:{email}");
-            let contacts = [contact.as_str()];
-            let new = NewAccount {
-                contact: if email.is_empty() { &[] } else { &contacts },
-                terms_of_service_agreed: true,
-                only_return_existing: false,
-            };
-            let (account, creds) = builder(cfg)?
-                .create(&new, directory.clone(), None)
-                .await
-                .context("creating the account")?;
-            book.accounts
-                .insert(directory.clone(), serde_json::to_value(&creds)?);
-            write_book(&tls.paths, &book)?;
-            tracing::info!(
-                account = account.id(),
-                "ACME account created at {directory}"
-            );
-            account
-        }
-    };
-    rt.account = Some(account.clone());
-    Ok(account)
-}
-
-fn builder(cfg: &Config) -> anyhow::Result<AccountBuilder> {
-    // instant-acme's client takes the process-wide provider: make sure it is ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    match &cfg.tls.acme_ca_root {
-        Some(root) => {
-            let pem = std::fs::read(root)
-                .with_context(|| format!("tls.acme_ca_root {}: cannot read", root.display()))?;
-            let certs = parse_chain(&pem)
-                .with_context(|| format!("tls.acme_ca_root {}", root.display()))?;
-            if certs.len() > 1 {
-                tracing::warn!(
-                    "tls.acme_ca_root {}: only the first of its {} certificates is trusted",
-                    root.display(),
-                    certs.len()
-                );
-            }
-            Account::builder_with_root(root)
-                .map_err(|e| anyhow!("tls.acme_ca_root {}: {e}", root.display()))
-        }
-        None => Account::builder().map_err(|e| anyhow!("loading the system's trusted roots: {e}")),
-    }
-}
-
-fn read_book(paths: &TlsPaths) -> AccountBook {
-    match std::fs::read(&paths.account) {
-        Ok(text) => match serde_json::from_slice(&text) {
-            Ok(book) => book,
-            Err(e) => {
-                let aside = paths
-                    .account
-                    .with_extension(format!("json.bad-{}", Utc::now().timestamp()));
-                tracing::warn!(
-                    "{} unreadable ({e}); moved to {} and a new account will be created",
-                    paths.account.display(),
-                    aside.display()
-                );
-                let _ = std::fs::rename(&paths.account, &aside);
-                AccountBook::default()
-            }
-        },
-        Err(_) => AccountBook::default(),
-    }
-}
-
-fn write_book(paths: &TlsPaths, book: &AccountBook) -> anyhow::Result<()> {
-    ensure_dir(&paths.acme_dir, 0o700)
-        .with_context(|| format!("creating {}", paths.acme_dir.display()))?;
-    let json = serde_json::to_vec_pretty(book)?;
-    write_atomic(&paths.account, &json, 0o600)
-        .with_context(|| format!("writing {}", paths.account.display()))
-}
-
-fn forget_account(tls: &Tls) {
-    let mut book = read_book(&tls.paths);
-    if book.accounts.remove(&tls.cfg.tls.acme_directory).is_some() {
-        if let Err(e) = write_book(&tls.paths, &book) {
-            tracing::warn!("{e:#}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,16 +14,22 @@
 //! certificate on any failure, records it in [`CertStatus`] and retries with back-off.
 
 mod acme;
+mod acme_account;
 mod ca_admin;
 #[cfg(test)]
 mod ca_tests;
 mod certinfo;
 mod constraints;
 mod files;
+mod leaf;
 mod local_ca;
+mod status;
 mod store;
 #[cfg(test)]
 mod tests;
+
+use status::{mode_name, status_of};
+pub use status::{status_from_disk, CertStatus};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,10 +39,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::{Config, TlsMode};
+use crate::process::backoff::Backoff;
 use crate::sync::LockExt;
 use ca_admin::ca_status;
 pub use ca_admin::{ca_warnings, export_root, prepare_next_root, rotate_root, CaStatus, Rotated};
@@ -76,30 +82,6 @@ impl Default for TlsTuning {
             local_leaf_validity: Duration::from_secs(90 * 86400),
         }
     }
-}
-
-/// What `koprogo cert status` shows. Times are RFC 3339, UTC.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct CertStatus {
-    /// `acme`, `internal`, `files` or `off`.
-    pub mode: String,
-    /// Names of the certificate served by default.
-    pub names: Vec<String>,
-    pub issuer: String,
-    pub not_before: Option<String>,
-    pub not_after: Option<String>,
-    /// When the next renewal (or, while failing, the next attempt) is planned.
-    pub next_renewal: Option<String>,
-    /// `acme`, `local-ca`, `files`, or `none` (nothing on disk yet).
-    pub source: String,
-    pub last_error: Option<String>,
-    pub last_attempt: Option<String>,
-    pub retry_at: Option<String>,
-    /// ACME orders placed since this process started.
-    pub orders: u64,
-    /// The local root CA (None in `files` mode or before it exists).
-    #[serde(default)]
-    pub ca: Option<CaStatus>,
 }
 
 /// Where the files are, under `<state>/tls/`.
@@ -433,7 +415,7 @@ impl Tls {
                 next
             }
             Err(e) => {
-                let wait = backoff.next();
+                let wait = backoff.next_delay();
                 tracing::warn!("local-CA certificate renewal failed: {e:#}; retrying in {wait:?}");
                 if self.cfg.tls.mode != TlsMode::Acme {
                     let mut p = self.progress_lock();
@@ -463,7 +445,7 @@ impl Tls {
     }
 
     async fn local_loop(&self) {
-        let mut backoff = Backoff::new(&self.tuning);
+        let mut backoff = Backoff::between(self.tuning.retry_min, self.tuning.retry_max);
         loop {
             let force = self.force.swap(false, Ordering::SeqCst);
             let next = self.local_tick(force, &mut backoff);
@@ -475,8 +457,8 @@ impl Tls {
 
     async fn acme_loop(&self) {
         let mut rt = acme::Runtime::default();
-        let mut backoff = Backoff::new(&self.tuning);
-        let mut local_backoff = Backoff::new(&self.tuning);
+        let mut backoff = Backoff::between(self.tuning.retry_min, self.tuning.retry_max);
+        let mut local_backoff = Backoff::between(self.tuning.retry_min, self.tuning.retry_max);
         // An operator's `cert renew` stays wanted until an order succeeds.
         let mut wanted = false;
         loop {
@@ -500,7 +482,7 @@ impl Tls {
                         p.retry_at = None;
                     }
                     Err(e) => {
-                        let wait = backoff.next();
+                        let wait = backoff.next_delay();
                         let at = Utc::now() + chrono_dur(wait);
                         tracing::warn!(
                             "ACME certificate attempt failed: {e:#}; keeping the current \
@@ -587,95 +569,6 @@ impl Tls {
     }
 }
 
-/// Offline view for `koprogo cert status` when the supervisor is not running: what is
-/// on disk (nothing is created; problems are reported in `last_error`).
-pub fn status_from_disk(cfg: &Config) -> anyhow::Result<CertStatus> {
-    let paths = TlsPaths::new(&cfg.paths.state);
-    let mode = cfg.tls.mode;
-    let mut error = None;
-    let mut next_renewal = None;
-    let entry = match mode {
-        TlsMode::Files => match FilePair::from_config(cfg).and_then(|p| {
-            let c = p.load()?;
-            Ok((p.expiry_warning(&c), c))
-        }) {
-            Ok((warning, cert)) => {
-                error = warning;
-                Some(Entry::new(cert, Source::Files, None))
-            }
-            Err(e) => {
-                error = Some(format!("{e:#}"));
-                None
-            }
-        },
-        TlsMode::Acme | TlsMode::Internal | TlsMode::Off => {
-            let stored = if mode == TlsMode::Acme {
-                acme::read_stored(&paths).unwrap_or_else(|e| {
-                    error = Some(format!("{e:#}"));
-                    None
-                })
-            } else {
-                None
-            };
-            let chosen = stored.or_else(|| match local_ca::read_leaf(&paths) {
-                Ok(l) => l.map(|c| Entry::new(c, Source::LocalCa, None)),
-                Err(e) => {
-                    error.get_or_insert(format!("{e:#}"));
-                    None
-                }
-            });
-            next_renewal = chosen.as_ref().map(|e| {
-                let stale = mode == TlsMode::Acme
-                    && (e.source != Source::Acme
-                        || e.directory.as_deref() != Some(cfg.tls.acme_directory.as_str()));
-                if stale {
-                    Utc::now()
-                } else {
-                    e.cert.info.renew_at()
-                }
-            });
-            chosen
-        }
-    };
-    let mut st = status_of(mode, entry.as_ref());
-    st.last_error = error;
-    st.next_renewal = next_renewal.map(rfc3339);
-    if mode != TlsMode::Files {
-        if let Ok(Some(ca)) = local_ca::read_root(&paths) {
-            st.ca = Some(ca_status(&paths, &ca, cfg));
-        }
-    }
-    Ok(st)
-}
-
-fn status_of(mode: TlsMode, entry: Option<&Arc<Entry>>) -> CertStatus {
-    CertStatus {
-        mode: mode_name(mode).into(),
-        names: entry.map(|e| e.cert.info.names.clone()).unwrap_or_default(),
-        issuer: entry
-            .map(|e| e.cert.info.issuer.clone())
-            .unwrap_or_default(),
-        not_before: entry.map(|e| rfc3339(e.cert.info.not_before)),
-        not_after: entry.map(|e| rfc3339(e.cert.info.not_after)),
-        next_renewal: None,
-        source: entry.map_or("none", |e| e.source.name()).into(),
-        last_error: None,
-        last_attempt: None,
-        retry_at: None,
-        orders: 0,
-        ca: None,
-    }
-}
-
-fn mode_name(mode: TlsMode) -> &'static str {
-    match mode {
-        TlsMode::Acme => "acme",
-        TlsMode::Internal => "internal",
-        TlsMode::Files => "files",
-        TlsMode::Off => "off",
-    }
-}
-
 fn server_config(store: Arc<CertStore>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut sc = rustls::ServerConfig::builder_with_provider(provider)
@@ -695,31 +588,4 @@ fn server_config(store: Arc<CertStore>) -> anyhow::Result<Arc<rustls::ServerConf
 
 fn chrono_dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::hours(1))
-}
-
-/// Exponential back-off: `retry_min` doubling up to `retry_max`.
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(t: &TlsTuning) -> Backoff {
-        Backoff {
-            min: t.retry_min,
-            max: t.retry_max.max(t.retry_min),
-            next: t.retry_min,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
 }

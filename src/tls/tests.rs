@@ -627,9 +627,10 @@ fn http01_answers_only_pending_tokens() {
 
 #[test]
 fn backoff_doubles_up_to_the_cap() {
-    let mut b = Backoff::new(&TlsTuning::default());
-    let waits: Vec<u64> = (0..10).map(|_| b.next().as_secs()).collect();
+    let t = TlsTuning::default();
+    let mut b = Backoff::between(t.retry_min, t.retry_max);
+    let waits: Vec<u64> = (0..10).map(|_| b.next_delay().as_secs()).collect();
     assert_eq!(waits, [30, 60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]);
     b.reset();
-    assert_eq!(b.next().as_secs(), 30);
+    assert_eq!(b.next_delay().as_secs(), 30);
 }
