@@ -14,10 +14,10 @@ use hyper::upgrade::OnUpgrade;
 use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
 use super::limits::ConnSlot;
-use super::server::{Activity, IdleIo};
+use super::server::{stopped, Activity, IdleIo};
 use super::stats::ProxyStats;
 
 /// Bound on closing a tunnel's two ends (a TLS close_notify, a FIN): a peer that
@@ -30,7 +30,7 @@ const CLOSE_TIME: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Lease {
     _held: Arc<Held>,
-    stop: CancellationToken,
+    stop: watch::Receiver<bool>,
     idle: Duration,
 }
 
@@ -51,7 +51,7 @@ impl Lease {
     pub fn new(
         slot: Option<ConnSlot>,
         stats: Arc<ProxyStats>,
-        stop: CancellationToken,
+        stop: watch::Receiver<bool>,
         idle: Duration,
     ) -> Lease {
         stats.open_connections.fetch_add(1, Ordering::Relaxed);
@@ -72,11 +72,11 @@ pub async fn splice(client: OnUpgrade, upstream: Response<Incoming>, lease: Leas
     let activity = Activity::new();
     let mut c = IdleIo::new(TokioIo::new(c), activity.clone());
     let mut u = TokioIo::new(u);
-    let stop = lease.stop.clone();
+    let mut stop = lease.stop.clone();
     let why = tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut c, &mut u) => return,
         _ = activity.quiet_for(lease.idle) => "idle",
-        _ = stop.cancelled() => "stopping",
+        _ = stopped(&mut stop) => "stopping",
     };
     tracing::debug!("proxy: closing an upgraded connection ({why})");
     let close = async {
