@@ -179,6 +179,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   stop_pid "$CHILD" TERM 5
+  stop_pid "${PERF_PID:-}" INT 5
   for p in $(nginx_pids); do KNOWN+=("$p"); done
   if [[ -n ${PG_PID:-} ]]; then for p in $(children "$PG_PID"); do KNOWN+=("$p"); done; fi # backends: setsid
   stop_pid "$NPID" QUIT 10
@@ -500,6 +501,26 @@ wrk_run() { # mode seconds out: one wrk run with fresh tokens
   tail -1 "$out" | jq -e .requests >/dev/null 2>&1 || { cat "$out" "$out.err" >&2; die "wrk printed no result line against $mode"; }
 }
 
+# BENCH_PERF=1: a CPU profile of the supervisor (perf, software clock: no hardware
+# counters needed) during the first koprogo run, printed after the table.
+PERF=${BENCH_PERF:-0} PERF_PID=""
+if [[ $PERF == 1 ]] && ! command -v perf >/dev/null 2>&1; then
+  is_root || die "BENCH_PERF=1 needs perf (Debian's linux-perf; run as root to install it)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null || die "apt-get install linux-perf failed"
+fi
+perf_start() { # mode round
+  [[ $PERF == 1 && $1 == koprogo && $2 == 1 ]] || return 0
+  perf record -q -e cpu-clock -F 2000 --per-thread -p "$KPID" -o "$RES/perf.data" >/dev/null 2>"$RES/perf.err" &
+  PERF_PID=$!
+  sleep 0.2
+}
+perf_stop() {
+  [[ -n $PERF_PID ]] || return 0
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=""
+}
+
 declare -A R
 RES=$TMP/results
 mkdir -p "$RES"
@@ -515,7 +536,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
     wait_quiet
     out=$RES/$mode-$r
     snapshot s0
+    perf_start "$mode" "$r"
     wrk_run "$mode" "$SECS" "$out"
+    perf_stop
     snapshot s1
     line=$(tail -1 "$out")
     # Only 2xx answers count as done work (req/s, CPU per 1,000 requests): a 429 or
@@ -613,3 +636,9 @@ else GROWTH="BENCH_RESET=0: the lists grew over the whole run; the rotating orde
 echo "POSTs sent: koprogo ${R[koprogo.posts]}, nginx ${R[nginx.posts]}, direct ${R[direct.posts]} ($GROWTH)."
 echo "API restarts during the run: $RESTARTS; panics in the API's log: $PANICS."
 if ((NOISY > 0)); then echo "warning: $NOISY run(s) started while other jobs kept the CPUs busy (see the 'other jobs' row)."; fi
+if [[ $PERF == 1 && -s $RES/perf.data ]]; then
+  echo
+  echo "Supervisor CPU profile (BENCH_PERF=1, first koprogo run, perf cpu-clock at 2 kHz): by thread, then by function (>= 0.5 %)"
+  perf report -q -i "$RES/perf.data" --stdio --no-children --sort comm 2>/dev/null | sed '/^$/d' | head -15
+  perf report -q -i "$RES/perf.data" --stdio --no-children --sort dso,sym --percent-limit 0.5 2>/dev/null | sed '/^$/d' | head -60
+fi

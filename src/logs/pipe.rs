@@ -152,6 +152,12 @@ impl LogPipe {
 #[derive(Clone, Debug)]
 pub struct PipeWriter(Arc<File>);
 
+impl From<File> for PipeWriter {
+    fn from(f: File) -> PipeWriter {
+        PipeWriter(Arc::new(f))
+    }
+}
+
 impl Write for PipeWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         (&*self.0).write(buf)

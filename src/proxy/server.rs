@@ -73,6 +73,10 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, cancel: Cancellation
         cancel.cancelled().await;
         let _ = stop_tx.send(true);
     });
+    let flusher = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.access.run_flusher().await })
+    };
     let conns = ConnLimiter::new(proxy.cfg.proxy.max_conns_per_ip);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -197,6 +201,8 @@ pub async fn serve(proxy: Arc<Proxy>, listeners: Listeners, cancel: Cancellation
     if left > 0 {
         tracing::warn!("proxy: {left} connections still open after {DRAIN:?}: closing them");
     }
+    flusher.abort();
+    proxy.access.flush();
 }
 
 async fn connection_tls(
