@@ -503,22 +503,40 @@ wrk_run() { # mode seconds out: one wrk run with fresh tokens
 
 # BENCH_PERF=1: a CPU profile of the supervisor (perf, software clock: no hardware
 # counters needed) during the first koprogo run, printed after the table.
-PERF=${BENCH_PERF:-0} PERF_PID=""
-if [[ $PERF == 1 ]] && ! command -v perf >/dev/null 2>&1; then
-  is_root || die "BENCH_PERF=1 needs perf (Debian's linux-perf; run as root to install it)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null || die "apt-get install linux-perf failed"
+# BENCH_PERF=strace: the system calls of the supervisor (first koprogo run) and of nginx
+# (first nginx run), counted by strace -c and printed per request after the table
+# (strace slows both down: those two runs' figures are not comparable with the others).
+PERF=${BENCH_PERF:-0} PERF_PID="" PERF_TOOL=""
+case $PERF in
+  0) ;;
+  1) PERF_TOOL=perf PERF_PKG=linux-perf ;;
+  strace) PERF_TOOL=strace PERF_PKG=strace ;;
+  *) die "BENCH_PERF=$PERF: expected 1 (perf) or strace" ;;
+esac
+if [[ -n $PERF_TOOL ]] && ! command -v "$PERF_TOOL" >/dev/null 2>&1; then
+  is_root || die "BENCH_PERF=$PERF needs $PERF_TOOL (Debian's $PERF_PKG; run as root to install it)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$PERF_PKG" >/dev/null || die "apt-get install $PERF_PKG failed"
 fi
 perf_start() { # mode round
-  [[ $PERF == 1 && $1 == koprogo && $2 == 1 ]] || return 0
-  perf record -q -e cpu-clock -F 2000 --per-thread -p "$KPID" -o "$RES/perf.data" >/dev/null 2>"$RES/perf.err" &
+  [[ $2 == 1 ]] || return 0
+  if [[ $PERF == 1 && $1 == koprogo ]]; then
+    perf record -q -e cpu-clock -F 2000 --per-thread -p "$KPID" -o "$RES/perf.data" >/dev/null 2>"$RES/perf.err" &
+  elif [[ $PERF == strace && ($1 == koprogo || $1 == nginx) ]]; then
+    local pid=$KPID
+    if [[ $1 == nginx ]]; then pid=$(children "$NPID" | head -1); fi
+    strace -c -f -p "$pid" -o "$RES/strace-$1.txt" 2>"$RES/strace-$1.err" &
+  else
+    return 0
+  fi
   PERF_PID=$!
-  sleep 0.2
+  sleep 0.3
 }
-perf_stop() {
+perf_stop() { # mode: after the run (its 2xx count in $RES/<mode>-1)
   [[ -n $PERF_PID ]] || return 0
   kill -INT "$PERF_PID" 2>/dev/null || true
   wait "$PERF_PID" 2>/dev/null || true
   PERF_PID=""
+  if [[ $PERF == strace ]]; then jq '.requests' <<<"$(tail -1 "$RES/$1-1")" > "$RES/strace-$1.requests"; fi
 }
 
 declare -A R
@@ -538,7 +556,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     snapshot s0
     perf_start "$mode" "$r"
     wrk_run "$mode" "$SECS" "$out"
-    perf_stop
+    perf_stop "$mode"
     snapshot s1
     line=$(tail -1 "$out")
     # Only 2xx answers count as done work (req/s, CPU per 1,000 requests): a 429 or
@@ -636,6 +654,17 @@ else GROWTH="BENCH_RESET=0: the lists grew over the whole run; the rotating orde
 echo "POSTs sent: koprogo ${R[koprogo.posts]}, nginx ${R[nginx.posts]}, direct ${R[direct.posts]} ($GROWTH)."
 echo "API restarts during the run: $RESTARTS; panics in the API's log: $PANICS."
 if ((NOISY > 0)); then echo "warning: $NOISY run(s) started while other jobs kept the CPUs busy (see the 'other jobs' row)."; fi
+if [[ $PERF == strace ]]; then
+  for mode in koprogo nginx; do
+    [[ -s $RES/strace-$mode.txt && -s $RES/strace-$mode.requests ]] || continue
+    echo
+    echo "System calls of $mode per request (BENCH_PERF=strace, first $mode run, $(cat "$RES/strace-$mode.requests") requests; strace -c -f):"
+    awk -v n="$(cat "$RES/strace-$mode.requests")" '
+      $1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" { name = $NF; calls = $4; errs = (NF == 6) ? $5 : 0
+        total += calls; printf "  %-20s %8.2f calls/req  (%s errors)\n", name, calls / n, errs }
+      END { printf "  %-20s %8.2f calls/req\n", "total", total / n }' "$RES/strace-$mode.txt"
+  done
+fi
 if [[ $PERF == 1 && -s $RES/perf.data ]]; then
   echo
   echo "Supervisor CPU profile (BENCH_PERF=1, first koprogo run, perf cpu-clock at 2 kHz): by thread, then by function (>= 0.5 %)"
