@@ -49,6 +49,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -56,7 +57,9 @@ use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
 use crate::proxy::Body;
+use crate::sync::LockExt;
 
+mod cache;
 mod conditional;
 mod gzip;
 mod lookup;
@@ -124,6 +127,8 @@ struct Inner {
     /// (the root may be a symlink swapped to a new release).
     root_canon: Mutex<Option<PathBuf>>,
     gz_cache: Mutex<GzCache>,
+    /// Small answers reused for a second without touching the disk.
+    cache: Mutex<cache::FileCache>,
 }
 
 impl std::fmt::Debug for StaticFiles {
@@ -148,6 +153,7 @@ impl StaticFiles {
                 config_etag,
                 root_canon: Mutex::new(None),
                 gz_cache: Mutex::new(GzCache::default()),
+                cache: Mutex::new(cache::FileCache::default()),
             }),
         }
     }
@@ -188,8 +194,23 @@ impl StaticFiles {
             }
         }
         let info = ReqInfo::new(req, segs, trailing, head);
+        let key = cache::Key::of(&info);
+        if let Some(key) = &key {
+            let hit = self.inner.cache.locked().answer(key, &info, Instant::now());
+            if let Some(plan) = hit {
+                return plan.into_response();
+            }
+        }
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.plan(&info)).await {
+        let planned = move || {
+            let now = Instant::now();
+            let plan = inner.plan(&info);
+            if let Some(key) = key {
+                inner.cache.locked().keep(key, &info, &plan, now);
+            }
+            plan
+        };
+        match tokio::task::spawn_blocking(planned).await {
             Ok(plan) => plan.into_response(),
             Err(e) => {
                 tracing::warn!("static file task failed: {e}");

@@ -508,9 +508,11 @@ async fn gzip_on_the_fly_above_minimum_only() {
     .await;
     assert_eq!(r304.status, StatusCode::NOT_MODIFIED);
 
-    // A changed file is compressed again (cache keyed by mtime + size).
+    // A changed file is compressed again (cache keyed by mtime + size), once the
+    // answer kept in memory is no longer fresh.
     let newer = ".x{color:red}\n".repeat(300);
     std::fs::write(s.root.join("big.css"), &newer).unwrap();
+    tokio::time::sleep(super::cache::FRESH).await;
     let r = send(&s.sf, "GET", "/big.css", &[("accept-encoding", "gzip")]).await;
     assert_eq!(gunzip(&r.body), newer.as_bytes());
 
@@ -645,6 +647,9 @@ async fn symlink_inside_the_tree_and_query_strings() {
     write(&v2, "index.html", b"V2");
     std::fs::remove_file(&link).unwrap();
     symlink(&v2, &link).unwrap();
+    // The answer kept in memory serves until it is no longer fresh, then the disk.
+    assert_eq!(get(&sf, "/").await.text(), INDEX);
+    tokio::time::sleep(super::cache::FRESH).await;
     assert_eq!(get(&sf, "/").await.text(), "V2");
 }
 
@@ -862,4 +867,95 @@ async fn odd_mtimes_do_not_panic() {
         let r = send(&s.sf, "GET", &uri, &[("if-modified-since", &ims)]).await;
         assert_eq!(r.status, StatusCode::OK);
     }
+}
+
+/// An answer kept in memory is the answer the disk gives: for each path and request
+/// variant, a warm server (second request, from memory) and a cold one (a new server,
+/// from disk) agree on status, headers and body.
+#[tokio::test]
+async fn answers_from_memory_are_the_disk_answers() {
+    let s = site();
+    let paths = [
+        "/",
+        "/robots.txt",
+        "/big.css",
+        "/small.css",
+        "/alias.css",
+        "/fr/about/",
+        "/docs",
+        "/some/route",
+        "/_astro/app.abc123.js",
+        "/_astro/style.def456.css",
+        "/manifest.json",
+    ];
+    for path in paths {
+        let first = get(&s.sf, path).await;
+        let etag = first.header("etag").to_owned();
+        let modified = first.header("last-modified").to_owned();
+        let variants: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            ("GET", vec![]),
+            ("HEAD", vec![]),
+            ("GET", vec![("accept-encoding", "gzip")]),
+            ("GET", vec![("accept-encoding", "br, gzip")]),
+            ("HEAD", vec![("accept-encoding", "gzip")]),
+            ("GET", vec![("if-none-match", etag.as_str())]),
+            ("GET", vec![("if-none-match", "\"other\"")]),
+            ("GET", vec![("if-modified-since", modified.as_str())]),
+            (
+                "GET",
+                vec![("if-modified-since", "Mon, 01 Jan 2001 00:00:00 GMT")],
+            ),
+        ];
+        for (method, headers) in &variants {
+            let warm_up = send(&s.sf, method, path, headers).await;
+            let warm = send(&s.sf, method, path, headers).await;
+            let cold_sf = StaticFiles::new(s.root.clone(), StaticOptions::default());
+            let cold = send(&cold_sf, method, path, headers).await;
+            let what = format!("{method} {path} {headers:?}");
+            assert_eq!(warm.status, cold.status, "{what}");
+            assert_eq!(warm.headers, cold.headers, "{what}");
+            assert_eq!(warm.body, cold.body, "{what}");
+            assert_eq!(warm_up.body, warm.body, "{what}");
+        }
+    }
+}
+
+/// Within `FRESH` a kept answer does not touch the disk (the file can be gone);
+/// after it, the disk decides again. A `Range` request always reads the disk.
+#[tokio::test]
+async fn kept_answers_live_one_freshness_period() {
+    let s = site();
+    assert_eq!(get(&s.sf, "/robots.txt").await.text(), "User-agent: *\n");
+    std::fs::remove_file(s.root.join("robots.txt")).unwrap();
+    let t = Instant::now();
+    let kept = get(&s.sf, "/robots.txt").await;
+    if t.elapsed() < super::cache::FRESH {
+        assert_eq!(kept.status, StatusCode::OK);
+        assert_eq!(kept.text(), "User-agent: *\n");
+    }
+    let ranged = send(&s.sf, "GET", "/robots.txt", &[("range", "bytes=0-3")]).await;
+    assert_eq!(
+        ranged.status,
+        StatusCode::NOT_FOUND,
+        "a Range reads the disk"
+    );
+    tokio::time::sleep(super::cache::FRESH).await;
+    assert_eq!(
+        get(&s.sf, "/robots.txt").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// However many distinct paths are asked for, the memory kept stays bounded.
+#[tokio::test]
+async fn kept_answers_are_bounded() {
+    let s = site();
+    for i in 0..1200 {
+        let r = get(&s.sf, &format!("/route/{i}")).await;
+        assert_eq!(r.text(), INDEX);
+    }
+    let (entries, bytes) = s.sf.inner.cache.locked().len_bytes();
+    assert!(entries <= 512, "{entries} entries");
+    assert!(bytes <= 2 * 1024 * 1024, "{bytes} bytes");
+    assert!(entries > 0);
 }
