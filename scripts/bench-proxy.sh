@@ -9,17 +9,22 @@
 # only; every wait is bounded; every process started here is stopped on exit.
 #
 # Usage: scripts/bench-proxy.sh          (as root it installs what is missing)
-# Knobs (environment): BENCH_SECONDS=10 (one phase), BENCH_REPEAT=3 (phases a and c),
-#   BENCH_CONNS=32, BENCH_WARMUP=2 (seconds), BENCH_INDEX_SECONDS=5,
-#   BENCH_QUIET_WAIT=90 (seconds to wait, before each proxy, for other jobs to leave the
+# Knobs (environment): BENCH_SECONDS=10 (one run of a, c/app.js, b, e), BENCH_REPEAT=3
+#   (rounds of a, c and f), BENCH_CONNS=32, BENCH_WARMUP=2 (seconds), BENCH_INDEX_SECONDS=5
+#   (one run of c/index.html and of f), BENCH_HS_CLIENTS=4 (openssl s_time processes in f),
+#   BENCH_SOAK_SECONDS=0 (g: N > 0 runs koprogo under load N s and reports its RSS slope),
+#   BENCH_QUIET_WAIT=90 (seconds to wait, before each run, for other jobs to leave the
 #   CPUs), BENCH_PIN_LOG_THREADS=1 (koprogo's threads capturing the backend's and
 #   Postgres' output go with the backend), BENCH_KEEP=1 (keep the temp dir),
 #   BENCH_HOLD=N (debugging: wait N s before measuring, ports printed).
 #
-# Phases, per proxy: (d) idle RSS; (a) keep-alive GET /api/v1/health, RSS sampled every
-# 200 ms; (b) the same with a new connection per request; (c) GET /_astro/app.<hash>.js
-# (~50 KB) and / (index.html, ~2 KB); (e) p99 at half of (a)'s rate with latency
-# correction, through the proxy and straight to the backend. Total about 6 minutes.
+# Phases: (d) idle RSS of each proxy before any load; then REPEAT alternating rounds (the
+# first proxy rotating each round) of (a) keep-alive GET /api/v1/health, RSS sampled every
+# 200 ms, (c) GET /_astro/app.<hash>.js (~50 KB) and / (index.html, ~2 KB), (f) full TLS
+# handshakes (no session resumption); then per proxy (b) a new connection per request
+# (oha: sessions mostly resumed) and (e) p99 at half of (a)'s rate with latency
+# correction, through the proxy and straight to the backend; (g) optional soak.
+# Medians over the rounds. Total about 8 minutes.
 set -euo pipefail
 umask 022
 cd "$(dirname "$0")/.."
@@ -539,35 +544,80 @@ pct() { awk -v a="$1" -v t="$2" 'BEGIN {printf "%.0f", t ? 100 * a / t : 0}'; }
 per_cpu_s() { awk -v n="$1" -v t="$2" -v c="$CLK" 'BEGIN {printf "%.0f", t ? n * c / t : 0}'; }
 round() { local x r=(); for x in "$@"; do r+=("$(awk -v x="$x" 'BEGIN {printf "%.0f", x}')"); done; echo "${r[*]}"; }
 
-for name in koprogo nginx caddy; do
-  port=${PORT[$name]}
-  base="https://127.0.0.1:$port"
-  if [[ $name == koprogo ]]; then pin_koprogo; fi
-  read -ra pids <<<"$(proxy_pids "$name")"
-  for p in "${pids[@]}"; do pin "$PROXY_CPU" "$p"; done
-  wait_quiet "${BENCH_QUIET_WAIT:-90}"
-  say "== $name (pids ${pids[*]}, https :$port, load avg $(cut -d' ' -f1-3 /proc/loadavg))"
+full_handshakes() { # name out secs: new TLS sessions (no resumption) from $HS_PROCS openssl
+  # s_time clients on the load CPU; prints the handshakes done
+  local name=$1 out=$2 secs=$3 k pids=() n=0 c
+  for ((k = 0; k < HS_PROCS; k++)); do
+    timeout $((secs + 30)) openssl s_time -connect "127.0.0.1:${PORT[$name]}" -new -time "$secs" \
+      >"$out.$k" 2>&1 </dev/null &
+    pids+=($!)
+  done
+  for k in "${pids[@]}"; do wait "$k" || true; done
+  for ((k = 0; k < HS_PROCS; k++)); do
+    c=$(awk '/connections in .* real seconds/ {print $1; exit}' "$out.$k")
+    n=$((n + ${c:-0}))
+  done
+  echo "$n"
+}
+HS_PROCS=${BENCH_HS_CLIENTS:-4}
 
-  # d. idle RSS: median of 5 samples over a second
+# d. idle RSS of each proxy before any load: median of 5 samples over a second
+for name in koprogo nginx caddy; do
+  read -ra pids <<<"$(proxy_pids "$name")"
   samples=()
   for i in 1 2 3 4 5; do samples+=("$(rss_kib "${pids[@]}")"); sleep 0.2; done
   R[$name.rss_idle]=$(median "${samples[@]}")
-
-  # a. keep-alive API requests through the proxy, RSS sampled meanwhile
-  oha_run "$RES/$name.warm.json" "$WARMUP" "$base$HEALTH"
+done
+for name in koprogo nginx caddy; do
+  oha_run "$RES/$name.warm.json" "$WARMUP" "https://127.0.0.1:${PORT[$name]}$HEALTH"
   echo 0 > "$RES/$name.rsspeak"
-  start_sampler "$RES/$name.rsspeak" "${pids[@]}"
-  rps=() p50=() p99=()
-  for ((r = 1; r <= REPEAT; r++)); do
+done
+
+# a, c, f: alternating rounds (the first proxy rotating each round), medians over rounds.
+NAMES=(koprogo nginx caddy)
+for ((r = 1; r <= REPEAT; r++)); do
+  order=()
+  for ((k = 0; k < ${#NAMES[@]}; k++)); do order+=("${NAMES[(k + r - 1) % ${#NAMES[@]}]}"); done
+  for name in "${order[@]}"; do
+    port=${PORT[$name]}
+    base="https://127.0.0.1:$port"
+    if [[ $name == koprogo ]]; then pin_koprogo; fi
+    read -ra pids <<<"$(proxy_pids "$name")"
+    for p in "${pids[@]}"; do pin "$PROXY_CPU" "$p"; done
+    wait_quiet "${BENCH_QUIET_WAIT:-90}"
+    say "== round $r: $name (pids ${pids[*]}, https :$port, load avg $(cut -d' ' -f1-3 /proc/loadavg))"
+    # a. keep-alive API requests through the proxy, RSS sampled meanwhile
+    start_sampler "$RES/$name.rsspeak" "${pids[@]}"
     measured "$name" a "$RES/$name.a$r.json" "$SECS" "$base$HEALTH"
-    rps+=("$(j .summary.requestsPerSec "$RES/$name.a$r.json")")
-    p50+=("$(j '.latencyPercentiles.p50 * 1000' "$RES/$name.a$r.json")")
-    p99+=("$(j '.latencyPercentiles.p99 * 1000' "$RES/$name.a$r.json")")
-    say "   a$r keep-alive $HEALTH: $(round "${rps[-1]}") req/s, p50 $(f3 "${p50[-1]}") ms, p99 $(f3 "${p99[-1]}") ms"
+    stop_sampler
+    R[$name.rps_all]+="$(j .summary.requestsPerSec "$RES/$name.a$r.json") "
+    R[$name.p50_all]+="$(j '.latencyPercentiles.p50 * 1000' "$RES/$name.a$r.json") "
+    R[$name.p99_all]+="$(j '.latencyPercentiles.p99 * 1000' "$RES/$name.a$r.json") "
+    say "   a keep-alive $HEALTH: $(round "$(j .summary.requestsPerSec "$RES/$name.a$r.json")") req/s"
+    # c. static files, keep-alive: the ~50 KB script, then index.html
+    measured "$name" c "$RES/$name.c$r.json" "$SECS" "$base/_astro/$JS_NAME"
+    R[$name.static_all]+="$(j .summary.requestsPerSec "$RES/$name.c$r.json") "
+    measured "$name" i "$RES/$name.i$r.json" "$INDEX_SECS" "$base/"
+    R[$name.index_all]+="$(j .summary.requestsPerSec "$RES/$name.i$r.json") "
+    say "   c static /_astro/$JS_NAME: $(round "$(j .summary.requestsPerSec "$RES/$name.c$r.json")") req/s, / (index.html): $(round "$(j .summary.requestsPerSec "$RES/$name.i$r.json")") req/s"
+    # f. full TLS handshakes: a new session each time (openssl s_time -new: no resumption)
+    t0=$(proxy_ticks "$name")
+    n=$(full_handshakes "$name" "$RES/$name.f$r" "$INDEX_SECS")
+    t1=$(proxy_ticks "$name")
+    R[$name.f.ticks]=$(( ${R[$name.f.ticks]:-0} + t1 - t0 )); R[$name.f.n]=$(( ${R[$name.f.n]:-0} + n ))
+    R[$name.full_all]+="$(awk -v n="$n" -v s="$INDEX_SECS" 'BEGIN {print n / s}') "
+    say "   f full TLS handshakes ($HS_PROCS openssl s_time -new): $(round "$(awk -v n="$n" -v s="$INDEX_SECS" 'BEGIN {print n / s}')")/s"
   done
-  stop_sampler
-  R[$name.rps]=$(median "${rps[@]}"); R[$name.p50]=$(median "${p50[@]}"); R[$name.p99]=$(median "${p99[@]}")
-  R[$name.rps_all]=$(round "${rps[@]}")
+done
+for name in koprogo nginx caddy; do
+  read -ra v <<<"${R[$name.rps_all]}"; R[$name.rps]=$(median "${v[@]}")
+  read -ra v <<<"${R[$name.p50_all]}"; R[$name.p50]=$(median "${v[@]}")
+  read -ra v <<<"${R[$name.p99_all]}"; R[$name.p99]=$(median "${v[@]}")
+  read -ra v <<<"${R[$name.static_all]}"; R[$name.static]=$(median "${v[@]}")
+  read -ra v <<<"${R[$name.index_all]}"; R[$name.index]=$(median "${v[@]}")
+  read -ra v <<<"${R[$name.full_all]}"; R[$name.full]=$(median "${v[@]}")
+  R[$name.rps_all]=$(round ${R[$name.rps_all]}); R[$name.static_all]=$(round ${R[$name.static_all]})
+  R[$name.index_all]=$(round ${R[$name.index_all]}); R[$name.full_all]=$(round ${R[$name.full_all]})
   R[$name.rss_peak]=$(cat "$RES/$name.rsspeak")
   # CPU during phase a: the proxy's own use in % of one core (the proxy CPU's ticks are
   # the wall time), how busy the proxy's CPU was (the proxy plus anything else running)
@@ -575,8 +625,19 @@ for name in koprogo nginx caddy; do
   R[$name.cpu]=$(pct "${R[$name.a.ticks]}" "${R[$name.a.ptot]}")
   R[$name.busy]="$(pct "${R[$name.a.pbusy]}" "${R[$name.a.ptot]}") / $(pct "${R[$name.a.lbusy]}" "${R[$name.a.ltot]}")"
   R[$name.eff_a]=$(per_cpu_s "${R[$name.a.reqs]}" "${R[$name.a.ticks]}")
-  say "   a  CPU: proxy ${R[$name.cpu]}% of a core; busy CPU $PROXY_CPU / CPU $LOAD_CPU: ${R[$name.busy]} %"
+  R[$name.eff_c]=$(per_cpu_s "${R[$name.c.reqs]}" "${R[$name.c.ticks]}")
+  R[$name.eff_i]=$(per_cpu_s "${R[$name.i.reqs]}" "${R[$name.i.ticks]}")
+  R[$name.eff_f]=$(per_cpu_s "${R[$name.f.n]}" "${R[$name.f.ticks]}")
+done
 
+for name in koprogo nginx caddy; do
+  port=${PORT[$name]}
+  base="https://127.0.0.1:$port"
+  if [[ $name == koprogo ]]; then pin_koprogo; fi
+  read -ra pids <<<"$(proxy_pids "$name")"
+  for p in "${pids[@]}"; do pin "$PROXY_CPU" "$p"; done
+  wait_quiet "${BENCH_QUIET_WAIT:-90}"
+  say "== $name: new connections and open-loop latency"
   # b. a new connection and TLS handshake per request
   before=$(log_lines "$name")
   measured "$name" b "$RES/$name.b.json" "$SECS" "$base$HEALTH" --disable-keepalive
@@ -589,21 +650,6 @@ for name in koprogo nginx caddy; do
   esac
   say "   b  new TLS connection per request: $(round "${R[$name.hs]}")/s, proxy $(pct "${R[$name.b.ticks]}" "${R[$name.b.ptot]}")% of a core (resumed sessions: ${R[$name.resumed]}%)"
 
-  # c. static files, keep-alive
-  srps=()
-  for ((r = 1; r <= REPEAT; r++)); do
-    measured "$name" c "$RES/$name.c$r.json" "$SECS" "$base/_astro/$JS_NAME"
-    srps+=("$(j .summary.requestsPerSec "$RES/$name.c$r.json")")
-    say "   c$r static /_astro/$JS_NAME ($JS_SIZE B): $(round "${srps[-1]}") req/s"
-  done
-  R[$name.static]=$(median "${srps[@]}"); R[$name.static_all]=$(round "${srps[@]}")
-  R[$name.eff_c]=$(per_cpu_s "${R[$name.c.reqs]}" "${R[$name.c.ticks]}")
-  say "   c  CPU: proxy $(pct "${R[$name.c.ticks]}" "${R[$name.c.ptot]}")% of a core"
-  measured "$name" i "$RES/$name.ci.json" "$INDEX_SECS" "$base/"
-  R[$name.index]=$(j .summary.requestsPerSec "$RES/$name.ci.json")
-  R[$name.eff_i]=$(per_cpu_s "${R[$name.i.reqs]}" "${R[$name.i.ticks]}")
-  say "   c  static / (index.html, $INDEX_SIZE B): $(round "${R[$name.index]}") req/s"
-
   # e. p99 at half of the peak keep-alive rate, through the proxy and direct
   half=$(awk -v r="${R[$name.rps]}" 'BEGIN {printf "%d", r / 2}')
   oha_run "$RES/$name.e.json" "$SECS" "$base$HEALTH" -q "$half" --latency-correction
@@ -615,6 +661,26 @@ for name in koprogo nginx caddy; do
   say "   e  at $half req/s: p99 $(f3 "${R[$name.hp99]}") ms through $name, $(f3 "${R[$name.dp99]}") ms direct"
   kill -0 "${pids[0]}" 2>/dev/null || die "$name died during the run"
 done
+
+# g. BENCH_SOAK_SECONDS=N (0: skipped): koprogo under keep-alive load for N seconds, its
+# RSS sampled every 5 s; the least-squares slope says whether it grows.
+SOAK=${BENCH_SOAK_SECONDS:-0}
+if ((SOAK > 0)); then
+  pin_koprogo
+  say "== soak: koprogo under keep-alive load for ${SOAK}s, RSS every 5 s"
+  : > "$RES/soak.rss"
+  (
+    t0=$SECONDS
+    while :; do echo "$((SECONDS - t0)) $(rss_kib "$KPID")" >> "$RES/soak.rss"; sleep 5; done
+  ) &
+  SAMPLER=$!
+  oha_run "$RES/soak.json" "$SOAK" "https://127.0.0.1:$K_HTTPS$HEALTH"
+  stop_sampler
+  R[soak]=$(awk '{n++; sx += $1; sy += $2; sxx += $1 * $1; sxy += $1 * $2; if (n == 1) first = $2; last = $2; if ($2 > max) max = $2}
+    END {d = n * sxx - sx * sx; slope = d ? (n * sxy - sx * sy) / d : 0
+      printf "%d samples over %d s: RSS %.1f MiB at the start, %.1f MiB at the end, %.1f MiB peak; slope %.1f KiB per minute", n, '"$SOAK"', first / 1024, last / 1024, max / 1024, slope * 60}' "$RES/soak.rss")
+  R[soak_rps]=$(j .summary.requestsPerSec "$RES/soak.json")
+fi
 kill -0 "$KPID" 2>/dev/null || die "koprogo died during the run"
 KSTAT=$(kp status --json 2>/dev/null || true)
 RESTARTS=$(jq -r '[.services[]?.restarts] | add // 0' <<<"${KSTAT:-null}" 2>/dev/null || echo "?")
@@ -638,14 +704,17 @@ G_TPUT="≥ nginx and ≥ 2× caddy: $(met "${R[$k.rps]} >= ${R[nginx.rps]} && $
 G_HS="(same goal) $(met "${R[$k.hs]} >= ${R[nginx.hs]} && ${R[$k.hs]} >= 2 * ${R[caddy.hs]}")"
 G_ST="(same goal) $(met "${R[$k.static]} >= ${R[nginx.static]} && ${R[$k.static]} >= 2 * ${R[caddy.static]}")"
 G_IX="(same goal) $(met "${R[$k.index]} >= ${R[nginx.index]} && ${R[$k.index]} >= 2 * ${R[caddy.index]}")"
-G_RSS="< 15 MiB: $(met "${R[$k.rss_idle]} < 15 * 1024")"
+G_RSS="≤ 10 MiB: $(met "${R[$k.rss_idle]} <= 10 * 1024")"
+G_PEAK="≤ 20 MiB: $(met "${R[$k.rss_peak]} <= 20 * 1024")"
+G_FULL="≥ nginx and ≥ 2× caddy: $(met "${R[$k.full]} >= ${R[nginx.full]} && ${R[$k.full]} >= 2 * ${R[caddy.full]}")"
 G_LAT="< 1 ms: $(met "${R[$k.added]} < 1")"
 
 echo
 echo "Proxy benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')); $PINNING."
 echo "HTTPS on 127.0.0.1, one ECDSA P-256 local-CA certificate, HTTP/1.1 (oha offers no ALPN), $CONNS connections, oha $("$OHA" --version | awk '{print $2}') --disable-compression;"
-echo "nginx $NGINX_VERSION (1 worker), Caddy $("$CADDY" version | awk '{print $1}') (GOMAXPROCS from the pinning = 1), koprogo $(jq -r '.version // "?"' <<<"${KSTAT:-null}" 2>/dev/null) (in-process proxy, 2 tokio workers)."
-echo "Each phase ${SECS} s after a ${WARMUP} s warm-up; a and c: median of $REPEAT runs; index.html: one ${INDEX_SECS} s run."
+echo "nginx $NGINX_VERSION (1 worker), Caddy $("$CADDY" version | awk '{print $1}') (GOMAXPROCS from the pinning = 1), koprogo $(jq -r '.version // "?"' <<<"${KSTAT:-null}" 2>/dev/null) (in-process proxy, $(cat /proc/"$KPID"/task/*/comm 2>/dev/null | grep -c '^tokio-rt-worker$') tokio worker(s): one per CPU it was started on)."
+echo "a, c and f: $REPEAT alternating rounds (the first proxy rotating each round), medians; a and app.js runs ${SECS} s,"
+echo "  index.html and full-handshake runs ${INDEX_SECS} s, after a ${WARMUP} s warm-up of each proxy; b and e: one ${SECS} s run each."
 echo
 echo "| metric | koprogo | nginx | caddy | koprogo/nginx | koprogo/caddy | goal (koprogo) |"
 echo "|---|---:|---:|---:|---:|---:|---|"
@@ -655,22 +724,29 @@ row "a. p99 latency, ms" f3 p99 "lower is better"
 row "a. proxy CPU use, % of one core" f0 cpu "—"
 row "a. busy % of the proxy's CPU / of the load CPU" pair busy "—"
 row "a. requests per proxy CPU-second" f0 eff_a "—"
-row "b. new TLS connections/s (--disable-keepalive)" f0 hs "$G_HS"
+row "b. new TLS connections/s (--disable-keepalive, resumed sessions)" f0 hs "$G_HS"
 row "b. new connections per proxy CPU-second" f0 eff_b "—"
 row "c. static req/s, /_astro/app.js ($((JS_SIZE / 1024)) KiB)" f0 static "$G_ST"
 row "c. app.js requests per proxy CPU-second" f0 eff_c "—"
 row "c. static req/s, / = index.html ($INDEX_SIZE B)" f0 index "$G_IX"
 row "c. index.html requests per proxy CPU-second" f0 eff_i "—"
 row "d. proxy RSS idle, MiB" mib rss_idle "$G_RSS"
-row "d. proxy RSS peak under load (phase a), MiB" mib rss_peak "—"
+row "d. proxy RSS peak under load (phase a), MiB" mib rss_peak "$G_PEAK"
+row "f. full TLS handshakes/s (openssl s_time -new, $HS_PROCS clients)" f0 full "$G_FULL"
+row "f. full handshakes per proxy CPU-second" f0 eff_f "—"
 row "e. load used (half of a), req/s" f0 hrate "—"
 row "e. p99 through the proxy at that load, ms" f3 hp99 "—"
 row "e. p99 direct to the backend at that load, ms" f3 dp99 "—"
 row "e. p99 added latency, ms" f3 added "$G_LAT"
 echo
-echo "Runs: keep-alive req/s koprogo [${R[koprogo.rps_all]}], nginx [${R[nginx.rps_all]}], caddy [${R[caddy.rps_all]}];"
-echo "      static req/s koprogo [${R[koprogo.static_all]}], nginx [${R[nginx.static_all]}], caddy [${R[caddy.static_all]}]."
-echo "Handshakes: oha keeps a TLS session cache, so phase b measures new TCP+TLS connections, mostly resumed"
+echo "Runs, in round order: keep-alive req/s koprogo [${R[koprogo.rps_all]}], nginx [${R[nginx.rps_all]}], caddy [${R[caddy.rps_all]}];"
+echo "      app.js req/s koprogo [${R[koprogo.static_all]}], nginx [${R[nginx.static_all]}], caddy [${R[caddy.static_all]}];"
+echo "      index.html req/s koprogo [${R[koprogo.index_all]}], nginx [${R[nginx.index_all]}], caddy [${R[caddy.index_all]}];"
+echo "      full handshakes/s koprogo [${R[koprogo.full_all]}], nginx [${R[nginx.full_all]}], caddy [${R[caddy.full_all]}]."
+if ((SOAK > 0)); then echo "Soak (g): koprogo at $(f0 "${R[soak_rps]}") keep-alive req/s for ${SOAK} s: ${R[soak]}."; fi
+echo "Handshakes: oha keeps a TLS session cache, so phase b measures new TCP+TLS connections, mostly resumed; phase f"
+echo "  makes every session new (openssl s_time -new, TLS 1.3, no request), so it measures full handshakes alone."
+echo "Phase b:"
 echo "  (nginx ${R[nginx.resumed]}% resumed, caddy ${R[caddy.resumed]}% resumed by their access logs; koprogo does not log it)."
 echo "Same for all three: security headers (HSTS, X-Frame-Options, nosniff, Referrer-Policy), X-Forwarded-*, an access"
 echo "  log written to a file (koprogo's through its log pipeline), no compression (the client asks for none),"
