@@ -208,11 +208,35 @@ fn frontend_pages_assets_cache_and_traversal() {
     a.assert_no_leftovers(Duration::from_secs(5));
 }
 
+/// The first CPU this process may run on (Cpus_allowed_list of /proc/self/status).
+fn first_allowed_cpu() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let first = list.trim().split([',', '-']).next().expect("a CPU");
+    first.parse().expect("CPU number")
+}
+
+/// Started on one CPU, as on a one-vCPU VPS: the supervisor runs one async worker,
+/// and the whole proxy (WebSocket, SSE, limits) works on it.
 #[test]
 fn forwarded_headers_websocket_sse_and_limits() {
     let mut a = site("max_body = \"64KiB\"\nmax_upload = \"1MiB\"\n");
-    a.start();
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.arg("-c")
+        .arg(first_allowed_cpu().to_string())
+        .arg(common::koprogo_bin())
+        .arg("--config")
+        .arg(a.path("koprogo.toml"));
+    a.start_with(cmd);
     a.wait_ready();
+    let own = std::fs::read_to_string(a.path("logs/koprogo.log")).expect("koprogo.log");
+    assert!(
+        own.contains("async runtime: 1 worker thread(s)"),
+        "one async worker on one CPU: {own}"
+    );
     let (_, https) = ports(&a);
     let pem = root_pem(&a);
     let c = Client::new(&pem, &[b"http/1.1"]);

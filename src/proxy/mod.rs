@@ -53,6 +53,8 @@ pub struct Proxy {
     access: AccessLog,
     /// `https://<domain>[:port]` for redirects.
     https_port: u16,
+    /// `Strict-Transport-Security`, None when `proxy.hsts` is 0.
+    hsts: Option<HeaderValue>,
 }
 
 impl Proxy {
@@ -81,6 +83,9 @@ impl Proxy {
             stats: Arc::default(),
             access: AccessLog::new(access),
             https_port,
+            hsts: (!cfg.proxy.hsts.is_zero())
+                .then(|| HeaderValue::from_str(&format!("max-age={}", cfg.proxy.hsts.as_secs())))
+                .and_then(Result::ok),
             api,
             tls,
             cfg,
@@ -153,7 +158,7 @@ impl Proxy {
         };
         let started = Instant::now();
         let method = req.method().clone();
-        let version = format!("{:?}", req.version());
+        let version = version_str(req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
         let (mut resp, upstream) = match self.served_name(&host, local.ip()) {
@@ -181,7 +186,7 @@ impl Proxy {
         };
         self.security_headers(resp.headers_mut(), secure);
         self.finish(
-            &resp, client, &method, &path, &version, &host, started, upstream,
+            &resp, client, &method, &path, version, &host, started, upstream,
         );
         resp
     }
@@ -190,7 +195,7 @@ impl Proxy {
     pub async fn handle_http(&self, req: Request<Incoming>, client: IpAddr) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let version = format!("{:?}", req.version());
+        let version = version_str(req.version());
         let path = req.uri().path().to_string();
         let host = host_of(&req);
         let resp = if path == Tls::CRL_PATH {
@@ -207,9 +212,7 @@ impl Proxy {
         } else {
             self.redirect(&req)
         };
-        self.finish(
-            &resp, client, &method, &path, &version, &host, started, None,
-        );
+        self.finish(&resp, client, &method, &path, version, &host, started, None);
         resp
     }
 
@@ -330,24 +333,23 @@ impl Proxy {
         let Some(port) = self.picker.pick(&self.api, None) else {
             return (api_unavailable(), None);
         };
+        // Only a request that may be repeated keeps a copy of its head (headers
+        // included) for a second try; the others keep what a log line names.
+        let again = bodyless.then(|| parts.clone());
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
         let t = Instant::now();
         let first = self
             .upstream
-            .forward(
-                Request::from_parts(parts.clone(), body),
-                client,
-                limit,
-                port,
-            )
+            .forward(Request::from_parts(parts, body), client, limit, port)
             .await;
         let failure = match first {
             Ok(r) => return (r, Some(t.elapsed())),
             Err(f) => f,
         };
         // Named in the log when the request fails (path only: no query, no secrets).
-        let what = format!("{} {}", parts.method, parts.uri.path());
-        match failure {
-            Failure::Connect | Failure::Closed if bodyless => {
+        let what = format!("{method} {}", uri.path());
+        match (failure, again) {
+            (Failure::Connect | Failure::Closed, Some(parts)) => {
                 // The API server is restarting or was replaced under us (nothing
                 // came back, and a GET may be repeated): wait for a ready one, then
                 // try once more, on another instance when there is one.
@@ -370,7 +372,7 @@ impl Proxy {
                     Err(f) => (failed(f, limit, port, &what), None),
                 }
             }
-            f => (failed(f, limit, port, &what), None),
+            (f, _) => (failed(f, limit, port, &what), None),
         }
     }
 
@@ -437,12 +439,8 @@ impl Proxy {
     }
 
     fn security_headers(&self, h: &mut hyper::HeaderMap, secure: bool) {
-        if secure && !self.cfg.proxy.hsts.is_zero() {
-            if let Ok(v) =
-                HeaderValue::from_str(&format!("max-age={}", self.cfg.proxy.hsts.as_secs()))
-            {
-                h.insert(header::STRICT_TRANSPORT_SECURITY, v);
-            }
+        if let (true, Some(v)) = (secure, &self.hsts) {
+            h.insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
         h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         h.insert(
@@ -490,6 +488,18 @@ pub struct Peer {
     pub trusted: bool,
 }
 
+/// The version as the access log writes it (`{:?}` of [`hyper::Version`]).
+fn version_str(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_09 => "HTTP/0.9",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_11 => "HTTP/1.1",
+        hyper::Version::HTTP_2 => "HTTP/2.0",
+        hyper::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
 fn host_of(req: &Request<Incoming>) -> String {
     req.headers()
         .get(header::HOST)
@@ -504,10 +514,12 @@ fn body_limit(req: &Request<Incoming>, cfg: &Config) -> u64 {
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if ct.starts_with("multipart/form-data") || ct.starts_with("application/octet-stream") {
+        .map_or(&b""[..], |v| v.as_bytes());
+    let starts = |p: &str| {
+        ct.get(..p.len())
+            .is_some_and(|c| c.eq_ignore_ascii_case(p.as_bytes()))
+    };
+    if starts("multipart/form-data") || starts("application/octet-stream") {
         cfg.proxy.max_upload
     } else {
         cfg.proxy.max_body

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -117,19 +119,28 @@ impl Upstream {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(String::from)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         let path = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = match format!("http://127.0.0.1:{port}{path}").parse() {
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let authority = match Authority::try_from(format!("127.0.0.1:{port}")) {
+            Ok(a) => a,
+            Err(e) => return Err(Failure::Other(format!("bad upstream address: {e}"))),
+        };
+        parts.uri = match Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
             Ok(u) => u,
             Err(e) => return Err(Failure::Other(format!("bad path: {e}"))),
         };
@@ -139,7 +150,7 @@ impl Upstream {
         let h = &mut parts.headers;
         h.remove("forwarded");
         h.remove("x-real-ip");
-        let ip = HeaderValue::from_str(&client_ip.to_string())
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(client_ip.to_string()))
             .map_err(|e| Failure::Other(e.to_string()))?;
         h.insert(HeaderName::from_static("x-forwarded-for"), ip.clone());
         h.insert(HeaderName::from_static("x-real-ip"), ip);
@@ -147,7 +158,7 @@ impl Upstream {
             HeaderName::from_static("x-forwarded-proto"),
             HeaderValue::from_static("https"),
         );
-        if let Ok(v) = HeaderValue::from_str(&host) {
+        if let Some(v) = host {
             h.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
             h.insert(header::HOST, v);
         }

@@ -133,7 +133,9 @@ fn supervise_in_runtime(
         }
     };
     let workers = runtime_workers();
-    tracing::debug!("async runtime: {workers} worker thread(s)");
+    tracing::info!(
+        "async runtime: {workers} worker thread(s), one per CPU this process may use (at most {MAX_WORKERS})"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
