@@ -16,7 +16,8 @@
 #   BENCH_QUIET_WAIT=90 (seconds to wait, before each run, for other jobs to leave the
 #   CPUs), BENCH_PIN_LOG_THREADS=1 (koprogo's threads capturing the backend's and
 #   Postgres' output go with the backend), BENCH_KEEP=1 (keep the temp dir),
-#   BENCH_HOLD=N (debugging: wait N s before measuring, ports printed).
+#   BENCH_HOLD=N (debugging: wait N s before measuring, ports printed), BENCH_PERF=1
+#   (perf profile of koprogo in round 1 of phase a: its CPU per request by stage).
 #
 # Phases: (d) idle RSS of each proxy before any load; then REPEAT alternating rounds (the
 # first proxy rotating each round) of (a) keep-alive GET /api/v1/health, RSS sampled every
@@ -140,6 +141,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   stop_sampler
+  stop_pid "${PERF_PID:-}" INT 5
   stop_pid "$CHILD" TERM 5
   for p in $(nginx_pids); do KNOWN+=("$p"); done
   stop_pid "$CPID" TERM 10
@@ -447,6 +449,14 @@ rss_kib() { # sum of VmRSS over pids
   done
   echo "$s"
 }
+anon_kib() { # sum of RssAnon over pids: the memory that is theirs alone (no file pages)
+  local p s=0 v
+  for p in "$@"; do
+    v=$(awk '/^RssAnon:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    s=$((s + ${v:-0}))
+  done
+  echo "$s"
+}
 proxy_pids() {
   case $1 in
     koprogo) echo "$KPID" ;; nginx) nginx_pids ;; caddy) echo "$CPID" ;;
@@ -567,6 +577,7 @@ for name in koprogo nginx caddy; do
   samples=()
   for i in 1 2 3 4 5; do samples+=("$(rss_kib "${pids[@]}")"); sleep 0.2; done
   R[$name.rss_idle]=$(median "${samples[@]}")
+  R[$name.anon_idle]=$(anon_kib "${pids[@]}")
 done
 for name in koprogo nginx caddy; do
   oha_run "$RES/$name.warm.json" "$WARMUP" "https://127.0.0.1:${PORT[$name]}$HEALTH"
@@ -588,7 +599,12 @@ for ((r = 1; r <= REPEAT; r++)); do
     say "== round $r: $name (pids ${pids[*]}, https :$port, load avg $(cut -d' ' -f1-3 /proc/loadavg))"
     # a. keep-alive API requests through the proxy, RSS sampled meanwhile
     start_sampler "$RES/$name.rsspeak" "${pids[@]}"
+    if [[ ${BENCH_PERF:-0} == 1 && $name == koprogo && $r == 1 ]]; then
+      perf record -q -e cpu-clock -F 2000 -p "$KPID" -o "$RES/perf.data" >/dev/null 2>"$RES/perf.err" &
+      PERF_PID=$!
+    fi
     measured "$name" a "$RES/$name.a$r.json" "$SECS" "$base$HEALTH"
+    if [[ -n ${PERF_PID:-} ]]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" 2>/dev/null || true; PERF_PID=""; fi
     stop_sampler
     R[$name.rps_all]+="$(j .summary.requestsPerSec "$RES/$name.a$r.json") "
     R[$name.p50_all]+="$(j '.latencyPercentiles.p50 * 1000' "$RES/$name.a$r.json") "
@@ -616,8 +632,9 @@ for name in koprogo nginx caddy; do
   read -ra v <<<"${R[$name.static_all]}"; R[$name.static]=$(median "${v[@]}")
   read -ra v <<<"${R[$name.index_all]}"; R[$name.index]=$(median "${v[@]}")
   read -ra v <<<"${R[$name.full_all]}"; R[$name.full]=$(median "${v[@]}")
-  R[$name.rps_all]=$(round ${R[$name.rps_all]}); R[$name.static_all]=$(round ${R[$name.static_all]})
-  R[$name.index_all]=$(round ${R[$name.index_all]}); R[$name.full_all]=$(round ${R[$name.full_all]})
+  for key in rps_all static_all index_all full_all; do
+    read -ra v <<<"${R[$name.$key]}"; R[$name.$key]=$(round "${v[@]}")
+  done
   R[$name.rss_peak]=$(cat "$RES/$name.rsspeak")
   # CPU during phase a: the proxy's own use in % of one core (the proxy CPU's ticks are
   # the wall time), how busy the proxy's CPU was (the proxy plus anything else running)
@@ -731,6 +748,7 @@ row "c. app.js requests per proxy CPU-second" f0 eff_c "—"
 row "c. static req/s, / = index.html ($INDEX_SIZE B)" f0 index "$G_IX"
 row "c. index.html requests per proxy CPU-second" f0 eff_i "—"
 row "d. proxy RSS idle, MiB" mib rss_idle "$G_RSS"
+row "d. … of which anonymous (heap, stacks; no file pages), MiB" mib anon_idle "—"
 row "d. proxy RSS peak under load (phase a), MiB" mib rss_peak "$G_PEAK"
 row "f. full TLS handshakes/s (openssl s_time -new, $HS_PROCS clients)" f0 full "$G_FULL"
 row "f. full handshakes per proxy CPU-second" f0 eff_f "—"
@@ -746,8 +764,7 @@ echo "      full handshakes/s koprogo [${R[koprogo.full_all]}], nginx [${R[nginx
 if ((SOAK > 0)); then echo "Soak (g): koprogo at $(f0 "${R[soak_rps]}") keep-alive req/s for ${SOAK} s: ${R[soak]}."; fi
 echo "Handshakes: oha keeps a TLS session cache, so phase b measures new TCP+TLS connections, mostly resumed; phase f"
 echo "  makes every session new (openssl s_time -new, TLS 1.3, no request), so it measures full handshakes alone."
-echo "Phase b:"
-echo "  (nginx ${R[nginx.resumed]}% resumed, caddy ${R[caddy.resumed]}% resumed by their access logs; koprogo does not log it)."
+echo "  In phase b nginx resumed ${R[nginx.resumed]}% of the sessions, caddy ${R[caddy.resumed]}% (their access logs; koprogo does not log it)."
 echo "Same for all three: security headers (HSTS, X-Frame-Options, nosniff, Referrer-Policy), X-Forwarded-*, an access"
 echo "  log written to a file (koprogo's through its log pipeline), no compression (the client asks for none),"
 echo "  upstream keep-alive (nginx keepalive 64, caddy 64 idle conns), no per-connection request cap (nginx keepalive_requests raised)."
@@ -758,3 +775,33 @@ echo "RSS: koprogo = the supervisor process (proxy, TLS, log pipeline, supervisi
 echo "koprogo's services restarted during the run: $RESTARTS."
 if [[ -n $QUIET_NOTE ]]; then echo "warning: other jobs kept the CPUs busy at the start of a proxy's runs: figures are disturbed (see the busy % row)."; fi
 for w in "${WARNINGS[@]}"; do echo "warning: $w"; done
+if [[ ${BENCH_PERF:-0} == 1 && -s $RES/perf.data ]]; then
+  # Where koprogo's CPU went in phase a (round 1), by stage: the share of perf's samples
+  # (cpu-clock, 2 kHz) whose function falls in each group, and that share of its CPU
+  # time per request.
+  us=$(awk -v t="${R[koprogo.a.ticks]}" -v n="${R[koprogo.a.reqs]}" -v c="$CLK" 'BEGIN {printf "%.2f", n ? t / c / n * 1e6 : 0}')
+  echo
+  echo "koprogo's CPU per keep-alive request in phase a: $us µs (all rounds); by stage (BENCH_PERF=1, perf cpu-clock, round 1):"
+  echo
+  echo "| stage | share of samples | µs per request |"
+  echo "|---|---:|---:|"
+  perf report -q -i "$RES/perf.data" --stdio --no-children --sort dso,sym 2>/dev/null | awk -v us="$us" '
+    $1 ~ /%$/ {
+      pct = $1; sub(/%/, "", pct); dso = $2; sym = ""; for (i = 4; i <= NF; i++) sym = sym " " $i
+      if (dso ~ /kernel/) {
+        if (sym ~ /tcp|skb|ip_|inet|sock|net_|__dev|loopback|napi|xmit/) st = "kernel: TCP/IP over loopback"
+        else st = "kernel: system calls, scheduling, wake-ups"
+      } else if (dso ~ /libc/ && sym ~ /writev|recv|send|read|write|epoll|poll|asynccancel|clock_gettime|futex/) st = "kernel: system calls, scheduling, wake-ups"
+      else if (sym ~ /ring_core|ring::|rustls|tokio_rustls|aes|gcm|chacha|sha2|p256|ecdsa/) st = "TLS (rustls, ring)"
+      else if ((dso ~ /libc/ && sym ~ /malloc|free|realloc|calloc|memmove|memcpy|memset|cfree|consolidate|unlink_chunk/) || sym ~ /bytes::/) st = "memory: malloc, free, copies, buffer refcounts"
+      else if (sym ~ /hyper_util::client|pool|Checkout|connect::|hyper::client|sip::Hasher|hash_one|hashbrown/) st = "upstream: client pool, dispatch, pool-key hashing"
+      else if (sym ~ /hyper::|hyper_util::server|httparse|http::header|http::uri|http::request|http::response|HeaderMap|HeaderName|HeaderValue|parse_hdr|PathAndQuery|Authority/) st = "HTTP parsing, encoding, headers"
+      else if (sym ~ /tokio::|mio::|waker|Waker|scheduled_io|Registration|PollEvented|futures_|poll_fn|PollFn/) st = "async runtime (tokio: tasks, I/O readiness)"
+      else if (sym ~ /AccessLog|format_line|escaped|fmt::|float_to_decimal|flt2dec|grisu|miniz|deflate|logs::/) st = "logs: access-log lines, formatting, compression"
+      else if (sym ~ /koprogo::proxy/) st = "koprogo proxy code (routing, headers, limits)"
+      else if (dso ~ /vdso/) st = "clock reads (vdso)"
+      else st = "other"
+      share[st] += pct
+    }
+    END { for (st in share) printf "| %s | %.1f %% | %.2f |\n", st, share[st], share[st] * us / 100 }' | sort -t'|' -k3 -rn
+fi
