@@ -219,8 +219,8 @@ fn first_allowed_cpu() -> u32 {
     first.parse().expect("CPU number")
 }
 
-/// Started on one CPU, as on a one-vCPU VPS: the supervisor runs one async worker,
-/// and the whole proxy (WebSocket, SSE, limits) works on it.
+/// Started on one CPU, as on a one-vCPU VPS: the supervisor runs its async tasks on
+/// one thread, and the whole proxy (WebSocket, SSE, limits) works on it.
 #[test]
 fn forwarded_headers_websocket_sse_and_limits() {
     let mut a = site("max_body = \"64KiB\"\nmax_upload = \"1MiB\"\n");
@@ -234,8 +234,8 @@ fn forwarded_headers_websocket_sse_and_limits() {
     a.wait_ready();
     let own = std::fs::read_to_string(a.path("logs/koprogo.log")).expect("koprogo.log");
     assert!(
-        own.contains("async runtime: 1 worker thread(s)"),
-        "one async worker on one CPU: {own}"
+        own.contains("async runtime: one thread (one CPU may be used)"),
+        "one async thread on one CPU: {own}"
     );
     let (_, https) = ports(&a);
     let pem = root_pem(&a);

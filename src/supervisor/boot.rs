@@ -133,20 +133,32 @@ fn supervise_in_runtime(
         }
     };
     let workers = runtime_workers();
-    tracing::info!(
-        "async runtime: {workers} worker thread(s), one per CPU this process may use (at most {MAX_WORKERS})"
-    );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One CPU: the current-thread scheduler (every task on this thread, no work
+    // stealing, no cross-thread wake-ups); more: one worker per CPU.
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
             return 1;
         }
     };
+    if workers == 1 {
+        tracing::info!("async runtime: one thread (one CPU may be used)");
+    } else {
+        tracing::info!(
+            "async runtime: {workers} worker threads, one per CPU this process may use (at most {MAX_WORKERS})"
+        );
+    }
     let boot = Boot {
         cfg: Arc::new(cfg),
         bins,
@@ -176,7 +188,7 @@ const MAX_WORKERS: usize = 4;
 /// One worker per CPU this process may use (its affinity mask and its cgroup's CPU
 /// quota, as `available_parallelism` reads them), at most [`MAX_WORKERS`]. Two
 /// workers on a one-CPU VPS passed each request's tasks back and forth between two
-/// threads on the same core: about a third more supervisor CPU per proxied request.
+/// threads on the same core.
 fn runtime_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
 }
