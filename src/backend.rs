@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::postgres::cluster::{APP_DB, APP_ROLE};
 use crate::postgres::Db;
 use crate::process::reaper::ChildSpec;
-use crate::process::service::{NotInstalled, ServiceIo, ServiceSpec, StopStep};
+use crate::process::service::{Health, NotInstalled, ServiceIo, ServiceSpec, StopStep};
 use crate::secrets::{self, Secrets};
 
 pub struct ApiService {
@@ -298,6 +298,8 @@ impl ApiService {
             cwd: d.work,
             death_signal: Signal::SIGKILL,
             as_api_user: true,
+            // First in line for the OOM killer: it restarts in about a second.
+            oom_score_adj: Some(crate::process::oom::API),
         })
     }
 
@@ -346,6 +348,22 @@ impl ServiceSpec for ApiService {
 
     fn start_timeout(&self) -> Duration {
         self.cfg.backend.start_timeout
+    }
+
+    fn health(&self) -> Health {
+        let b = &self.cfg.backend;
+        Health {
+            interval: b.health_interval,
+            timeout: b.health_timeout,
+            failures: b.health_failures,
+        }
+    }
+
+    /// A hung API server (failed health checks, then stopped or idle after
+    /// SIGTERM) is killed at once: it restarts in about a second, and its requests
+    /// are held by the proxy meanwhile.
+    fn kill_when_hung(&self) -> bool {
+        true
     }
 
     fn stop_plan(&self) -> Vec<StopStep> {

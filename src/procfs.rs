@@ -1,7 +1,7 @@
 //! Reading /proc: the fields of a process's `stat` line and the members of a
 //! process group (status: memory, metrics: CPU), the host's memory, load
 //! averages and CPU time counters (metrics and `koprogo capacity`), and the memory
-//! limit of our own cgroup (PostgreSQL's tuning).
+//! limit of our own cgroup (PostgreSQL's tuning), and a child's state for a stop.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +46,36 @@ pub fn cpu_ticks(pid: i32) -> u64 {
             n(11) + n(12)
         })
         .unwrap_or(0)
+}
+
+/// What the supervisor checks of a child it stops or reports: its state letter
+/// (`T` stopped, `Z` zombie…), CPU time and OOM score adjustment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcInfo {
+    pub state: char,
+    pub pgid: i32,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub oom_score_adj: Option<i32>,
+}
+
+impl ProcInfo {
+    /// Stopped by a signal (`T`) or a tracer (`t`): it cannot act on a stop signal.
+    pub fn stopped(&self) -> bool {
+        matches!(self.state, 'T' | 't')
+    }
+}
+
+/// `pid`'s [`ProcInfo`], if its /proc entry can be read.
+pub fn inspect(pid: i32) -> Option<ProcInfo> {
+    let f = stat_fields(pid)?;
+    let n = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Some(ProcInfo {
+        state: f.first()?.chars().next()?,
+        pgid: f.get(2)?.parse().ok()?,
+        cpu_ticks: n(11) + n(12),
+        oom_score_adj: crate::process::oom::read(pid),
+    })
 }
 
 /// `MemTotal` and `MemAvailable` of `/proc/meminfo`, in bytes.

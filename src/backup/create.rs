@@ -172,6 +172,7 @@ async fn create_in(
         cwd: work.to_path_buf(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     let out = child::run(&b.reaper, spec, PG_DUMP_LIMIT).await;
     let _ = client.batch_execute("COMMIT").await;
@@ -417,6 +418,7 @@ pub(crate) async fn copy_hook(b: &Backups, cmd: &[String], file: &Path) -> Resul
         cwd: b.cfg.backup.dir.clone(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     match child::run(&b.reaper, spec, COPY_LIMIT).await {
         Ok(out) if out.exit.success() => {

@@ -96,6 +96,7 @@ pub(crate) async fn restore_into(
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     let out = child::run(&b.reaper, spec, PG_RESTORE_LIMIT).await?;
     if !out.exit.success() {
@@ -231,6 +232,7 @@ async fn replay_toc(
         cwd: dump.parent().unwrap_or(Path::new("/")).to_path_buf(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     let out = child::run(&b.reaper, spec, Duration::from_secs(600)).await?;
     if !out.exit.success() {

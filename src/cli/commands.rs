@@ -15,6 +15,7 @@ pub fn check(cfg: &Config) -> Outcome {
     let mut p = crate::check::preflight(cfg);
     let bins = p.bins.clone();
     crate::check::external_server(cfg, bins.as_ref(), &mut p);
+    oom_policy(cfg, &mut p);
     println!("ok: configuration {}", cfg.file.display());
     for n in &p.notes {
         println!("ok: {n}");
@@ -30,6 +31,39 @@ pub fn check(cfg: &Config) -> Outcome {
     } else {
         println!("{} problem(s) found", p.problems.len());
         Ok(ExitCode::from(1))
+    }
+}
+
+/// The OOM policy as the running supervisor applied it (a warning per process not
+/// as the policy wants); when none runs, whether it could be applied.
+fn oom_policy(cfg: &Config, p: &mut crate::check::Preflight) {
+    use crate::process::oom;
+    match control::request_timeout(cfg, &Request::Status, std::time::Duration::from_secs(10)) {
+        Ok(control::Response {
+            status: Some(st), ..
+        }) => {
+            if st.oom.problems.is_empty() {
+                p.notes.push(format!(
+                    "OOM policy applied (supervisor {}, postmaster {}, API {})",
+                    oom::SUPERVISOR,
+                    oom::POSTMASTER,
+                    oom::API
+                ));
+            }
+            for w in st.oom.problems {
+                p.warnings.push(format!("OOM policy: {w}"));
+            }
+        }
+        Ok(_) | Err(_) => {
+            let own = oom::read(std::process::id() as i32);
+            if !nix::unistd::Uid::effective().is_root() && own != Some(oom::SUPERVISOR) {
+                p.warnings.push(format!(
+                    "OOM policy: started by this user (oom_score_adj {}), koprogo cannot set its                      own oom_score_adj to {} nor protect the postmaster: start it as root or with                      the packaged unit (OOMScoreAdjust=-1000)",
+                    own.map_or("unknown".into(), |v| v.to_string()),
+                    oom::SUPERVISOR
+                ));
+            }
+        }
     }
 }
 

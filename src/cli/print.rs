@@ -68,6 +68,9 @@ pub fn print_status(st: &StatusReport) {
             "NOT all ready"
         }
     );
+    for w in &st.oom.problems {
+        println!("oom: {w}");
+    }
     print_backup(&st.backup);
     print_update(&st.update);
     if let Some(w) = st.tls.ca.as_ref().and_then(|c| c.warning.as_ref()) {

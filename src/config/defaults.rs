@@ -35,6 +35,30 @@ pub(super) fn default_pg_start_timeout() -> Duration {
 pub(super) fn default_pg_stop_timeout() -> Duration {
     Duration::from_secs(60)
 }
+/// Health checks. What a user of the site tolerates decides them: a page that
+/// fails for a few seconds is retried; one that fails for a minute is an outage.
+/// A hung API server is declared failed within about 5 + 3 × 2 + 2 × 1 = 13 s
+/// (`process::spec::Health::budget`), its replacement serves a second or two
+/// later; a check every 5 s costs the idle box nothing measurable, and 2 s is ten
+/// times the health URL's slowest answer under the benchmark's full load.
+pub(super) fn default_backend_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn default_backend_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+/// PostgreSQL gets more time per check: restarting it costs every connection and
+/// a checkpoint, and a check under an I/O storm can take seconds.
+pub(super) fn default_pg_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+pub(super) fn default_pg_health_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+/// One failed check is a blip (a long query, a GC pause); three in a row is not.
+pub(super) fn default_health_failures() -> u32 {
+    3
+}
 pub(super) fn default_backend_command() -> PathBuf {
     "/usr/lib/koprogo/koprogo-api".into()
 }
@@ -153,6 +177,9 @@ impl Default for RawPostgres {
             port: default_pg_port(),
             start_timeout: default_pg_start_timeout(),
             stop_timeout: default_pg_stop_timeout(),
+            health_interval: default_pg_health_interval(),
+            health_timeout: default_pg_health_timeout(),
+            health_failures: default_health_failures(),
             settings: BTreeMap::new(),
         }
     }
@@ -167,6 +194,9 @@ impl Default for Backend {
             health: default_health(),
             start_timeout: default_backend_start_timeout(),
             stop_timeout: default_backend_stop_timeout(),
+            health_interval: default_backend_health_interval(),
+            health_timeout: default_backend_health_timeout(),
+            health_failures: default_health_failures(),
             workers: 0,
             pool_max: default_pool_max(),
             pool_min: default_pool_min(),

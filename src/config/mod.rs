@@ -101,6 +101,9 @@ pub struct Postgres {
     pub start_timeout: Duration,
     /// Bound on the fast shutdown before an immediate one.
     pub stop_timeout: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub health_failures: u32,
     /// Extra postgresql.conf settings, written after the managed ones.
     pub settings: BTreeMap<String, String>,
 }

@@ -113,6 +113,21 @@ pub struct RawPostgres {
     /// Bound on the fast shutdown before an immediate one.
     #[serde(default = "default_pg_stop_timeout", deserialize_with = "de_duration")]
     pub stop_timeout: Duration,
+    /// Pause between health checks of the running server.
+    #[serde(
+        default = "default_pg_health_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub health_interval: Duration,
+    /// Bound on one health check (connect and `SELECT 1`).
+    #[serde(
+        default = "default_pg_health_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub health_timeout: Duration,
+    /// Health checks failed in a row before it is restarted.
+    #[serde(default = "default_health_failures")]
+    pub health_failures: u32,
     /// Extra postgresql.conf settings, written after the managed ones.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
@@ -149,6 +164,21 @@ pub struct Backend {
         deserialize_with = "de_duration"
     )]
     pub stop_timeout: Duration,
+    /// Pause between health checks of the running server.
+    #[serde(
+        default = "default_backend_health_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub health_interval: Duration,
+    /// Bound on one health check (the health URL, then the database).
+    #[serde(
+        default = "default_backend_health_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub health_timeout: Duration,
+    /// Health checks failed in a row before it is replaced.
+    #[serde(default = "default_health_failures")]
+    pub health_failures: u32,
     /// ACTIX_WORKERS; 0 = one per core, at most 4.
     #[serde(default)]
     pub workers: u32,

@@ -116,6 +116,9 @@ fn postgres_of(p: RawPostgres) -> (Postgres, Option<String>) {
         port: p.port,
         start_timeout: p.start_timeout,
         stop_timeout: p.stop_timeout,
+        health_interval: p.health_interval,
+        health_timeout: p.health_timeout,
+        health_failures: p.health_failures,
         settings: p.settings,
     };
     (pg, p.url.map(|u| u.0))

@@ -75,6 +75,20 @@ pub(super) fn validate(
             "must be a path starting with '/', e.g. \"/api/v1/health\"",
         ));
     }
+    health_checks(
+        cfg,
+        "backend",
+        (b.health_interval, b.health_timeout, b.health_failures),
+    )?;
+    health_checks(
+        cfg,
+        "postgres",
+        (
+            cfg.postgres.health_interval,
+            cfg.postgres.health_timeout,
+            cfg.postgres.health_failures,
+        ),
+    )?;
     if b.pool_min > b.pool_max || b.pool_max == 0 {
         return Err(cfg.err(
             "backend.pool_max",
@@ -382,4 +396,36 @@ fn is_mail_address(s: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// `<section>.health_interval`, `health_timeout` and `health_failures`: checks
+/// often enough to notice, seldom enough not to be the load, bounded enough to end.
+fn health_checks(
+    cfg: &Config,
+    section: &str,
+    (interval, timeout, failures): (Duration, Duration, u32),
+) -> Result<(), ConfigError> {
+    let tenth = Duration::from_millis(100);
+    if interval < tenth || interval > Duration::from_secs(3600) {
+        return Err(cfg.err(
+            &format!("{section}.health_interval"),
+            &format!("{interval:?}"),
+            "use 100ms to 1h (default \"5s\")",
+        ));
+    }
+    if timeout < tenth || timeout > Duration::from_secs(60) {
+        return Err(cfg.err(
+            &format!("{section}.health_timeout"),
+            &format!("{timeout:?}"),
+            "use 100ms to 60s (default \"2s\" for the backend, \"5s\" for postgres)",
+        ));
+    }
+    if failures == 0 || failures > 100 {
+        return Err(cfg.err(
+            &format!("{section}.health_failures"),
+            &failures,
+            "use 1 to 100 failed checks in a row (default 3)",
+        ));
+    }
+    Ok(())
 }

@@ -40,7 +40,11 @@ pub fn request_long(cfg: &Config, req: &Request) -> Result<Response, ControlErro
     request_timeout(cfg, req, Duration::from_secs(6 * 3600))
 }
 
-fn request_timeout(cfg: &Config, req: &Request, limit: Duration) -> Result<Response, ControlError> {
+pub fn request_timeout(
+    cfg: &Config,
+    req: &Request,
+    limit: Duration,
+) -> Result<Response, ControlError> {
     use std::io::{BufRead, Write};
     let path = socket_path(cfg);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {

@@ -17,7 +17,7 @@ use crate::process::state::ServiceReport;
 use crate::proxy::stats::ProxySnapshot;
 use crate::tls::CertStatus;
 
-pub use client::{request, request_long, ControlError};
+pub use client::{request, request_long, request_timeout, ControlError};
 pub use server::{serve, Handler};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,6 +149,18 @@ pub struct StatusReport {
     /// Application updates: the watched binary, the last update, the pre-update backup.
     #[serde(default)]
     pub update: crate::update::UpdateStatus,
+    /// The OOM policy: our own `oom_score_adj` and what is not as it should be.
+    #[serde(default)]
+    pub oom: OomReport,
+}
+
+/// The OOM policy as applied (see `process::oom`; each service's value is in its row).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OomReport {
+    /// The supervisor's `oom_score_adj` (the policy: -1000).
+    pub supervisor: Option<i32>,
+    /// One line per process whose value is not the policy's (empty: it holds).
+    pub problems: Vec<String>,
 }
 
 pub fn socket_path(cfg: &Config) -> PathBuf {

@@ -82,6 +82,7 @@ pub async fn ensure_initdb(cfg: &Config, bins: &Binaries, io: &ServiceIo) -> Res
         cwd: cfg.paths.state.clone(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     let exit = io.reaper.run(spec, io.log_fd()?).await?;
     if !exit.success() {

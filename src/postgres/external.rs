@@ -22,7 +22,7 @@ use super::Db;
 pub use crate::config::pg_url::{encode, encode_path, redact_raw, ExternalUrl, SslMode};
 use crate::config::Config;
 use crate::process::reaper::ChildSpec;
-use crate::process::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::process::service::{Health, ServiceIo, ServiceSpec, StopStep};
 
 /// Extensions KoproGo cannot run without (trusted since PostgreSQL 13: a database
 /// owner may create them).
@@ -233,6 +233,15 @@ impl ServiceSpec for ExternalService {
 
     fn ready_poll(&self) -> Duration {
         Duration::from_secs(1)
+    }
+
+    fn health(&self) -> Health {
+        let p = &self.cfg.postgres;
+        Health {
+            interval: p.health_interval,
+            timeout: p.health_timeout,
+            failures: p.health_failures,
+        }
     }
 
     fn stop_plan(&self) -> Vec<StopStep> {

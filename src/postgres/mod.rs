@@ -25,7 +25,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
 use crate::process::reaper::ChildSpec;
-use crate::process::service::{ServiceIo, ServiceSpec, StopStep};
+use crate::process::service::{Health, ServiceIo, ServiceSpec, StopStep};
 use binaries::Binaries;
 use cluster::{APP_DB, APP_ROLE, RESTORE_ROLE, SUPERUSER};
 
@@ -364,6 +364,23 @@ pub struct PostgresService {
     pub db: Db,
 }
 
+/// The postmaster's environment: the base one, plus PostgreSQL's documented OOM
+/// switch (`PG_OOM_ADJUST_FILE`/`PG_OOM_ADJUST_VALUE`, "Linux Memory Overcommit"):
+/// every process it forks writes the value into its own file, so the backends are
+/// not protected like the postmaster.
+fn postmaster_env(cfg: &Config) -> Vec<(String, String)> {
+    let mut env = cluster::base_env(cfg);
+    env.push((
+        "PG_OOM_ADJUST_FILE".into(),
+        "/proc/self/oom_score_adj".into(),
+    ));
+    env.push((
+        "PG_OOM_ADJUST_VALUE".into(),
+        crate::process::oom::POSTGRES_CHILDREN.to_string(),
+    ));
+    env
+}
+
 impl ServiceSpec for PostgresService {
     fn name(&self) -> &'static str {
         "postgres"
@@ -378,11 +395,13 @@ impl ServiceSpec for PostgresService {
         Ok(Some(ChildSpec {
             program: self.bins.tool("postgres"),
             args: vec!["-D".into(), data.display().to_string()],
-            env: cluster::base_env(&self.cfg),
+            env: postmaster_env(&self.cfg),
             cwd: data,
             // Immediate shutdown if the supervisor dies: backends follow the postmaster.
             death_signal: Signal::SIGQUIT,
             as_api_user: false,
+            // Protected; its backends set their own back to 0 (postmaster_env).
+            oom_score_adj: Some(crate::process::oom::POSTMASTER),
         }))
     }
 
@@ -398,6 +417,24 @@ impl ServiceSpec for PostgresService {
 
     fn start_timeout(&self) -> Duration {
         self.cfg.postgres.start_timeout
+    }
+
+    fn health(&self) -> Health {
+        let p = &self.cfg.postgres;
+        Health {
+            interval: p.health_interval,
+            timeout: p.health_timeout,
+            failures: p.health_failures,
+        }
+    }
+
+    /// Never SIGKILL: a killed postmaster leaves shared memory and backends behind
+    /// and the next start does crash recovery. Its own immediate shutdown (SIGQUIT)
+    /// is the strongest we send; a postmaster that ignores even that is left
+    /// running, the error logged, and the next start refused by its own lock
+    /// (`postmaster.pid`) rather than run two servers on one data directory.
+    fn last_resort(&self) -> Signal {
+        Signal::SIGQUIT
     }
 
     fn stop_plan(&self) -> Vec<StopStep> {

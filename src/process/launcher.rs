@@ -34,6 +34,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 
 use super::privileges::Identity;
+use crate::procfs::ProcInfo;
 use crate::sync::LockExt;
 
 /// Largest message either way (an environment is a few KiB).
@@ -46,11 +47,19 @@ enum Request {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         death_signal: i32,
+        /// Its `oom_score_adj`, set in the child before exec.
+        #[serde(default)]
+        oom_score_adj: Option<i32>,
     },
     Signal {
         pid: i32,
         signal: i32,
         group: bool,
+    },
+    /// What /proc says of an API process (state, CPU, oom_score_adj): under the
+    /// packaged unit (`ProtectProc=invisible`) only its own user sees it.
+    Inspect {
+        pid: i32,
     },
 }
 
@@ -58,6 +67,8 @@ enum Request {
 struct Reply {
     pid: i32,
     error: Option<String>,
+    #[serde(default)]
+    info: Option<ProcInfo>,
 }
 
 /// The supervisor's end.
@@ -185,6 +196,7 @@ impl Launcher {
         env: &[(String, String)],
         cwd: &Path,
         death_signal: i32,
+        oom_score_adj: Option<i32>,
         output: &OwnedFd,
     ) -> Result<i32> {
         let r = self.ask(
@@ -193,12 +205,22 @@ impl Launcher {
                 env: env.to_vec(),
                 cwd: cwd.to_path_buf(),
                 death_signal,
+                oom_score_adj,
             },
             Some(output.as_raw_fd()),
         )?;
         match r.error {
             Some(e) => bail!("{e}"),
             None => Ok(r.pid),
+        }
+    }
+
+    /// What /proc says of the API process `pid` (None: gone, or not one it started).
+    pub fn inspect(&self, pid: i32) -> Result<Option<ProcInfo>> {
+        let r = self.ask(&Request::Inspect { pid }, None)?;
+        match r.error {
+            Some(e) => bail!("{e}"),
+            None => Ok(r.info),
         }
     }
 
@@ -306,9 +328,15 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
                 env,
                 cwd,
                 death_signal,
+                oom_score_adj,
             }) => match fd {
                 Some(out) => {
-                    match spawn(program, &args, &env, &cwd, death_signal, &out, supervisor) {
+                    let child = Child {
+                        death_signal,
+                        oom: oom_score_adj.map(super::oom::text),
+                        supervisor,
+                    };
+                    match spawn(program, &args, &env, &cwd, &child, &out) {
                         Ok(pid) => {
                             // Groups of processes long gone may still be listed: a kill
                             // of a reused group id can only reach this user's processes.
@@ -316,19 +344,34 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
                                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(-p), None).is_ok()
                             });
                             started.push(pid);
-                            Reply { pid, error: None }
+                            Reply {
+                                pid,
+                                error: None,
+                                info: None,
+                            }
                         }
                         Err(e) => Reply {
                             pid: 0,
                             error: Some(format!("{e:#}")),
+                            info: None,
                         },
                     }
                 }
                 None => Reply {
                     pid: 0,
                     error: Some("spawn without a log pipe".into()),
+                    info: None,
                 },
             },
+            Ok(Request::Inspect { pid }) => {
+                // Only a process of a group it started (an API server or its children).
+                let info = crate::procfs::inspect(pid).filter(|i| started.contains(&i.pgid));
+                Reply {
+                    pid,
+                    error: None,
+                    info,
+                }
+            }
             Ok(Request::Signal { pid, signal, group }) => {
                 let target = if group { -pid } else { pid };
                 // As the API user, only API processes can be reached.
@@ -338,11 +381,13 @@ fn serve(sock: OwnedFd, program: &CString, api: &Identity, supervisor: i32) -> R
                 Reply {
                     pid,
                     error: sent.err().map(|e| std::io::Error::from(e).to_string()),
+                    info: None,
                 }
             }
             Err(e) => Reply {
                 pid: 0,
                 error: Some(format!("unreadable request: {e}")),
+                info: None,
             },
         };
         let data = serde_json::to_vec(&reply)?;
@@ -378,6 +423,14 @@ fn keep_only(sock: OwnedFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(three) })
 }
 
+/// How the API child is set up between clone and exec.
+struct Child {
+    death_signal: i32,
+    /// Its oom_score_adj, as `oom::text`.
+    oom: Option<Vec<u8>>,
+    supervisor: i32,
+}
+
 /// Starts `program` as a child of the supervisor (CLONE_PARENT); returns its pid
 /// once it has exec'd, or why it could not.
 fn spawn(
@@ -385,10 +438,15 @@ fn spawn(
     args: &[String],
     env: &[(String, String)],
     cwd: &Path,
-    death_signal: i32,
+    child: &Child,
     out: &OwnedFd,
-    supervisor: i32,
 ) -> Result<i32> {
+    let Child {
+        death_signal,
+        supervisor,
+        ..
+    } = *child;
+    let oom = child.oom.as_deref();
     let cstr = |s: &[u8]| CString::new(s).map_err(|_| anyhow!("NUL in an argument"));
     let mut argv_c = vec![program.clone()];
     for a in args {
@@ -455,6 +513,14 @@ fn spawn(
             }
             if libc::chdir(cwd_c.as_ptr()) != 0 {
                 fail(5);
+            }
+            if let Some(t) = oom {
+                // The launcher is not dumpable, so its /proc files are root's and
+                // the child could not write its own oom_score_adj. Dumpable again:
+                // what exec makes it anyway, a few instructions later.
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                // A refusal leaves the inherited value: status and `check` show it.
+                super::oom::write_in_child(t);
             }
             // The launcher ignores these; an ignored signal would stay ignored
             // across exec, and the API must stop on SIGTERM.

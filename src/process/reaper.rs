@@ -58,6 +58,8 @@ pub struct ChildSpec {
     /// The API server: started by the launcher as `backend.user` when there is one
     /// (see `launcher`), as the supervisor's user otherwise.
     pub as_api_user: bool,
+    /// Its `oom_score_adj` (see `oom`), set between fork and exec; None: inherited.
+    pub oom_score_adj: Option<i32>,
 }
 
 impl std::fmt::Debug for ChildSpec {
@@ -70,6 +72,7 @@ impl std::fmt::Debug for ChildSpec {
             .field("cwd", &self.cwd)
             .field("death_signal", &self.death_signal)
             .field("as_api_user", &self.as_api_user)
+            .field("oom_score_adj", &self.oom_score_adj)
             .finish()
     }
 }
@@ -207,6 +210,7 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
                 &spec.env,
                 &spec.cwd,
                 spec.death_signal as i32,
+                spec.oom_score_adj,
                 &output,
             )
             .with_context(|| {
@@ -235,7 +239,9 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
         .process_group(0);
     let parent = std::process::id() as libc::pid_t;
     let death = spec.death_signal as libc::c_int;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    let oom = spec.oom_score_adj.map(super::oom::text);
+    // SAFETY: only async-signal-safe calls (prctl, getppid, open/write/close, _exit)
+    // between fork and exec, on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, death as libc::c_ulong, 0, 0, 0) != 0 {
@@ -253,6 +259,10 @@ fn spawn_registered(registry: &Registry, spec: ChildSpec, output: OwnedFd) -> Re
                 0,
                 0,
             );
+            if let Some(t) = oom.as_deref() {
+                // A refusal leaves the inherited value: status and `check` show it.
+                super::oom::write_in_child(t);
+            }
             Ok(())
         });
     }
@@ -287,6 +297,23 @@ pub fn signal(pid: i32, sig: Signal, group: bool) {
     }
 }
 
+/// What /proc says of the child `pid`; for an API server running as its own user
+/// that the supervisor may not see (the unit's `ProtectProc=invisible`), through
+/// the launcher.
+pub fn inspect(pid: i32) -> Option<crate::procfs::ProcInfo> {
+    if let Some(i) = crate::procfs::inspect(pid) {
+        return Some(i);
+    }
+    let l = super::launcher::get()?;
+    match l.inspect(pid) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::debug!("cannot inspect {pid} through the launcher: {e:#}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +327,7 @@ mod tests {
             cwd: "/var/lib/koprogo/api".into(),
             death_signal: Signal::SIGKILL,
             as_api_user: false,
+            oom_score_adj: None,
         };
         let text = format!("{spec:?}");
         assert!(text.contains("JWT_SECRET"), "{text}");

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until, timeout};
 
@@ -21,13 +20,13 @@ use super::event::{absorb, next_event, End, Event};
 use super::reaper::{signal, Exit, Spawned};
 use super::state::{Phase, ServiceState};
 
-pub use super::spec::{Cmd, NotInstalled, ServiceIo, ServiceSpec, Shutdown, StopStep, Takeover};
+pub use super::spec::{
+    Cmd, Health, NotInstalled, ServiceIo, ServiceSpec, Shutdown, StopStep, Takeover,
+};
 use super::stop::stop_child;
-pub use super::stop::stop_process;
+pub use super::stop::{stop_process, StopHow};
 
-/// How often a ready service is probed, and how many failures in a row restart it.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-pub const HEALTH_FAILURES: u32 = 3;
+/// The bound on one readiness probe while a service starts.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often a service whose program is missing looks for it again.
@@ -392,10 +391,11 @@ impl<S: ServiceSpec> Machine<S> {
     /// Ready: health checks, commands and takeovers until the run ends.
     async fn serve(&mut self, run: &mut Running) -> End {
         let name = self.name;
+        let health = self.spec.health();
         let mut failures = 0u32;
         loop {
             tokio::select! {
-                _ = sleep(HEALTH_INTERVAL) => {}
+                _ = sleep(health.pause(failures)) => {}
                 e = next_event(&mut self.w, Some(&mut run.exit), run.dep_gen) => {
                     match e {
                         Event::Cmd(Cmd::Start(r)) => {
@@ -414,7 +414,7 @@ impl<S: ServiceSpec> Machine<S> {
                     }
                 }
             }
-            let why = match timeout(PROBE_TIMEOUT, self.spec.probe()).await {
+            let why = match timeout(health.timeout, self.spec.probe()).await {
                 Ok(Ok(())) => {
                     if failures > 0 {
                         let pid = run.pid;
@@ -427,23 +427,22 @@ impl<S: ServiceSpec> Machine<S> {
                     continue;
                 }
                 Ok(Err(e)) => format!("{e:#}"),
-                Err(_) => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+                Err(_) => format!("no answer within {:.1?}", health.timeout),
             };
             failures += 1;
+            let most = health.failures;
             tracing::warn!(
                 service = name,
-                "health check failed ({failures}/{HEALTH_FAILURES}): {why}"
+                "health check failed ({failures}/{most}): {why}"
             );
             let pid = run.pid;
             self.w.state.send_modify(|s| {
                 s.set_running(Phase::Unhealthy, pid);
                 s.last_error = Some(format!("health check failed: {why}"));
             });
-            if failures >= HEALTH_FAILURES {
+            if failures >= most {
                 self.w.state.send_modify(|s| {
-                    s.last_error = Some(format!(
-                        "{HEALTH_FAILURES} health checks failed in a row: {why}"
-                    ))
+                    s.last_error = Some(format!("{most} health checks failed in a row: {why}"))
                 });
                 return End::Unhealthy;
             }
@@ -484,8 +483,7 @@ impl<S: ServiceSpec> Machine<S> {
                 name,
                 old.pid,
                 &mut exit,
-                self.spec.stop_plan(),
-                self.spec.stop_now(),
+                StopHow::of(&*self.spec, false),
                 shutdown,
                 false,
             )
@@ -504,7 +502,7 @@ impl<S: ServiceSpec> Machine<S> {
             End::Exited(exit) => {
                 // Clear stragglers of its process group (e.g. backends of a killed postmaster).
                 if let Some(pid) = pid {
-                    signal(pid, Signal::SIGKILL, true);
+                    signal(pid, self.spec.last_resort(), true);
                 }
                 if started.elapsed() >= STABLE {
                     self.backoff.reset();
@@ -520,8 +518,13 @@ impl<S: ServiceSpec> Machine<S> {
                 false
             }
             End::NotReadyInTime | End::SetupFailed | End::Unhealthy => {
-                // Stop it and retry after a back-off.
-                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
+                // Stop it and retry after a back-off. A hung server (failed health
+                // checks) is not given a grace it cannot use.
+                let hung = matches!(end, End::Unhealthy);
+                if hung && started.elapsed() >= STABLE {
+                    self.backoff.reset();
+                }
+                stop_child(&*self.spec, &mut self.w, pid, exit, false, hung).await;
                 self.w.state.send_modify(|s| {
                     s.restarts += 1;
                     s.failures += 1;
@@ -534,18 +537,18 @@ impl<S: ServiceSpec> Machine<S> {
                     service = name,
                     "dependency restarted: stopping, will start again when it is ready"
                 );
-                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false, false).await;
                 self.w.state.send_modify(|s| s.restarts += 1);
                 false
             }
             End::Command(Cmd::Stop(r)) => {
-                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false, false).await;
                 self.want = false;
                 let _ = r.send(format!("{name}: stopped"));
                 false
             }
             End::Command(Cmd::Restart(r)) => {
-                stop_child(&*self.spec, &mut self.w, pid, exit, false).await;
+                stop_child(&*self.spec, &mut self.w, pid, exit, false, false).await;
                 self.w.state.send_modify(|s| s.restarts += 1);
                 self.backoff.reset();
                 let _ = r.send(format!("{name}: restarting"));
@@ -560,7 +563,15 @@ impl<S: ServiceSpec> Machine<S> {
                 false
             }
             End::Shutdown(mode) => {
-                stop_child(&*self.spec, &mut self.w, pid, exit, mode == Shutdown::Now).await;
+                stop_child(
+                    &*self.spec,
+                    &mut self.w,
+                    pid,
+                    exit,
+                    mode == Shutdown::Now,
+                    false,
+                )
+                .await;
                 self.w.state.send_modify(|s| s.set(Phase::Stopped, None));
                 true
             }

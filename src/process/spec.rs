@@ -36,6 +36,37 @@ pub struct StopStep {
     pub wait: Duration,
 }
 
+/// The health checks of a ready service: a probe every `interval`, each given
+/// `timeout`; `failures` failed in a row end the run. After a failure the next
+/// probe comes after [`RECHECK`] (or `interval`, if shorter), so a hung server is
+/// declared failed in about `interval + failures × timeout + (failures − 1) × RECHECK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
+}
+
+/// The pause before the probe after a failed one.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+impl Health {
+    /// The pause before the next probe, after `failures` failed in a row.
+    pub fn pause(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            self.interval
+        } else {
+            RECHECK.min(self.interval)
+        }
+    }
+
+    /// The longest a hung server stays in service before its run ends.
+    pub fn budget(&self) -> Duration {
+        let f = self.failures.max(1);
+        self.interval + self.timeout * f + self.pause(1) * (f - 1)
+    }
+}
+
 /// What the supervisor as a whole is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
@@ -62,10 +93,22 @@ pub trait ServiceSpec: Send + Sync + 'static {
     fn ready_poll(&self) -> Duration {
         READY_POLL
     }
-    /// Graceful stop steps; a SIGKILL of the group always follows.
+    /// Its health checks once ready.
+    fn health(&self) -> Health;
+    /// Graceful stop steps; the last resort to the group always follows.
     fn stop_plan(&self) -> Vec<StopStep>;
-    /// Steps for "stop now" (second signal); a SIGKILL of the group always follows.
+    /// Steps for "stop now" (second signal); the last resort to the group always follows.
     fn stop_now(&self) -> Vec<StopStep>;
+    /// The strongest signal it is ever sent, to its whole process group, after the
+    /// stop steps and to the stragglers of a run.
+    fn last_resort(&self) -> Signal {
+        Signal::SIGKILL
+    }
+    /// After failed health checks, may it get the last resort as soon as it is
+    /// seen stuck (stopped, or no CPU), instead of its whole grace?
+    fn kill_when_hung(&self) -> bool {
+        false
+    }
     /// The loopback port its child serves on, for an HTTP server (what the proxy
     /// routes to while the service is ready).
     fn port(&self) -> Option<u16> {

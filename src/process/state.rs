@@ -123,6 +123,10 @@ impl ServiceState {
             failures: self.failures,
             uptime_secs: self.started.map(|s| now.duration_since(s).as_secs()),
             memory_bytes: self.pid.and_then(group_memory),
+            oom_score_adj: self
+                .pid
+                .and_then(super::reaper::inspect)
+                .and_then(|i| i.oom_score_adj),
             next_start_in_secs: self
                 .next_start
                 .map(|t| t.saturating_duration_since(now).as_secs_f64()),
@@ -147,6 +151,9 @@ pub struct ServiceReport {
     pub uptime_secs: Option<u64>,
     /// Proportional set size of the service's whole process group.
     pub memory_bytes: Option<u64>,
+    /// Its main process's `oom_score_adj` (see `process::oom`).
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
     pub next_start_in_secs: Option<f64>,
     pub last_exit: Option<String>,
     pub last_error: Option<String>,

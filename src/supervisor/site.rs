@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::backup::Backups;
 use crate::capacity::Monitor;
 use crate::config::Config;
-use crate::control::{self, Request, Response, StatusReport, Verb};
+use crate::control::{self, OomReport, Request, Response, StatusReport, Verb};
 use crate::logs::LogStats;
 use crate::postgres::Db;
 use crate::process::reaper::Reaper;
@@ -82,7 +82,18 @@ impl Site {
                 r
             })
             .collect();
+        let own_oom = crate::process::oom::read(std::process::id() as i32);
+        let values: Vec<(String, Option<i32>)> = services
+            .iter()
+            .filter(|s| s.pid.is_some())
+            .map(|s| (s.name.clone(), s.oom_score_adj))
+            .collect();
+        let oom = OomReport {
+            supervisor: own_oom,
+            problems: crate::process::oom::problems(own_oom, &values),
+        };
         StatusReport {
+            oom,
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_secs: p.started.elapsed().as_secs(),

@@ -43,7 +43,9 @@ use crate::backend::ApiService;
 use crate::backup::{Backups, Reason};
 use crate::config::Config;
 use crate::process::reaper::Spawned;
-use crate::process::service::{stop_process, Cmd, ServiceIo, ServiceSpec, Shutdown, Takeover};
+use crate::process::service::{
+    stop_process, Cmd, ServiceIo, ServiceSpec, Shutdown, StopHow, Takeover,
+};
 use crate::process::state::{Phase, ServiceState};
 use crate::proxy::balance::Routes;
 use crate::sync::LockExt;
@@ -569,8 +571,7 @@ impl Updater {
             api.name(),
             child.pid,
             &mut exit,
-            api.stop_plan(),
-            api.stop_now(),
+            StopHow::of(api, false),
             self.shutdown.clone(),
             false,
         )

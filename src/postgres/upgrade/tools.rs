@@ -58,6 +58,7 @@ pub(super) async fn controldata(
         cwd: cfg.paths.state.clone(),
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     let exit = io.reaper.run(spec, OwnedFd::from(file)).await?;
     let text = std::fs::read_to_string(&out).unwrap_or_default();
@@ -89,6 +90,7 @@ pub(super) async fn run_tool(
         cwd,
         death_signal: Signal::SIGKILL,
         as_api_user: false,
+        oom_score_adj: None,
     };
     io.reaper.run(spec, io.log_fd()?).await
 }
