@@ -2,11 +2,13 @@
 //! backend) in a private temporary directory on free loopback ports. Every wait is
 //! bounded; dropping an `Appliance` kills what is left and checks that no process
 //! of its tree survives. The submodules hold what only some tests need (`acme`:
-//! Pebble; `https`: TLS clients; `ports`: the port reservations every helper uses);
+//! Pebble; `https`: TLS clients; `ports`: the port reservations every helper uses;
+//! `chaos`: the fault injector and recorder of the chaos soak);
 //! a test declares `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
 pub mod acme;
+pub mod chaos;
 pub mod chromium;
 pub mod https;
 pub mod load;
