@@ -56,9 +56,18 @@ fn oom_policy(cfg: &Config, p: &mut crate::check::Preflight) {
         }
         Ok(_) | Err(_) => {
             let own = oom::read(std::process::id() as i32);
-            if !nix::unistd::Uid::effective().is_root() && own != Some(oom::SUPERVISOR) {
+            let may_lower = caps::has_cap(
+                None,
+                caps::CapSet::Effective,
+                caps::Capability::CAP_SYS_RESOURCE,
+            )
+            .unwrap_or(false);
+            if !may_lower && own != Some(oom::SUPERVISOR) {
                 p.warnings.push(format!(
-                    "OOM policy: started by this user (oom_score_adj {}), koprogo cannot set its                      own oom_score_adj to {} nor protect the postmaster: start it as root or with                      the packaged unit (OOMScoreAdjust=-1000)",
+                    "OOM policy: started this way (oom_score_adj {}, no CAP_SYS_RESOURCE), \
+                     koprogo cannot set its own oom_score_adj to {} nor protect the postmaster: \
+                     start it with the packaged unit (OOMScoreAdjust=-1000) or as root with that \
+                     capability",
                     own.map_or("unknown".into(), |v| v.to_string()),
                     oom::SUPERVISOR
                 ));

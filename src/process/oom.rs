@@ -92,8 +92,8 @@ pub fn problems(supervisor: Option<i32>, services: &[(String, Option<i32>)]) -> 
         Some(SUPERVISOR) => {}
         Some(v) => out.push(format!(
             "the supervisor's oom_score_adj is {v}, not {SUPERVISOR}: the kernel's OOM killer may \
-             take the whole site; start koprogo as root or with the packaged unit \
-             (OOMScoreAdjust=-1000)"
+             take the whole site; lowering it needs CAP_SYS_RESOURCE: start koprogo with the \
+             packaged unit (OOMScoreAdjust=-1000) or as root with that capability"
         )),
         None => out.push("the supervisor's oom_score_adj cannot be read".into()),
     }
@@ -105,8 +105,8 @@ pub fn problems(supervisor: Option<i32>, services: &[(String, Option<i32>)]) -> 
             out.push(format!(
                 "{name}'s oom_score_adj is {v}, not {want}: {}",
                 if want < 0 {
-                    "lowering it needs the privilege the supervisor lacks (start koprogo as root \
-                     or with the packaged unit)"
+                    "lowering it needs CAP_SYS_RESOURCE, which the supervisor lacked at boot \
+                     (start koprogo with the packaged unit or as root with that capability)"
                 } else {
                     "the kernel refused to raise it"
                 }

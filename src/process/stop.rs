@@ -237,3 +237,110 @@ pub(super) async fn stop_child<S: ServiceSpec>(
         s.set(Phase::Stopped, None);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::Command;
+
+    use super::*;
+
+    /// A child in its own process group whose exit arrives on a channel (a thread
+    /// waits for it: the test process has no reaper).
+    fn child(script: &str) -> (i32, oneshot::Receiver<Exit>) {
+        let mut c = Command::new("/bin/sh")
+            .args(["-c", script])
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh");
+        let pid = c.id() as i32;
+        let (tx, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            if let Ok(st) = c.wait() {
+                let e = match st.signal() {
+                    Some(s) => Exit::Signal(s),
+                    None => Exit::Code(st.code().unwrap_or(-1)),
+                };
+                let _ = tx.send(e);
+            }
+        });
+        // Let the shell exec its program and set its traps.
+        std::thread::sleep(Duration::from_millis(300));
+        (pid, rx)
+    }
+
+    fn how(hung: bool, grace: Duration) -> StopHow {
+        StopHow {
+            plan: vec![StopStep {
+                signal: Signal::SIGTERM,
+                group: false,
+                wait: grace,
+            }],
+            now_plan: vec![],
+            last_resort: Signal::SIGKILL,
+            hung,
+        }
+    }
+
+    async fn stop(
+        pid: i32,
+        mut rx: oneshot::Receiver<Exit>,
+        how: StopHow,
+    ) -> (Option<Exit>, Duration) {
+        let (_tx, shutdown) = watch::channel(Shutdown::Running);
+        let t = Instant::now();
+        let e = stop_process("test", pid, &mut rx, how, shutdown, false).await;
+        (e, t.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_hung_child_that_is_stopped_is_killed_at_once() {
+        let (pid, rx) = child("exec sleep 1000");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
+        std::thread::sleep(Duration::from_millis(100));
+        let (e, took) = stop(pid, rx, how(true, Duration::from_secs(30))).await;
+        assert_eq!(e, Some(Exit::Signal(Signal::SIGKILL as i32)));
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_child_that_ignores_sigterm_and_idles_is_killed_after_the_idle_window() {
+        let (pid, rx) = child("trap '' TERM; exec sleep 1000");
+        let (e, took) = stop(pid, rx, how(true, Duration::from_secs(30))).await;
+        assert_eq!(e, Some(Exit::Signal(Signal::SIGKILL as i32)));
+        assert!(took >= IDLE_WINDOW, "took {took:?}");
+        assert!(took < HUNG_GRACE, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_child_that_stays_busy_gets_at_most_the_hung_grace() {
+        let (pid, rx) = child("trap '' TERM; while :; do :; done");
+        let (e, took) = stop(pid, rx, how(true, Duration::from_secs(30))).await;
+        assert_eq!(e, Some(Exit::Signal(Signal::SIGKILL as i32)));
+        assert!(took >= HUNG_GRACE, "took {took:?}");
+        assert!(took < HUNG_GRACE + Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_child_acts_on_its_stop_signal() {
+        // Not hung (a shutdown): SIGCONT follows SIGTERM, so it ends by SIGTERM at
+        // once instead of sleeping through its grace.
+        let (pid, rx) = child("exec sleep 1000");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
+        std::thread::sleep(Duration::from_millis(100));
+        let (e, took) = stop(pid, rx, how(false, Duration::from_secs(30))).await;
+        assert_eq!(e, Some(Exit::Signal(Signal::SIGTERM as i32)));
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn the_last_resort_of_a_service_that_is_never_killed_is_its_own() {
+        // PostgreSQL's case: after the steps, SIGQUIT (its immediate shutdown),
+        // never SIGKILL.
+        let (pid, rx) = child("trap 'exit 3' QUIT; trap '' TERM; while :; do sleep 0.05; done");
+        let mut h = how(false, Duration::from_millis(300));
+        h.last_resort = Signal::SIGQUIT;
+        let (e, _) = stop(pid, rx, h).await;
+        assert_eq!(e, Some(Exit::Code(3)));
+    }
+}

@@ -43,11 +43,9 @@ pub fn run(cfg: Config) -> Result<u8, BootError> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     // Never the OOM killer's choice (see `process::oom`): set before the launcher
     // is forked (it inherits it) and before we drop privileges. Under the packaged
-    // unit OOMScoreAdjust= has done it already; without privilege the kernel
-    // refuses, and `status` and `check` say so.
-    if nix::unistd::Uid::effective().is_root()
-        && crate::process::oom::read(std::process::id() as i32)
-            != Some(crate::process::oom::SUPERVISOR)
+    // unit OOMScoreAdjust= has done it already; without CAP_SYS_RESOURCE (root in
+    // some containers lacks it) the kernel refuses, and `status` and `check` say so.
+    if crate::process::oom::read(std::process::id() as i32) != Some(crate::process::oom::SUPERVISOR)
     {
         let _ = crate::process::oom::set_self(crate::process::oom::SUPERVISOR);
     }

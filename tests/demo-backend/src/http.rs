@@ -86,6 +86,9 @@ async fn route(state: &State, req: Request<Incoming>) -> Response<RespBody> {
             json!({"service": "koprogo-api", "status": "ok"}),
         ),
         (&Method::GET, "/api/v1/echo") => echo(&req),
+        // A memory hog for the OOM tests: allocates `mib` MiB, touches every page
+        // and keeps it (as a leaking API server would).
+        (&Method::POST, "/api/v1/demo/hog") => hog(&req),
         (&Method::GET, "/api/v1/ws") => websocket_echo(req),
         // A handler that panics, as the real API's does on some demo data (its
         // actix worker drops the connection without an answer).
@@ -213,6 +216,24 @@ async fn login(db: &Db, body: &str) -> Result<Response<RespBody>, DbError> {
 
 /// The request as seen here, for proxy tests: method, path, query, headers
 /// (lower-case names; repeated headers joined with ", ").
+fn hog(req: &Request<Incoming>) -> Response<RespBody> {
+    let mib: usize = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("mib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(64 * 1024);
+    log_info!("hog: allocating {mib} MiB");
+    for _ in 0..mib {
+        // One MiB at a time, every page written: resident, not just reserved.
+        let block = vec![0x5au8; 1 << 20];
+        std::hint::black_box(&block);
+        std::mem::forget(block);
+    }
+    json(StatusCode::OK, json!({ "allocated_mib": mib }))
+}
+
 fn echo(req: &Request<Incoming>) -> Response<RespBody> {
     let mut headers = serde_json::Map::new();
     for name in req.headers().keys() {
