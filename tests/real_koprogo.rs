@@ -408,6 +408,92 @@ fn sigkill_of_the_real_api_under_load_loses_no_acknowledged_write() {
     a.assert_no_leftovers(Duration::from_secs(10));
 }
 
+/// SIGSTOP of the real API server under load (how a deadlock looks from outside):
+/// the health checks declare it failed, it is SIGKILLed at once (it could not act
+/// on SIGTERM) and replaced. Stated bounds: replaced within 30 s of the SIGSTOP
+/// (health budget 13 s + back-off 1 s + a start; it was 64 s), at most 3 failed
+/// requests per client thread (the one in flight at the freeze, and one held past
+/// the client's 10 s timeout), the old process gone, the new one first in line for
+/// the OOM killer, and every acknowledged write kept.
+#[test]
+fn a_frozen_real_api_under_load_is_killed_and_replaced_quickly() {
+    let Some(r) = real::real("a_frozen_real_api_under_load_is_killed_and_replaced_quickly") else {
+        return;
+    };
+    let (mut a, token) = loaded_site(&r, "sigstop");
+    let pid = api_report(&a).pid.expect("api pid");
+    let threads = 3;
+    let load = common::load::Load::start_with(&a, threads, real::workload(&token, "stop"));
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the API");
+    // The longest stretch without a successful request, sampled until 3 s after
+    // the replacement is ready (bounded: 60 s).
+    let (mut last_n, mut last_at, mut gap) = (load.succeeded(), t0, Duration::ZERO);
+    let mut replaced: Option<Duration> = None;
+    while t0.elapsed() < Duration::from_secs(60) {
+        let n = load.succeeded();
+        if n != last_n {
+            gap = gap.max(last_at.elapsed());
+            last_n = n;
+            last_at = std::time::Instant::now();
+        }
+        if replaced.is_none() {
+            let st = a.status().expect("status");
+            let x = common::Appliance::service(&st, "api");
+            if x.ready && x.pid.is_some_and(|p| p != pid) {
+                replaced = Some(t0.elapsed());
+            }
+        }
+        if replaced.is_some_and(|r| t0.elapsed() > r + Duration::from_secs(3)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gap = gap.max(last_at.elapsed().min(t0.elapsed()));
+    let t = load.finish();
+    common::load::report("real API frozen (SIGSTOP) under load", &t);
+    println!(
+        "frozen real API: replaced after {replaced:.1?}, longest stretch without a successful \
+         request {gap:.1?}, {} failed requests, {} ok",
+        t.failed.len(),
+        t.ok
+    );
+    let replaced = replaced.expect("the frozen API server was not replaced within 60 s");
+    assert!(
+        replaced < Duration::from_secs(30),
+        "replaced after {replaced:?}"
+    );
+    assert!(
+        t.failed.len() <= 3 * threads,
+        "{} failed requests: {:#?}",
+        t.failed.len(),
+        t.failed
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the frozen process {pid} is still there"
+    );
+    let log = a.stderr();
+    assert!(
+        log.contains("hung: it is stopped (state T)"),
+        "not killed as hung:\n{log}"
+    );
+    assert_writes_kept(&a, &t);
+    let now = api_report(&a);
+    assert_eq!(
+        now.oom_score_adj,
+        Some(koprogo::process::oom::API),
+        "{now:?}"
+    );
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
+}
+
 /// SIGTERM of the appliance while requests are in flight: the real API drains
 /// (actix's graceful shutdown), PostgreSQL shuts down cleanly, exit 0; after the
 /// next boot every acknowledged write is there.

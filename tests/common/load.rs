@@ -151,6 +151,11 @@ impl Load {
         }
     }
 
+    /// Successful requests so far, all threads together.
+    pub fn succeeded(&self) -> u64 {
+        self.done.iter().map(|d| d.load(Ordering::Relaxed)).sum()
+    }
+
     pub fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         let mut t = Tally::default();
