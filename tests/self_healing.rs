@@ -285,7 +285,11 @@ fn memory_pressure_kills_the_api_never_postgres_or_the_supervisor() {
         "postmaster gone"
     );
     assert_eq!(a.pid(), supervisor);
-    let log = common::all_log_lines(a.dir.path(), "postgres").join("\n");
+    let log = common::all_log_lines(&a.path("logs"), "postgres").join("\n");
+    assert!(
+        log.contains("database system is ready to accept connections"),
+        "no PostgreSQL log:\n{log}"
+    );
     for crash in [
         "terminated by signal",
         "all server processes terminated; reinitializing",
@@ -302,4 +306,61 @@ fn memory_pressure_kills_the_api_never_postgres_or_the_supervisor() {
     a.stop();
     a.assert_no_leftovers(Duration::from_secs(10));
     drop(cg);
+}
+
+/// A frozen postmaster (SIGSTOP) is never SIGKILLed: its health checks fail, the
+/// supervisor sends its fast shutdown (SIGINT) followed by SIGCONT, so it wakes,
+/// shuts down cleanly and starts again; no crash recovery, no row lost.
+#[test]
+fn a_frozen_postmaster_is_shut_down_by_postgresql_itself_never_killed() {
+    let mut a = Appliance::new("");
+    // Faster checks than the defaults (5 s, 5 s, 3) to keep the test short.
+    let text = std::fs::read_to_string(&a.config).expect("config");
+    let text = text.replace(
+        "[postgres]\n",
+        "[postgres]\nhealth_interval = \"1s\"\nhealth_timeout = \"1s\"\nhealth_failures = 2\n",
+    );
+    std::fs::write(&a.config, text).expect("config");
+    a.start();
+    let st = a.wait_ready();
+    let (code, body) = a
+        .http("POST", "/api/v1/items", "before the freeze")
+        .expect("write");
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let id = v["id"].as_i64().expect("id");
+    let pg = Appliance::service(&st, "postgres").pid.expect("pg pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pg), Signal::SIGSTOP).expect("SIGSTOP");
+    let st = a.wait_for(Duration::from_secs(90), "postgres replaced", |s| {
+        let p = Appliance::service(s, "postgres");
+        s.all_ready && p.pid.is_some_and(|p| p != pg)
+    });
+    let log = a.stderr();
+    assert!(log.contains("health check failed (2/2)"), "{log}");
+    for line in log.lines().filter(|l| l.contains("service=\"postgres\"")) {
+        assert!(
+            !line.contains("SIGKILL"),
+            "PostgreSQL was sent SIGKILL: {line}"
+        );
+    }
+    let pglog = common::all_log_lines(&a.path("logs"), "postgres").join("\n");
+    assert!(
+        pglog.contains("received fast shutdown request"),
+        "not PostgreSQL's own fast shutdown:\n{pglog}"
+    );
+    for crash in [
+        "terminated by signal",
+        "database system was interrupted",
+        "automatic recovery in progress",
+    ] {
+        assert!(!pglog.contains(crash), "crash recovery ({crash}):\n{pglog}");
+    }
+    assert!(Appliance::service(&st, "postgres").restarts >= 1);
+    let (code, body) = a
+        .http("GET", &format!("/api/v1/items/{id}"), "")
+        .expect("read");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("before the freeze"), "{body}");
+    a.stop();
+    a.assert_no_leftovers(Duration::from_secs(10));
 }

@@ -293,6 +293,19 @@ impl Db {
         }
     }
 
+    /// `SELECT 1` over a new connection: what the kept one cannot see, that the
+    /// postmaster still accepts connections (a frozen postmaster leaves its
+    /// backends, and so a kept connection, working). For the private cluster's
+    /// health checks: a connection every few seconds costs nothing measurable.
+    pub async fn ping_new(&self) -> Result<()> {
+        let client = self.connect("postgres").await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| anyhow::anyhow!("SELECT 1: {}", describe(&e)))?;
+        Ok(())
+    }
+
     /// Creates the application's role, database and extensions if missing.
     pub async fn ensure_app_database(&self) -> Result<()> {
         let admin = self
@@ -405,8 +418,10 @@ impl ServiceSpec for PostgresService {
         }))
     }
 
+    /// A new connection each time: a postmaster that stopped accepting them
+    /// (frozen, stuck) is found even while its backends still answer.
     async fn probe(&self) -> Result<()> {
-        self.db.ping().await
+        self.db.ping_new().await
     }
 
     async fn on_ready(&self) -> Result<()> {
