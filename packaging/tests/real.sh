@@ -67,6 +67,21 @@ done
 echo "MEASURE memory of the tree ($n processes)|RSS $((rss / 1024)) MiB (sum), PSS $((pss / 1024)) MiB"
 check "the tree has processes" [ "$n" -ge 3 ]
 
+# The OOM policy under the unit (README, Self-healing). status --json reads the
+# API's value through the launcher: ProtectProc=invisible hides the API's
+# processes from the supervisor. -1000 and -900 need CAP_SYS_RESOURCE, which a
+# container may lack (systemd then skips OOMScoreAdjust=): shown, not asserted.
+json=$(koprogo status --json | tr -d ' \n')
+api_pid=$(printf '%s' "$json" | sed -n 's/.*"name":"api","state":"[a-z-]*","pid":\([0-9]*\).*/\1/p')
+pg_pid=$(printf '%s' "$json" | sed -n 's/.*"name":"postgres","state":"[a-z-]*","pid":\([0-9]*\).*/\1/p')
+main=$(systemctl show -p MainPID --value koprogo)
+echo "MEASURE oom_score_adj under the unit|supervisor $(cat "/proc/$main/oom_score_adj"), postmaster $(cat "/proc/$pg_pid/oom_score_adj" 2>/dev/null), API $(cat "/proc/$api_pid/oom_score_adj" 2>/dev/null)"
+check "the API's oom_score_adj is 700" is_eq "$(cat "/proc/$api_pid/oom_score_adj" 2>/dev/null)" 700
+check "status --json shows the API's oom_score_adj (through the launcher)" has "$json" '"oom_score_adj":700'
+if [ "$(cat "/proc/$main/oom_score_adj")" = -1000 ]; then
+  check "the postmaster's oom_score_adj is -900" is_eq "$(cat "/proc/$pg_pid/oom_score_adj")" -900
+fi
+
 step "systemctl stop"
 check "stop" systemctl stop koprogo
 step_done
