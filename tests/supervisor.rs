@@ -372,12 +372,43 @@ fn frozen_api_fails_health_and_is_killed_at_once() {
     let api = Appliance::service(&st, "api").pid.expect("api pid");
     let t = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(api), Signal::SIGSTOP).expect("SIGSTOP api");
+    // A request arriving while the API is failing is held (bounded by
+    // proxy.backend_wait, 15 s) and answered: by the replacement, or 503 with
+    // Retry-After; never left hanging.
+    a.wait_for(Duration::from_secs(30), "api unhealthy", |s| {
+        Appliance::service(s, "api").state == koprogo::process::state::Phase::Unhealthy
+    });
+    let pem = common::load::root_pem(&a);
+    let https = a.cfg().proxy.https[0].port();
+    let held = std::thread::spawn(move || {
+        let c = common::https::Client::new(&pem, &[b"http/1.1"]);
+        let t = Instant::now();
+        let r = common::https::runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(40), c.get(https, "/api/v1/items")).await
+        });
+        (r, t.elapsed())
+    });
     a.wait_for(Duration::from_secs(60), "frozen api replaced", |s| {
         let x = Appliance::service(s, "api");
         x.ready && x.pid != Some(api)
     });
     let took = t.elapsed();
     println!("frozen API replaced after {took:.1?} (was 64 s before the hung-process kill)");
+    let (r, waited) = held.join().expect("held request");
+    let r = r
+        .expect("a request to a failing API was left hanging for 40 s")
+        .expect("the held request");
+    println!(
+        "a request sent while the API was failing: {} after {waited:.1?}",
+        r.status
+    );
+    assert!(
+        r.status == 200 || (r.status == 503 && !r.header("retry-after").is_empty()),
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    assert!(waited < Duration::from_secs(18), "held {waited:?}");
     let log = a.stderr();
     assert!(log.contains("health check failed (3/3)"), "{log}");
     assert!(
