@@ -46,7 +46,6 @@ fn chaos_soak_survives_every_fault_and_loses_no_acknowledged_write() {
 /// it is reset only when a run lasted a whole minute (`STABLE`). A crash after a
 /// healthy run is not a crash loop: it is restarted at once, as s6 or runit would.
 #[test]
-#[ignore = "bug: the restart back-off grows across isolated crashes separated by healthy runs shorter than a minute"]
 fn an_api_crash_after_a_healthy_run_is_restarted_at_once() {
     use std::time::{Duration, Instant};
     let mut a = common::Appliance::new("");

@@ -1,5 +1,5 @@
 //! The back-off: a delay doubling up to a cap, reset after a success. Services
-//! restart after 1 s doubling to 60 s, reset once a run has been stable for a minute;
+//! restart after 1 s doubling to 60 s, reset once a run has been ready for 10 s or up for a minute;
 //! certificate renewals retry between `tls` tuning's bounds. There is no give-up:
 //! the delay only caps.
 

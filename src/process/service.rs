@@ -26,6 +26,9 @@ pub use super::spec::{
 use super::stop::stop_child;
 pub use super::stop::{stop_process, StopHow};
 
+/// A run that was ready this long before it ended resets the back-off.
+const SERVED: Duration = Duration::from_secs(10);
+
 /// The bound on one readiness probe while a service starts.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,6 +68,8 @@ struct Running {
     pid: Option<i32>,
     exit: oneshot::Receiver<Exit>,
     started: Instant,
+    /// When it passed its readiness gate (None: never).
+    ready_at: Option<Instant>,
     /// The readiness generation of the dependency it started against.
     dep_gen: Option<u64>,
     /// No child: an exit that never comes (its sender is kept for the run: a
@@ -234,6 +239,7 @@ impl<S: ServiceSpec> Machine<S> {
             return self.finish(run, end).await;
         }
         self.generation += 1;
+        run.ready_at = Some(Instant::now());
         let pid = run.pid;
         let port = self.spec.port();
         self.w.state.send_modify(|s| {
@@ -310,6 +316,7 @@ impl<S: ServiceSpec> Machine<S> {
             pid,
             exit,
             started,
+            ready_at: None,
             dep_gen,
             _never: never,
         })
@@ -496,15 +503,22 @@ impl<S: ServiceSpec> Machine<S> {
         let name = self.name;
         let _ = self.w.ready.send(None);
         let Running {
-            pid, exit, started, ..
+            pid,
+            exit,
+            started,
+            ready_at,
+            ..
         } = run;
+        // A run that served for a while and then ended is an isolated failure, not
+        // a crash loop: the next start comes after the first delay again.
+        let served = ready_at.is_some_and(|t| t.elapsed() >= SERVED) || started.elapsed() >= STABLE;
         match end {
             End::Exited(exit) => {
                 // Clear stragglers of its process group (e.g. backends of a killed postmaster).
                 if let Some(pid) = pid {
                     signal(pid, self.spec.last_resort(), true);
                 }
-                if started.elapsed() >= STABLE {
+                if served {
                     self.backoff.reset();
                 }
                 tracing::error!(service = name, pid, "exited unexpectedly: {exit}");
@@ -521,7 +535,7 @@ impl<S: ServiceSpec> Machine<S> {
                 // Stop it and retry after a back-off. A hung server (failed health
                 // checks) is not given a grace it cannot use.
                 let hung = matches!(end, End::Unhealthy);
-                if hung && started.elapsed() >= STABLE {
+                if hung && served {
                     self.backoff.reset();
                 }
                 stop_child(&*self.spec, &mut self.w, pid, exit, false, hung).await;
