@@ -66,6 +66,15 @@ impl ProcInfo {
     }
 }
 
+/// `pid`'s `oom_score_adj`, if it can be read.
+pub fn oom_score_adj(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// `pid`'s [`ProcInfo`], if its /proc entry can be read.
 pub fn inspect(pid: i32) -> Option<ProcInfo> {
     let f = stat_fields(pid)?;
@@ -74,7 +83,7 @@ pub fn inspect(pid: i32) -> Option<ProcInfo> {
         state: f.first()?.chars().next()?,
         pgid: f.get(2)?.parse().ok()?,
         cpu_ticks: n(11) + n(12),
-        oom_score_adj: crate::process::oom::read(pid),
+        oom_score_adj: oom_score_adj(pid),
     })
 }
 

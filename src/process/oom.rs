@@ -32,11 +32,7 @@ pub const API: i32 = 700;
 
 /// The value `pid` has now, if it can be read.
 pub fn read(pid: i32) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    crate::procfs::oom_score_adj(pid)
 }
 
 /// Sets our own value (the supervisor at boot, before it drops privileges).
