@@ -32,7 +32,9 @@
 #               clean restart
 #   watchdog    an API crash loop after READY for 150 s: the supervisor must keep
 #               pinging systemd's watchdog (not in "all": see the packaging notes)
-#   all         build lint install real offline pg-upgrade
+#   repo        packaging/build-repo.sh: a signed APT repository served over loopback
+#               HTTP to a fresh Debian 12 root (see packaging/test-repo.sh)
+#   all         build lint install real offline pg-upgrade repo
 #   clean       remove the work directory and the cached roots
 #
 # Every wait is bounded; the roots are removed at the end (KEEP=1 keeps them on
@@ -592,6 +594,11 @@ cmd_pg_upgrade() {
   return $rc
 }
 
+# ---------------------------------------------------------------- repo
+# cmd_repo: the signed APT repository, in its own file.
+# shellcheck source=packaging/test-repo.sh
+. packaging/test-repo.sh
+
 # ---------------------------------------------------------------- watchdog
 # A crash-looping API (after READY) must not get the whole appliance killed by
 # systemd's watchdog: the supervisor has to keep pinging while its children flap.
@@ -617,7 +624,7 @@ cmd_clean() {
 
 # ---------------------------------------------------------------- main
 [[ $# -gt 0 ]] || set -- all
-[[ " $* " == *" all "* ]] && set -- build lint install real offline pg-upgrade
+[[ " $* " == *" all "* ]] && set -- build lint install real offline pg-upgrade repo
 need_root_tools
 mkdir -p "$W"
 started=$(now)
@@ -632,13 +639,14 @@ for c in "$@"; do
     offline) cmd_offline || status=1 ;;
     pg-upgrade) cmd_pg_upgrade || status=1 ;;
     watchdog) cmd_watchdog || status=1 ;;
+    repo) cmd_repo || status=1 ;;
     clean) cmd_clean ;;
-    *) kp_die "unknown command $c: build | lint | install | real | offline | pg-upgrade | watchdog | all | clean" ;;
+    *) kp_die "unknown command $c: build | lint | install | real | offline | pg-upgrade | repo | watchdog | all | clean" ;;
   esac
 done
 left=
 for p in $(ns_procs); do [[ $ns_before == *" $p "* ]] || left="$left $p"; done
-for d in "$W"/install "$W"/real "$W"/offline "$W"/pgupgrade "$W"/watchdog; do [[ -d $d ]] && left="$left$(kp_mounts_in "$d" | tr '\n' ' ')"; done
+for d in "$W"/install "$W"/real "$W"/offline "$W"/pgupgrade "$W"/watchdog "$W"/repo; do [[ -d $d ]] && left="$left$(kp_mounts_in "$d" | tr '\n' ' ')"; done
 if [[ -n ${left// /} ]]; then kp_log "LEFT BEHIND (processes in containers, mounts):$left"; status=1; fi
 if pgrep -x systemd-nspawn >/dev/null 2>&1; then kp_log "LEFT BEHIND: a systemd-nspawn process"; status=1; fi
 echo
