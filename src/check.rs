@@ -30,6 +30,12 @@ pub struct Preflight {
 
 /// Runs every check. Creates and changes nothing.
 pub fn preflight(cfg: &Config) -> Preflight {
+    preflight_holding(cfg, &[])
+}
+
+/// The same for a `koprogo run` that already holds listening sockets on `held`
+/// (passed by systemd across a restart): those addresses are not test-bound.
+pub fn preflight_holding(cfg: &Config, held: &[SocketAddr]) -> Preflight {
     let mut p = Preflight::default();
     let frontend = cfg.proxy.frontend.join("index.html");
     if frontend.is_file() {
@@ -181,7 +187,7 @@ pub fn preflight(cfg: &Config) -> Preflight {
                     .enabled
                     .then_some(("metrics.listen", cfg.metrics.listen)),
             );
-        for (key, addr) in addrs {
+        for (key, addr) in addrs.filter(|(_, a)| !held.contains(a)) {
             if let Err(e) = TcpListener::bind(addr) {
                 let fix = match e.kind() {
                     std::io::ErrorKind::AddrInUse => {
