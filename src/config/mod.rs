@@ -8,13 +8,19 @@
 //! PostgreSQL URL of [`pg_url`]), [`validate`] (the checks), and [`units`]
 //! (durations, sizes, times of day, and the byte formatter). This module depends
 //! on nothing else in the crate.
+//!
+//! [`managed`] layers the package's debconf answers (`debconf.toml` beside the
+//! main file, written by the postinst) under the main file: a key the main file
+//! sets wins, table by table; each file's unknown keys and wrong types are refused
+//! naming that file, and a bad value is reported in the file it came from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod defaults;
+mod managed;
 pub mod pg_url;
 mod raw;
 mod resolve;
@@ -33,6 +39,10 @@ pub use validate::check_recipient_setting;
 
 /// Where `koprogo` looks when neither `--config` nor `KOPROGO_CONFIG` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/koprogo/koprogo.toml";
+
+/// The file the package writes from its debconf answers, read from the main file's
+/// directory under it: the main file's keys win over it.
+pub const MANAGED_FILE: &str = "debconf.toml";
 
 /// Environment variables the appliance sets for the API server itself; `[backend.env]`
 /// may not override them (it would silently break the contract).
@@ -79,6 +89,18 @@ pub struct Config {
     pub capacity: Capacity,
     /// The file this was read from (absolute).
     pub file: PathBuf,
+    /// The debconf-managed file read under it, if there was one.
+    pub managed: Option<Managed>,
+}
+
+/// The managed file ([`MANAGED_FILE`]) a configuration was layered on, and which of
+/// its keys took effect (the main file did not set them).
+#[derive(Debug, Clone)]
+pub struct Managed {
+    /// Its path (absolute).
+    pub file: PathBuf,
+    /// Dotted names (`tls.mode`, `backend.smtp.host`) of the values taken from it.
+    pub keys: BTreeSet<String>,
 }
 
 /// `[postgres]`, checked: `url` parsed into `external`.
@@ -143,7 +165,8 @@ pub fn config_path(arg: Option<&Path>) -> PathBuf {
 }
 
 impl Config {
-    /// Reads, parses and validates `file`.
+    /// Reads, parses and validates `file`, layered on the managed file beside it
+    /// ([`MANAGED_FILE`]) when that exists.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| {
             ConfigError(format!(
@@ -151,24 +174,67 @@ impl Config {
                 file.display()
             ))
         })?;
-        Config::parse(&text, file)
+        let managed_path = managed::path_beside(file);
+        let managed_text = managed::read(&managed_path)?;
+        Config::parse_layered(
+            &text,
+            file,
+            managed_text.as_deref().map(|t| (t, managed_path.as_path())),
+        )
     }
 
-    /// Parses `text` as if read from `file` (relative paths resolve against its directory).
+    /// Parses `text` as if read from `file` (relative paths resolve against its
+    /// directory), with no managed file.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigError(format!(
-                "{}: {}",
-                file.display(),
-                e.to_string().trim_end().replace('\n', "\n  ")
-            ))
-        })?;
-        resolve::resolve(raw, file)
+        Config::parse_layered(text, file, None)
     }
 
-    /// An error about `key = value` in this file, with what to do about it.
+    /// Parses `text` as if read from `file`, layered on `managed` (its text and
+    /// path): every key `text` sets wins over the managed file's, table by table.
+    pub fn parse_layered(
+        text: &str,
+        file: &Path,
+        managed: Option<(&str, &Path)>,
+    ) -> Result<Config, ConfigError> {
+        let Some((mtext, mfile)) = managed else {
+            let raw = managed::raw_of(text, file)?;
+            return resolve::resolve(raw, file, None);
+        };
+        let (raw, keys) = managed::layer(text, file, mtext, mfile)?;
+        let managed = Managed {
+            file: resolve::absolute(mfile),
+            keys,
+        };
+        resolve::resolve(raw, file, Some(managed))
+    }
+
+    /// The file `key`'s value came from: the managed file when the main file
+    /// does not set it and the managed one does, else the main file.
+    pub fn origin(&self, key: &str) -> &Path {
+        match &self.managed {
+            Some(m) if m.keys.contains(key) => &m.file,
+            _ => &self.file,
+        }
+    }
+
+    /// An error about `key = value` in the file it came from, with what to do about it.
     fn err(&self, key: &str, value: &dyn fmt::Display, fix: &str) -> ConfigError {
-        ConfigError(format!("{}: {key} = {value}: {fix}", self.file.display()))
+        self.err_in(key, key, value, fix)
+    }
+
+    /// An error about `key = value`, reported in the file `origin_key` came from
+    /// (for a key missing in both files, the key that asked for it).
+    fn err_in(
+        &self,
+        origin_key: &str,
+        key: &str,
+        value: &dyn fmt::Display,
+        fix: &str,
+    ) -> ConfigError {
+        ConfigError(format!(
+            "{}: {key} = {value}: {fix}",
+            self.origin(origin_key).display()
+        ))
     }
 
     /// Every loopback port the API servers may use: `backend.port` and the next

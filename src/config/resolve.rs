@@ -6,10 +6,14 @@
 use std::path::{Component, Path, PathBuf};
 
 use super::raw::{RawConfig, RawPostgres, RawTls};
-use super::{validate, Config, ConfigError, Postgres, Tls, TlsMode};
+use super::{validate, Config, ConfigError, Managed, Postgres, Tls, TlsMode};
 
-/// The final configuration of `raw`, read from `file`, checked.
-pub(super) fn resolve(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+/// The final configuration of `raw`, read from `file` (layered on `managed`), checked.
+pub(super) fn resolve(
+    raw: RawConfig,
+    file: &Path,
+    managed: Option<Managed>,
+) -> Result<Config, ConfigError> {
     let file = absolute(file);
     let base = file
         .parent()
@@ -79,6 +83,7 @@ pub(super) fn resolve(raw: RawConfig, file: &Path) -> Result<Config, ConfigError
         backup,
         capacity,
         file,
+        managed,
     };
     cfg.postgres.external = validate::validate(&cfg, url.as_deref())?;
     Ok(cfg)
@@ -124,7 +129,7 @@ fn postgres_of(p: RawPostgres) -> (Postgres, Option<String>) {
     (pg, p.url.map(|u| u.0))
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(super) fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {

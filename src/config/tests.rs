@@ -235,3 +235,135 @@ fn overflowing_sizes_and_durations_are_errors() {
         );
     }
 }
+
+// The debconf-managed layer (debconf.toml beside the main file).
+
+const MAIN: &str = "/etc/koprogo/koprogo.toml";
+const MANAGED: &str = "/etc/koprogo/debconf.toml";
+
+fn layered(main: &str, managed: &str) -> Result<Config, ConfigError> {
+    Config::parse_layered(main, Path::new(MAIN), Some((managed, Path::new(MANAGED))))
+}
+
+const ANSWERS: &str = "domain = \"syndic.example.be\"\n[tls]\nmode = \"internal\"\n\
+    [backend.smtp]\nenabled = true\nhost = \"smtp.example.be\"\nport = 587\n\
+    username = \"u\"\npassword = \"p\\\"q\"\nfrom_email = \"noreply@example.be\"\n";
+
+#[test]
+fn managed_answers_apply_where_the_main_file_is_silent() {
+    let c = layered("[logs]\nkeep_files = 3\n", ANSWERS).expect("valid");
+    assert_eq!(c.domain, "syndic.example.be");
+    assert_eq!(c.tls.mode, TlsMode::Internal);
+    assert!(c.backend.smtp.enabled);
+    assert_eq!(c.backend.smtp.password.as_deref(), Some("p\"q"));
+    assert_eq!(c.logs.keep_files, 3);
+    assert_eq!(c.origin("domain"), Path::new(MANAGED));
+    assert_eq!(c.origin("backend.smtp.host"), Path::new(MANAGED));
+    assert_eq!(c.origin("logs.keep_files"), Path::new(MAIN));
+    // Keys set nowhere are the main file's (its defaults).
+    assert_eq!(c.origin("proxy.http"), Path::new(MAIN));
+    let m = c.managed.as_ref().expect("managed");
+    assert_eq!(m.file, PathBuf::from(MANAGED));
+    assert!(m.keys.contains("tls.mode") && !m.keys.contains("logs.keep_files"));
+}
+
+#[test]
+fn the_main_file_wins_key_by_key_not_table_by_table() {
+    let main = "domain = \"admin.example.be\"\n[backend.smtp]\nport = 2525\n[tls]\nacme_email = \"a@example.be\"\n";
+    let c = layered(main, ANSWERS).expect("valid");
+    assert_eq!(c.domain, "admin.example.be");
+    assert_eq!(c.origin("domain"), Path::new(MAIN));
+    // The SMTP table merges: the port from the main file, the rest from the answers.
+    assert_eq!(c.backend.smtp.port, Some(2525));
+    assert_eq!(c.backend.smtp.host.as_deref(), Some("smtp.example.be"));
+    assert_eq!(c.origin("backend.smtp.port"), Path::new(MAIN));
+    assert_eq!(c.origin("backend.smtp.host"), Path::new(MANAGED));
+    // tls.mode stays the answer's ("internal"), beside the main file's e-mail.
+    assert_eq!(c.tls.mode, TlsMode::Internal);
+    assert_eq!(c.tls.acme_email.as_deref(), Some("a@example.be"));
+    // A main file that turns SMTP off wins over an answer that turned it on.
+    let c = layered("[backend.smtp]\nenabled = false\n", ANSWERS).expect("valid");
+    assert!(!c.backend.smtp.enabled);
+    // Arrays replace, they do not append.
+    let c = layered(
+        "aliases = [\"b.example.be\"]\n",
+        "aliases = [\"a.example.be\"]\n",
+    )
+    .expect("valid");
+    assert_eq!(c.aliases, vec!["b.example.be".to_string()]);
+}
+
+#[test]
+fn unknown_keys_and_types_name_their_own_file() {
+    let e = layered("", "[tls]\nmdoe = \"acme\"\n").expect_err("unknown in managed");
+    assert!(e.0.starts_with(MANAGED) && e.0.contains("mdoe"), "{e}");
+    let e = layered("[tls]\nmdoe = \"acme\"\n", ANSWERS).expect_err("unknown in main");
+    assert!(e.0.starts_with(MAIN) && e.0.contains("mdoe"), "{e}");
+    let e = layered("", "[backend.smtp]\nport = \"587\"\n").expect_err("type in managed");
+    assert!(e.0.starts_with(MANAGED) && e.0.contains("port"), "{e}");
+    let e = layered("", "domain = \"a\nb\"\n").expect_err("syntax in managed");
+    assert!(e.0.starts_with(MANAGED), "{e}");
+}
+
+#[test]
+fn a_bad_value_is_reported_in_the_file_it_came_from() {
+    let bad_from = ANSWERS.replace("noreply@example.be", "no reply");
+    let e = layered("", &bad_from).expect_err("managed from_email");
+    assert!(
+        e.0.starts_with(&format!("{MANAGED}: backend.smtp.from_email")),
+        "{e}"
+    );
+    let e = layered("[backend.smtp]\nfrom_email = \"no reply\"\n", ANSWERS)
+        .expect_err("main from_email");
+    assert!(
+        e.0.starts_with(&format!("{MAIN}: backend.smtp.from_email")),
+        "{e}"
+    );
+    let e = layered("", "domain = \"a b\"\n").expect_err("managed domain");
+    assert!(e.0.starts_with(&format!("{MANAGED}: domain")), "{e}");
+    // A key missing in both files: the file of the key that asked for it.
+    let e = layered("", "[backend.smtp]\nenabled = true\nhost = \"h\"\n").expect_err("no user");
+    assert!(
+        e.0.starts_with(&format!("{MANAGED}: backend.smtp.username")),
+        "{e}"
+    );
+    let e = layered("[backend.smtp]\nenabled = true\n", "").expect_err("no host");
+    assert!(
+        e.0.starts_with(&format!("{MAIN}: backend.smtp.host")),
+        "{e}"
+    );
+    let e = layered("", "[tls]\nmode = \"acme\"\n").expect_err("acme without e-mail");
+    assert!(
+        e.0.starts_with(&format!("{MANAGED}: tls.acme_email")),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reads_the_managed_file_beside_the_main_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("koprogo.toml");
+    std::fs::write(&main, "[logs]\nkeep_files = 3\n").expect("write main");
+    let c = Config::load(&main).expect("without a managed file");
+    assert!(c.managed.is_none());
+    assert_eq!(c.domain, "localhost");
+    let managed = dir.path().join(MANAGED_FILE);
+    std::fs::write(&managed, ANSWERS).expect("write managed");
+    let c = Config::load(&main).expect("with a managed file");
+    assert_eq!(c.domain, "syndic.example.be");
+    assert_eq!(c.origin("domain"), managed.as_path());
+    assert_eq!(c.logs.keep_files, 3);
+    std::fs::write(&managed, "[logs]\nkeep_flies = 1\n").expect("write bad");
+    let e = Config::load(&main).expect_err("unknown key");
+    assert!(
+        e.0.starts_with(&managed.display().to_string()) && e.0.contains("keep_flies"),
+        "{e}"
+    );
+    std::fs::remove_file(&managed).expect("rm");
+    std::fs::create_dir(&managed).expect("a directory in its place");
+    let e = Config::load(&main).expect_err("unreadable");
+    assert!(
+        e.0.starts_with(&managed.display().to_string()) && e.0.contains("dpkg-reconfigure"),
+        "{e}"
+    );
+}

@@ -136,7 +136,8 @@ pub(super) fn validate(
             ),
         ] {
             if missing {
-                return Err(cfg.err(
+                return Err(cfg.err_in(
+                    "backend.smtp.enabled",
                     &format!("backend.smtp.{k}"),
                     &"(missing)",
                     "required when backend.smtp.enabled = true (the API server would crash at boot)",
@@ -206,7 +207,13 @@ pub(super) fn validate(
         TlsMode::Acme => {
             let email = cfg.tls.acme_email.as_deref().unwrap_or("");
             if !email.contains('@') {
-                return Err(cfg.err(
+                let origin = if cfg.tls.acme_email.is_some() {
+                    "tls.acme_email"
+                } else {
+                    "tls.mode"
+                };
+                return Err(cfg.err_in(
+                    origin,
                     "tls.acme_email",
                     &format!("{email:?}"),
                     "mode = \"acme\" needs a contact address, e.g. acme_email = \"syndic@example.be\"",

@@ -7,7 +7,7 @@
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::certinfo::rfc3339;
+use super::certinfo::{fingerprint_sha256, rfc3339};
 use super::local_ca::{self, LocalCa};
 use super::{files, TlsPaths};
 use crate::config::{Config, TlsMode};
@@ -35,10 +35,19 @@ pub struct CaStatus {
     /// to: its name and serial.
     #[serde(default)]
     pub next: Option<String>,
+    /// SHA-256 fingerprint of the root (upper-case hex, colons), to compare with
+    /// what an office PC shows (and the onboarding page, `koprogo ca export`).
+    #[serde(default)]
+    pub fingerprint: String,
+    /// The same for the next root, when one is prepared.
+    #[serde(default)]
+    pub next_fingerprint: Option<String>,
 }
 
 /// `koprogo ca export`: PEM of the local root CA (created if it does not exist yet),
-/// recorded as handed out so it is never replaced without the operator.
+/// recorded as handed out so it is never replaced without the operator. (The
+/// fingerprint to print beside it: [`fingerprint_sha256`] of the PEM's DER, see
+/// [`pem_fingerprint`].)
 pub fn export_root(cfg: &Config) -> anyhow::Result<String> {
     let paths = TlsPaths::new(&cfg.paths.state);
     ensure_dir(&paths.dir, 0o700).with_context(|| format!("creating {}", paths.dir.display()))?;
@@ -46,6 +55,15 @@ pub fn export_root(cfg: &Config) -> anyhow::Result<String> {
     let ca = local_ca::load_or_create_root(&paths, cfg)?;
     local_ca::mark_exported(&paths, &ca)?;
     Ok(ca.cert_pem)
+}
+
+/// SHA-256 fingerprint (see [`fingerprint_sha256`]) of the first certificate of
+/// a PEM text, e.g. what [`export_root`] returned.
+pub fn pem_fingerprint(pem: &str) -> anyhow::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    Ok(fingerprint_sha256(&der))
 }
 
 /// What `koprogo ca rotate` did.
@@ -110,14 +128,17 @@ pub(super) fn ca_status(paths: &TlsPaths, ca: &LocalCa, cfg: &Config) -> CaStatu
     } else {
         None
     };
-    let next = match local_ca::read_next(paths) {
-        Ok(Some(n)) if n.info.serial != ca.info.serial => {
-            Some(format!("{} (serial {})", n.info.issuer, n.info.serial))
-        }
-        _ => None,
+    let (next, next_fingerprint) = match local_ca::read_next(paths) {
+        Ok(Some(n)) if n.info.serial != ca.info.serial => (
+            Some(format!("{} (serial {})", n.info.issuer, n.info.serial)),
+            Some(fingerprint_sha256(&n.cert_der)),
+        ),
+        _ => (None, None),
     };
     CaStatus {
         next,
+        next_fingerprint,
+        fingerprint: fingerprint_sha256(&ca.cert_der),
         subject: ca.info.issuer.clone(),
         serial: ca.info.serial.clone(),
         not_after: rfc3339(ca.info.not_after),

@@ -216,6 +216,18 @@ pub(crate) fn parse_key(pem: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
     })
 }
 
+/// The SHA-256 fingerprint of a certificate's DER, as Windows, macOS and Firefox
+/// show it: upper-case hex bytes separated by colons (`AB:CD:…`, 95 characters).
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode_upper(Sha256::digest(der))
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// RFC 3339 with seconds, UTC (`2026-05-01T12:00:00Z`).
 pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)

@@ -145,6 +145,11 @@ fn read_pair(crt: &Path, key_path: &Path) -> Result<Option<LocalCa>, RootError> 
     }))
 }
 
+/// Whether the next root (`ca rotate --prepare`) would be used by `ca rotate`.
+pub(crate) fn usable_next(ca: &LocalCa) -> bool {
+    ca.usable(Utc::now())
+}
+
 /// Whether `koprogo ca export` handed this root out. A root without constraints
 /// predates the record: assume it was.
 pub(crate) fn exported(paths: &TlsPaths, ca: &LocalCa) -> bool {

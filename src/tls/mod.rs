@@ -21,6 +21,7 @@ mod ca_tests;
 mod certinfo;
 mod constraints;
 mod files;
+mod handout;
 mod leaf;
 mod local_ca;
 mod status;
@@ -45,8 +46,12 @@ use crate::config::{Config, TlsMode};
 use crate::process::backoff::Backoff;
 use crate::sync::LockExt;
 use ca_admin::ca_status;
-pub use ca_admin::{ca_warnings, export_root, prepare_next_root, rotate_root, CaStatus, Rotated};
+pub use ca_admin::{
+    ca_warnings, export_root, pem_fingerprint, prepare_next_root, rotate_root, CaStatus, Rotated,
+};
+pub use certinfo::fingerprint_sha256;
 use certinfo::{rfc3339, rfc3339_ms, Cert, Source};
+pub use handout::{HandOut, RootCert};
 use files::{FilePair, Stamp};
 use local_ca::LocalCa;
 use store::{CertStore, Entry};
@@ -151,6 +156,10 @@ pub struct Tls {
     /// The local CA's signed revocation list and when it was signed.
     crl: Mutex<Option<SignedCrl>>,
     files_seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
+    /// The next root as the onboarding page offers it (see [`handout`]).
+    next_root: Mutex<handout::NextCache>,
+    /// The serial the onboarding page last recorded as handed out.
+    handed: Mutex<Option<String>>,
 }
 
 /// A signed revocation list: when it was signed, the serial of the root that
@@ -228,6 +237,8 @@ impl Tls {
             ca: Mutex::new(ca),
             files_seen: Mutex::new(files_seen),
             crl: Mutex::new(None),
+            next_root: Mutex::new(None),
+            handed: Mutex::new(None),
         };
         let next = match cfg.tls.mode {
             TlsMode::Acme => Some(acme::due(&tls, None, Utc::now())),
