@@ -1,5 +1,7 @@
 //! `koprogo ca export|rotate`: the local CA's files are the service user's, so the
 //! work on them is done as that user; root only writes what the operator named.
+//! Each prints the root's SHA-256 fingerprint (on stderr beside a PEM on stdout),
+//! the one the onboarding page (`http://<server>/ca`) and the PCs show.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +23,21 @@ pub fn export(cfg: &Config, file: Option<PathBuf>) -> Outcome {
             return Err(CliError::Failed(format!("{e:#}")));
         }
     };
-    write_pem(file, &pem)
+    let fp = fingerprint(&pem)?;
+    let out = write_pem(file, &pem)?;
+    // Beside the PEM, never in it (stdout is the PEM only): what the office PCs
+    // and the onboarding page (http://<server>/ca) show, to compare.
+    eprintln!("SHA-256 fingerprint: {fp}");
+    Ok(out)
+}
+
+/// The SHA-256 fingerprint of the root certificate in `pem`.
+fn fingerprint(pem: &str) -> Result<String, CliError> {
+    crate::tls::pem_fingerprint(pem).map_err(|e| {
+        CliError::Failed(format!(
+            "the local root CA's certificate cannot be read back: {e:#}"
+        ))
+    })
 }
 
 /// `f` against the current directory (write_atomic needs a parent directory to
@@ -92,7 +108,10 @@ pub fn rotate(cfg: &Config, prepare: bool, file: Option<PathBuf>) -> Outcome {
                     next.serial,
                     next.permitted.join(", ")
                 );
-                write_pem(file, &pem)
+                let fp = fingerprint(&pem)?;
+                let out = write_pem(file, &pem)?;
+                eprintln!("next root SHA-256 fingerprint: {fp}");
+                Ok(out)
             }
             Err(e) => Err(CliError::Failed(format!("{e:#}"))),
         };
@@ -118,6 +137,7 @@ pub fn rotate(cfg: &Config, prepare: bool, file: Option<PathBuf>) -> Outcome {
             println!("new root  {} (serial {})", r.new.subject, r.new.serial);
             println!("permits   {}", r.new.permitted.join(", "));
             println!("expires   {}", r.new.not_after);
+            println!("SHA-256   {}", r.new.fingerprint);
             println!(
                 "The running koprogo serves a certificate from the new root within seconds.\n\
                  {}Remove the old root from the office PCs.",

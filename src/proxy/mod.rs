@@ -1,5 +1,6 @@
 //! The front door: one HTTPS reverse proxy in the supervisor process. Port 80
-//! answers ACME HTTP-01 challenges and redirects everything else (308); HTTPS routes
+//! answers ACME HTTP-01 challenges, serves the office onboarding page in `internal`
+//! mode ([`onboarding`], `/ca`) and redirects everything else (308); HTTPS routes
 //! `/api/`, `/swagger-ui/`, `/api-docs/`, `/mcp/` to the API server and everything
 //! else to the frontend on disk, with security headers, body limits, a per-IP rate
 //! limit and, while the API is not ready, a bounded wait then a maintenance answer.
@@ -9,6 +10,7 @@
 mod answers;
 pub mod balance;
 pub mod limits;
+pub mod onboarding;
 pub mod server;
 pub mod static_files;
 pub mod stats;
@@ -209,6 +211,8 @@ impl Proxy {
                     "no such challenge\n".into(),
                 ),
             }
+        } else if let Some(r) = self.onboarding(&req).await {
+            r
         } else {
             self.redirect(&req)
         };

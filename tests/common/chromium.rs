@@ -456,6 +456,27 @@ impl Browser {
         }
     }
 
+    /// Lets the browser save downloads into `dir` under the names the server
+    /// suggests (`Browser.setDownloadBehavior`); see [`wait_download`].
+    pub fn allow_downloads(&mut self, dir: &Path) {
+        std::fs::create_dir_all(dir).expect("download dir");
+        self.call(
+            "Browser.setDownloadBehavior",
+            json!({ "behavior": "allow", "downloadPath": dir.display().to_string() }),
+            false,
+        );
+    }
+
+    /// Turns the page's JavaScript off (`Emulation.setScriptExecutionDisabled`), as
+    /// on a browser with scripts disabled; DevTools' own evaluation keeps working.
+    pub fn disable_scripts(&mut self) {
+        self.call(
+            "Emulation.setScriptExecutionDisabled",
+            json!({ "value": true }),
+            true,
+        );
+    }
+
     /// The page's visible text (`document.body.innerText`).
     pub fn text(&mut self) -> String {
         self.eval("document.body ? document.body.innerText : ''")
@@ -561,6 +582,33 @@ pub fn seen_text(text: &str) -> String {
            if (n.data.includes({t}) && n.parentElement && on(n.parentElement)) return true; \
          }} return false; }})()"
     )
+}
+
+/// The bytes of `dir/name` once a download finished there (Chromium writes a
+/// `.crdownload` file and renames it at the end); panics after `limit`, naming
+/// what the directory held.
+pub fn wait_download(dir: &Path, name: &str, limit: Duration) -> Vec<u8> {
+    let path = dir.join(name);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(bytes) = std::fs::read(&path) {
+            return bytes;
+        }
+        if Instant::now() > deadline {
+            let seen: Vec<String> = std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!(
+                "no download {name} in {} after {limit:?}; it holds {seen:?}",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn truthy(v: &Value) -> bool {
