@@ -289,6 +289,12 @@ fn the_page_hands_out_the_root_over_plain_http() {
     assert_eq!(field(&html, "fingerprint"), fp, "the site keeps its root");
     assert_eq!(field(&html, "next-fingerprint"), next_fp);
     assert!(html.contains("Prepared replacement root"), "{html}");
+    println!(
+        "MEASURE onboarding page {} bytes, {} with the next root; root DER {} bytes",
+        page.body.len(),
+        html.len(),
+        crt.body.len()
+    );
     let next_crt = get(http, "/ca/koprogo-next-root.crt");
     assert_eq!(next_crt.status, 200);
     assert_eq!(next_crt.body, pem_der(&next_pem));
