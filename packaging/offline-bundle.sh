@@ -5,7 +5,17 @@
 #
 #   packaging/offline-bundle.sh --deb target/debian/koprogo_<version>_amd64.deb
 #                               [--out DIR] [--suite bookworm]
+#   packaging/offline-bundle.sh --from-repo REPO --keyring KEYRING [--version V]
+#                               [--repo-suite stable] [--out DIR] [--suite bookworm]
 #
+# --from-repo takes koprogo's .deb from a repository made by build-repo.sh (a
+# directory: a local copy, or the one about to be uploaded), trusting nothing in it
+# but what the key signed: REPO/dists/<repo-suite>/InRelease is checked with gpgv
+# against KEYRING (the public keyring you trust, e.g. the key's own
+# koprogo-archive-keyring.pgp; not the copy inside REPO, which whoever can write REPO
+# can replace), the Packages index against the SHA256 the signed Release gives, and
+# the .deb (copied out first) against the SHA256 of its Packages entry. --version
+# picks a version (default: the highest in the repository).
 # Run as root on a machine that reaches a Debian mirror (the one its apt uses, or
 # KOPROGO_MIRROR / KOPROGO_SECURITY_MIRROR), with debootstrap and dpkg-dev.
 # What is "missing" is asked of apt itself: in a fresh minimal root of the suite
@@ -20,25 +30,22 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=packaging/lib.sh
 . "$here/lib.sh"
 
-deb='' out=target/debian suite=bookworm
+deb='' out=target/debian suite=bookworm from_repo='' keyring='' want_version='' repo_suite=stable
 while [[ $# -gt 0 ]]; do
   case $1 in
     --deb) [[ $# -ge 2 ]] || kp_die "--deb needs the koprogo .deb"; deb=$2; shift 2 ;;
+    --from-repo) [[ $# -ge 2 ]] || kp_die "--from-repo needs the repository's directory (made by build-repo.sh)"; from_repo=$2; shift 2 ;;
+    --keyring) [[ $# -ge 2 ]] || kp_die "--keyring needs the repository's public keyring (koprogo-archive-keyring.pgp)"; keyring=$2; shift 2 ;;
+    --version) [[ $# -ge 2 ]] || kp_die "--version needs a koprogo version"; want_version=$2; shift 2 ;;
+    --repo-suite) [[ $# -ge 2 ]] || kp_die "--repo-suite needs the repository's suite (stable)"; repo_suite=$2; shift 2 ;;
     --out) [[ $# -ge 2 ]] || kp_die "--out needs a directory"; out=$2; shift 2 ;;
     --suite) [[ $# -ge 2 ]] || kp_die "--suite needs a Debian suite (bookworm)"; suite=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) kp_die "unknown argument $1 (see --help)" ;;
   esac
 done
-[[ -n $deb ]] || kp_die "--deb is required: build it first with packaging/build-deb.sh"
-[[ -f $deb ]] || kp_die "--deb $deb: no such file: build it with packaging/build-deb.sh"
 [[ $(id -u) -eq 0 ]] || kp_die "run as root (debootstrap and chroot need it)"
 command -v dpkg-scanpackages >/dev/null || kp_die "dpkg-scanpackages is missing: apt-get install dpkg-dev"
-
-version=$(dpkg-deb -f "$deb" Version)
-arch=$(dpkg-deb -f "$deb" Architecture)
-name=koprogo-offline_${version}_${arch}
-started=$(date +%s)
 
 work=$(mktemp -d /var/tmp/koprogo-bundle.XXXXXX)
 root=$work/root
@@ -47,6 +54,81 @@ cleanup() {
   rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
+
+# The koprogo .deb of a signed repository, checked from the signature down.
+# Sets deb (a verified copy in $work).
+deb_from_repo() {
+  local repo=$1 rel=$work/Release idx=main/binary-amd64/Packages line want_sha want_size sha size
+  local stanza filename
+  [[ -z $deb ]] || kp_die "--deb and --from-repo exclude each other: give one"
+  [[ -n $keyring ]] || kp_die "--from-repo needs --keyring FILE: the repository's public keyring you trust (not the copy inside $repo)"
+  [[ -f $keyring ]] || kp_die "--keyring $keyring: no such file"
+  [[ -d $repo ]] || kp_die "--from-repo $repo: no such directory"
+  [[ $repo_suite =~ ^[a-z0-9][a-z0-9.+-]*$ ]] || kp_die "--repo-suite $repo_suite: not a suite name (stable)"
+  command -v gpgv >/dev/null || kp_die "gpgv is missing: apt-get install gpgv"
+  local inrel=$repo/dists/$repo_suite/InRelease
+  [[ -f $inrel ]] || kp_die "$inrel: no such file: is $repo a repository made by build-repo.sh (suite $repo_suite)?"
+  # The keyring as a file of our own (gpgv takes a path; a relative one would be
+  # looked up in ~/.gnupg).
+  cp "$keyring" "$work/keyring.pgp"
+  # As apt does: a good signature (VALIDSIG) by an unexpired, unrevoked key.
+  if ! gpgv --status-fd 3 --keyring "$work/keyring.pgp" --output "$rel" "$inrel" 2> "$work/gpgv.err" 3> "$work/gpgv.status" ||
+     ! grep -q '^\[GNUPG:\] VALIDSIG ' "$work/gpgv.status" ||
+     grep -q '^\[GNUPG:\] \(EXPKEYSIG\|REVKEYSIG\|EXPSIG\|BADSIG\|ERRSIG\) ' "$work/gpgv.status"; then
+    cat "$work/gpgv.err" >&2
+    kp_die "$inrel: its signature does not verify with $keyring (gpgv's message above): the repository was changed, signed with another key, or the key expired; nothing is taken from it"
+  fi
+  # The Packages index, as the signed Release describes it.
+  line=$(awk -v f="$idx" '/^SHA256:/ { s = 1; next } /^[^ ]/ { s = 0 } s && $3 == f { print $1, $2; exit }' "$rel")
+  [[ -n $line ]] || kp_die "$inrel: the signed Release lists no SHA256 for $idx"
+  read -r want_sha want_size <<<"$line"
+  cp "$repo/dists/$repo_suite/$idx" "$work/Packages" 2>/dev/null ||
+    kp_die "$repo/dists/$repo_suite/$idx: cannot read it"
+  sha=$(sha256sum < "$work/Packages" | cut -d' ' -f1)
+  size=$(stat -c %s "$work/Packages")
+  [[ $sha == "$want_sha" && $size == "$want_size" ]] ||
+    kp_die "$repo/dists/$repo_suite/$idx: SHA256 $sha ($size bytes), but the signed Release says $want_sha ($want_size bytes): the index was changed; nothing is taken from it"
+  # The koprogo entry: the version asked for, or the highest.
+  if [[ -z $want_version ]]; then
+    local v
+    while read -r v; do
+      dpkg --compare-versions "$v" gt "$want_version" && want_version=$v
+    done < <(awk '/^Package: / { p = $2 } /^Version: / && p == "koprogo" { print $2 }' "$work/Packages")
+    [[ -n $want_version ]] || kp_die "$repo holds no koprogo package (its signed Packages index lists none)"
+  fi
+  stanza=$(awk -v v="$want_version" 'BEGIN { RS = ""; FS = "\n" }
+    { p = ""; ver = ""; for (i = 1; i <= NF; i++) { if ($i ~ /^Package: /) p = substr($i, 10); if ($i ~ /^Version: /) ver = substr($i, 10) }
+      if (p == "koprogo" && ver == v) { print; exit } }' "$work/Packages")
+  [[ -n $stanza ]] || kp_die "$repo has no koprogo $want_version (versions: $(awk '/^Package: / { p = $2 } /^Version: / && p == "koprogo" { printf "%s ", $2 }' "$work/Packages"))"
+  filename=$(sed -n 's/^Filename: //p' <<<"$stanza")
+  want_sha=$(sed -n 's/^SHA256: //p' <<<"$stanza")
+  want_size=$(sed -n 's/^Size: //p' <<<"$stanza")
+  [[ $filename =~ ^pool/[A-Za-z0-9._+~/-]+\.deb$ && $filename != *..* ]] ||
+    kp_die "$repo: koprogo $want_version has an unexpected Filename ($filename)"
+  [[ $want_sha =~ ^[0-9a-f]{64}$ ]] || kp_die "$repo: koprogo $want_version has no SHA256 in the index"
+  # Copied first, then checked: the copy is what gets bundled.
+  deb=$work/${filename##*/}
+  cp "$repo/$filename" "$deb" 2>/dev/null || kp_die "$repo/$filename: cannot read it (the index lists it)"
+  sha=$(sha256sum < "$deb" | cut -d' ' -f1)
+  size=$(stat -c %s "$deb")
+  [[ $sha == "$want_sha" && $size == "$want_size" ]] ||
+    kp_die "$repo/$filename: SHA256 $sha ($size bytes), but the signed index says $want_sha ($want_size bytes): the package was changed; nothing is bundled"
+  [[ $(dpkg-deb -f "$deb" Package 2>/dev/null) == koprogo && $(dpkg-deb -f "$deb" Version 2>/dev/null) == "$want_version" ]] ||
+    kp_die "$repo/$filename: not the koprogo $want_version package its index describes"
+  kp_log "from $repo: koprogo $want_version, signature (InRelease), index and package checked ($sha)"
+}
+
+if [[ -n $from_repo ]]; then
+  deb_from_repo "$from_repo"
+else
+  [[ -n $deb ]] || kp_die "--deb (or --from-repo) is required: build the .deb first with packaging/build-deb.sh"
+  [[ -f $deb ]] || kp_die "--deb $deb: no such file: build it with packaging/build-deb.sh"
+fi
+
+version=$(dpkg-deb -f "$deb" Version)
+arch=$(dpkg-deb -f "$deb" Architecture)
+name=koprogo-offline_${version}_${arch}
+started=$(date +%s)
 
 kp_log "minimal $suite root (the baseline: what it has is not bundled)"
 kp_root "$root" "$suite"
