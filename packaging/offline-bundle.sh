@@ -16,6 +16,7 @@
 # can replace), the Packages index against the SHA256 the signed Release gives, and
 # the .deb (copied out first) against the SHA256 of its Packages entry. --version
 # picks a version (default: the highest in the repository).
+#
 # Run as root on a machine that reaches a Debian mirror (the one its apt uses, or
 # KOPROGO_MIRROR / KOPROGO_SECURITY_MIRROR), with debootstrap and dpkg-dev.
 # What is "missing" is asked of apt itself: in a fresh minimal root of the suite
@@ -40,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     --repo-suite) [[ $# -ge 2 ]] || kp_die "--repo-suite needs the repository's suite (stable)"; repo_suite=$2; shift 2 ;;
     --out) [[ $# -ge 2 ]] || kp_die "--out needs a directory"; out=$2; shift 2 ;;
     --suite) [[ $# -ge 2 ]] || kp_die "--suite needs a Debian suite (bookworm)"; suite=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) kp_die "unknown argument $1 (see --help)" ;;
   esac
 done
