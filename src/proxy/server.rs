@@ -36,30 +36,70 @@ pub struct Listeners {
     pub https: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
-/// Binds every configured listener; an error names the key and the address.
-pub fn bind(cfg: &Config) -> Result<Listeners> {
-    let one = |key: &str, addr: SocketAddr| -> Result<(SocketAddr, std::net::TcpListener)> {
+/// Listen backlog: clients that arrive while no process accepts (a restart, with
+/// the sockets kept by systemd) wait in it instead of being dropped. The kernel
+/// caps it at net.core.somaxconn (4096 by default).
+pub const BACKLOG: i32 = 1024;
+
+/// The addresses the configuration asks for: (key, address), plain HTTP first.
+pub fn addresses(cfg: &Config) -> Vec<(&'static str, SocketAddr)> {
+    let mut out: Vec<(&'static str, SocketAddr)> =
+        cfg.proxy.http.iter().map(|a| ("proxy.http", *a)).collect();
+    if cfg.tls.mode != TlsMode::Off {
+        out.extend(cfg.proxy.https.iter().map(|a| ("proxy.https", *a)));
+    }
+    out
+}
+
+/// Binds every configured listener, except those in `held` (listening sockets on
+/// a configured address, passed back by systemd after a restart): those are used
+/// as they are. An error names the key and the address.
+pub fn bind(cfg: &Config, mut held: Vec<(SocketAddr, std::net::TcpListener)>) -> Result<Listeners> {
+    let mut one = |key: &str, addr: SocketAddr| -> Result<(SocketAddr, std::net::TcpListener)> {
+        if let Some(i) = held.iter().position(|(a, _)| *a == addr) {
+            let (_, l) = held.swap_remove(i);
+            l.set_nonblocking(true)?;
+            // The same backlog as a new one (a socket from an older version may
+            // have had less).
+            let _ = listen(&l);
+            tracing::debug!("proxy: {key} = {addr}: adopted the listener systemd kept");
+            return Ok((l.local_addr()?, l));
+        }
         let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("{}: {key} = {addr}: cannot listen", cfg.file.display()))?;
+        listen(&l).with_context(|| format!("{key} = {addr}: listen({BACKLOG})"))?;
         l.set_nonblocking(true)?;
         Ok((l.local_addr()?, l))
     };
-    let http = cfg
-        .proxy
-        .http
-        .iter()
-        .map(|a| one("proxy.http", *a))
-        .collect::<Result<Vec<_>>>()?;
-    let https = if cfg.tls.mode == TlsMode::Off {
-        Vec::new()
-    } else {
-        cfg.proxy
-            .https
-            .iter()
-            .map(|a| one("proxy.https", *a))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let mut http = Vec::new();
+    let mut https = Vec::new();
+    for (key, addr) in addresses(cfg) {
+        let l = one(key, addr)?;
+        if key == "proxy.http" {
+            http.push(l);
+        } else {
+            https.push(l);
+        }
+    }
     Ok(Listeners { http, https })
+}
+
+/// listen() again on a bound socket: on Linux this sets the backlog of a socket
+/// that already listens.
+fn listen(l: &std::net::TcpListener) -> Result<()> {
+    let backlog = nix::sys::socket::Backlog::new(BACKLOG).context("backlog")?;
+    nix::sys::socket::listen(l, backlog).context("listen")?;
+    Ok(())
+}
+
+impl Listeners {
+    /// Every listener with its address.
+    pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &std::net::TcpListener)> {
+        self.http
+            .iter()
+            .chain(self.https.iter())
+            .map(|(a, l)| (a, l))
+    }
 }
 
 /// Serves every listener until `cancel` is cancelled, then drains (bounded).

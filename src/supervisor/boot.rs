@@ -29,7 +29,15 @@ pub enum BootError {
 /// Boots, supervises until told to stop, and shuts down; returns the exit code.
 pub fn run(cfg: Config) -> Result<u8, BootError> {
     let started = Instant::now();
-    let pre = crate::check::preflight(&cfg);
+    // The listeners systemd kept across a restart (its fd store): adopted, so a
+    // client never meets a closed port; the ones no longer configured are dropped.
+    let wanted: Vec<_> = crate::proxy::server::addresses(&cfg)
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    let passed = super::fdstore::sort(super::fdstore::take_passed(), &wanted);
+    let held: Vec<_> = passed.adopted.iter().map(|(a, _)| *a).collect();
+    let pre = crate::check::preflight_holding(&cfg, &held);
     if !pre.problems.is_empty() {
         let mut lines: Vec<String> = pre.problems.iter().map(|e| format!("error: {e}")).collect();
         lines.push("not started: fix the problems above (koprogo check lists them too)".into());
@@ -58,8 +66,10 @@ pub fn run(cfg: Config) -> Result<u8, BootError> {
             .map_err(|e| BootError::Failed(format!("{e:#}")))?;
     }
     // Ports 80/443 are bound while we may still be root.
-    let listeners =
-        crate::proxy::server::bind(&cfg).map_err(|e| BootError::Refused(vec![format!("{e:#}")]))?;
+    let listeners = crate::proxy::server::bind(&cfg, passed.adopted)
+        .map_err(|e| BootError::Refused(vec![format!("{e:#}")]))?;
+    // Kept by systemd while we restart (FileDescriptorStoreMax= in the unit).
+    let unstored = super::fdstore::store(listeners.iter());
     privileges::prepare_and_drop(&cfg, &who, api.as_ref())
         .map_err(|e| BootError::Failed(format!("{e:#}")))?;
     if api.is_some() {
@@ -95,6 +105,19 @@ pub fn run(cfg: Config) -> Result<u8, BootError> {
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
+    for line in &passed.dropped {
+        tracing::warn!("{line}");
+    }
+    if !held.is_empty() {
+        let list: Vec<String> = held.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "proxy: adopted the listeners systemd kept across the restart: {}",
+            list.join(", ")
+        );
+    }
+    for line in &unstored {
+        tracing::warn!("{line}");
+    }
     if std::process::id() != 1 {
         // Orphans of our children come to us, not to init.
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {

@@ -3,6 +3,7 @@
 //! socket, and stops in reverse order on SIGTERM/SIGINT (a second one: stop now).
 
 pub mod boot;
+pub mod fdstore;
 pub mod notify;
 pub mod site;
 
@@ -302,12 +303,17 @@ pub async fn supervise(boot: Boot) -> Result<i32> {
     crate::control::remove_socket(&cfg);
     tracing::info!("koprogo stopped after {:.1?} of uptime", started.elapsed());
     drop(shared);
+    // Our copies of the children's log pipes' write ends (here and in the updater,
+    // for the servers it starts): while one lives its pipe never drains, and its
+    // close below waited its whole bound (5 s of every stop, of every restart).
+    drop(updater);
+    drop(api_log);
     for l in logs {
         match Arc::try_unwrap(l) {
             Ok(pipe) => {
                 let _ = pipe.close(Duration::from_secs(5));
             }
-            Err(_) => tracing::warn!("a log pipe is still in use at exit"),
+            Err(l) => tracing::warn!("the {} log pipe is still in use at exit", l.service),
         }
     }
     drop(lock);
