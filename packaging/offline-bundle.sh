@@ -170,15 +170,18 @@ echo "checking the packages (SHA256SUMS)"
 (cd "$here/debs" && sha256sum --quiet -c SHA256SUMS) ||
   { echo "install.sh: some .deb files are damaged: copy the archive again" >&2; exit 1; }
 
-# A throw-away apt configuration whose only source is ./debs.
+# A throw-away apt configuration whose only source is ./debs, with its own
+# archive directory (apt locks it: the machine's apt may be running meanwhile,
+# e.g. unattended-upgrades).
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$tmp/lists/partial" "$tmp/parts"
+mkdir -p "$tmp/lists/partial" "$tmp/parts" "$tmp/archives/partial"
 echo "deb [trusted=yes] file:$here/debs ./" > "$tmp/sources.list"
 apt_local() {
   DEBIAN_FRONTEND=noninteractive apt-get -q \
     -o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts="$tmp/parts" \
     -o Dir::State::Lists="$tmp/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
+    -o Dir::Cache::Archives="$tmp/archives/" \
     -o APT::Sandbox::User=root -o Acquire::Languages=none "$@"
 }
 apt_local update
