@@ -161,3 +161,31 @@ finish() {
   systemctl poweroff --no-block
 }
 trap finish EXIT
+# A client sending requests one after another (curl through the proxy over HTTPS)
+# until load_stop: each line of /root/load.log is "curl-exit http-code seconds".
+# curl's exit 7 is a refused connection; --connect-timeout bounds a wait in the
+# backlog, --max-time a request.
+load_start() {
+  rm -f /root/load.stop /root/load.log
+  (
+    while [ ! -e /root/load.stop ]; do
+      out=$(curl -ksS -o /dev/null -w '%{http_code} %{time_total}' --connect-timeout 60 \
+        --max-time 120 https://localhost/api/v1/health 2>/dev/null)
+      echo "$? $out" >> /root/load.log
+      sleep 0.05
+    done
+  ) &
+  LOAD_PID=$!
+}
+load_stop() { touch /root/load.stop; wait "$LOAD_PID" 2>/dev/null; }
+# load_report WHAT SECONDS: the MEASURE line of the load; LOAD_REFUSED is set.
+load_report() {
+  # shellcheck disable=SC2034 # read by the caller
+  LOAD_REFUSED=$(awk '$1 == 7 { n++ } END { print n + 0 }' /root/load.log)
+  echo "MEASURE $1: client through the proxy|$(awk -v total="$2" '
+    { n++; if ($1 == 7) refused++; else if ($1 != 0 || $2 != 200) failed++;
+      if ($3 > longest) longest = $3 }
+    END { printf "%d requests, %d refused, %d failed, longest %.1f s, total %.1f s",
+      n, refused, failed, longest, total }' /root/load.log)"
+  awk '$1 != 0 || $2 != 200 { print "  request: curl exit " $1 ", HTTP " $2 ", " $3 " s" }' /root/load.log | sort | uniq -c | head -n 10
+}

@@ -4,7 +4,9 @@
 # a row through the proxy, backup create/verify under the hardened unit, reinstall
 # keeps the secrets, an upgrade refused while the pre-upgrade backup fails, the
 # upgrade prev -> cur (backup taken, secrets and row kept, service restarted), then
-# a clean systemctl stop. Part 2 (koprogo as PID 1) runs from the host; part 3 is
+# a clean systemctl stop. A client sends requests through a systemctl restart and
+# through the upgrade: no connection may be refused (the listeners stay in
+# systemd's fd store); the figures are MEASURE lines. Part 2 (koprogo as PID 1) runs from the host; part 3 is
 # install-3.sh.
 # Called by packaging/test-package.sh: boot() copies it into the root as /root/ci.sh
 # (ci-lib.sh beside it) and runs it as the oneshot ci.service under systemd; the
@@ -25,6 +27,23 @@ must "status all ready" wait_for 120 ready
 step_done
 koprogo status
 installed_checks
+stored() { systemctl show -p NFileDescriptorStore --value koprogo 2>/dev/null; }
+check "the proxy's listeners in systemd's fd store ($(stored))" [ "$(stored)" -ge 2 ]
+
+step "systemctl restart with a client running (the fd store keeps the listeners)"
+load_start
+sleep 1
+t=$(date +%s.%N)
+check "restart" systemctl restart koprogo
+check "ready after the restart" wait_for 120 ready
+dt=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+sleep 1
+load_stop
+load_report "systemctl restart to all ready" "$dt"
+check "no connection refused during the restart" is_eq "$LOAD_REFUSED" 0
+check "the fd store kept across the restart ($(stored))" [ "$(stored)" -ge 2 ]
+check "the new process adopted the kept listeners" sh -c 'journalctl -u koprogo -n 200 | grep -q "adopted the listeners systemd kept"'
+step_done
 
 step "write a row through the proxy"
 id=$(curl -ksS --max-time 10 -X POST --data 'row written before the upgrade' https://localhost/api/v1/items | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
@@ -61,12 +80,20 @@ pid=$(systemctl show -p MainPID --value koprogo)
 step_done
 step "upgrade prev -> cur (apt-get install ./cur)"
 before=$(backups)
+load_start
+sleep 1
+t=$(date +%s.%N)
 out=$(apt-get install -y -q /root/debs/cur.deb 2>&1); code=$?
 echo "$out" | grep "koprogo:"
 check "upgrade" is_eq "$code" 0
 check "a backup taken before the upgrade" is_eq "$(backups)" "$((before + 1))"
 check "the upgrade names it" has "$out" "backup written: /var/lib/koprogo/backups/"
 check "status ready after the upgrade" wait_for 120 ready
+dt=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+sleep 1
+load_stop
+load_report "upgrade prev -> cur (apt-get install to all ready)" "$dt"
+check "no connection refused during the upgrade" is_eq "$LOAD_REFUSED" 0
 step_done
 check "new version installed" is_eq "$(dpkg-query -W -f '${Version}' koprogo)" "$CUR_V"
 check "service restarted by the upgrade" [ "$(systemctl show -p MainPID --value koprogo)" != "$pid" ]
@@ -75,8 +102,11 @@ check "row kept across the upgrade" has "$(curl -ksS --max-time 10 https://local
 check "config perms kept" is_eq "$(perm /etc/koprogo/koprogo.toml)" "640 root:koprogo"
 
 step "systemctl stop"
+t=$(date +%s.%N)
 check "stop" systemctl stop koprogo
+echo "MEASURE systemctl stop (all ready, idle)|$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f s", b - a }')"
 step_done
+check "the fd store emptied by a full stop" is_eq "$(stored)" 0
 check "inactive" [ "$(systemctl is-active koprogo)" = inactive ]
 check "PostgreSQL shut down cleanly" sh -c '/usr/lib/postgresql/15/bin/pg_controldata /var/lib/koprogo/pgdata | grep -q "cluster state: *shut down$"'
 check "no process of koprogo left" [ -z "$(user_procs koprogo)" ]
