@@ -200,6 +200,12 @@ cmd_repo() {
   in_root "$root" sh -c 'DEBIAN_FRONTEND=noninteractive apt-get -qq -y --download-only upgrade >/dev/null' ||
     { FAILED+=("repo: apt download (upgrade)"); drop_root "$root" 1; repo_cleanup; return 1; }
   rm -rf "$root/root/debs"
+  # apt inside uses an archive directory of its own (hard links to the shared
+  # cache): the shared one is locked by any other test root's apt meanwhile, and the
+  # koprogo .debs fetched from the test repository stay out of it.
+  mkdir -p "$root/var/cache/koprogo-test-archives/partial"
+  find "$APT_ARCHIVES" -maxdepth 1 -name "*.deb" -exec cp -l -t "$root/var/cache/koprogo-test-archives/" {} + 2>/dev/null ||
+    find "$APT_ARCHIVES" -maxdepth 1 -name "*.deb" -exec cp -t "$root/var/cache/koprogo-test-archives/" {} +
   ci_env "$root" PORT="$REPO_PORT" PREV_V="$(dpkg-deb -f "$(deb_of prev)" Version)" \
     CUR_V="$(dpkg-deb -f "$(deb_of cur)" Version)" KEY_FPR="$fpr" OTHER_FPR="$other_fpr" \
     KEYRING_SHA="$(sha256sum < "$W/repo-key/koprogo-archive-keyring.pgp" | cut -d' ' -f1)" \

@@ -63,6 +63,9 @@ check "no network but loopback" [ "$(ls /sys/class/net | tr '\n' ' ')" = "lo " ]
 # host's cache). Without retries (apt waits 1 + 2 + 4 s between its 3 by default)
 # each apt-get update gives up on them at once.
 echo 'Acquire::Retries "0";' > /etc/apt/apt.conf.d/00koprogo-test-no-retries
+# The packages: hard links to the host's cache in a directory of our own (the host's
+# is shared, and locked by any other test root's apt).
+echo 'Dir::Cache::Archives "/var/cache/koprogo-test-archives/";' > /etc/apt/apt.conf.d/00koprogo-test-archives
 step "prerequisites (apt cache): Debian updates, python3, unattended-upgrades, curl"
 must "apt-get upgrade (cached)" apt-get -y -q upgrade
 must "install python3 unattended-upgrades curl" apt-get install -y -q --no-install-recommends python3 unattended-upgrades curl ca-certificates
@@ -88,10 +91,9 @@ check "apt-get update: nothing said about our repository" [ -z "$(echo "$out" | 
 check "apt read the signed InRelease" ls "$LISTS/127.0.0.1:${PORT}_dists_stable_InRelease"
 check "apt stored our index" [ "$(stored)" != "none stored" ]
 must "candidate is prev ($PREV_V)" is_eq "$(candidate)" "$PREV_V"
-rm -f /var/cache/apt/archives/koprogo_*.deb
+rm -f /var/cache/koprogo-test-archives/koprogo_*.deb
 must "apt-get install koprogo" apt-get install -y -q koprogo
 check "the .deb came from the repository" grep -q 'GET /pool/main/k/koprogo/koprogo_.*\.deb HTTP/1\.[01]" 200' /root/http.log
-rm -f /var/cache/apt/archives/koprogo_*.deb
 step_done
 check "installed prev" is_eq "$(dpkg-query -W -f '${Version}' koprogo)" "$PREV_V"
 must "unit active" wait_for 120 active
@@ -224,7 +226,6 @@ else
   fail "the client wrote no result"
 fi
 check "the HTTP server served the new .deb" grep -q 'GET /pool/main/k/koprogo/koprogo_.*\.deb HTTP/1\.[01]" 200' /root/http.log
-rm -f /var/cache/apt/archives/koprogo_*.deb
 
 step "stop"
 stop_server
