@@ -14,6 +14,8 @@
 #               booted with systemd-nspawn: install prev (pulls PostgreSQL), unit
 #               active, status ready, site and API through the proxy, permissions,
 #               reinstall keeps secrets, upgrade to cur keeps a row, clean stop;
+#               the debconf questions (noninteractive defaults, preseed and
+#               dpkg-reconfigure, bad answers refused, purge, preseeded install);
 #               then koprogo as PID 1 of a container; then remove keeps data, purge
 #               leaves nothing
 #   real        the whole KoproGo site: build-deb.sh --api --frontend with the real
@@ -325,7 +327,10 @@ cmd_install() {
 
   ci_env "$root" PREV_V="$prev_v" CUR_V="$cur_v"
 
-  boot "$root" install-1 900 "$CI_SCRIPTS/install-1.sh" --private-network || rc=1
+  # The debconf questions (debconf.sh) in the same boot, right after part 1: one
+  # script, install-1.sh followed by debconf.sh (which sources nothing twice).
+  cat "$CI_SCRIPTS/install-1.sh" "$CI_SCRIPTS/debconf.sh" > "$W/install-1+debconf.sh"
+  boot "$root" install-1 900 "$W/install-1+debconf.sh" --private-network || rc=1
   # Part 2: koprogo as PID 1 of a container (no systemd), on the same root.
   if [[ $rc -eq 0 ]]; then pid1_test "$root" || rc=1; fi
   if [[ $rc -eq 0 ]]; then boot "$root" install-3 300 "$CI_SCRIPTS/install-3.sh" --private-network || rc=1; fi
