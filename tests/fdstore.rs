@@ -305,9 +305,30 @@ fn restart_with_the_fd_store_refuses_no_connection() {
     });
     std::thread::sleep(Duration::from_millis(500));
 
+    // A connection accepted before the stop whose request comes just after it:
+    // answered, not closed unanswered.
+    let mut early = TcpStream::connect(http).expect("connect before the stop");
+    early
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
-    a.stop();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM run 1");
+    std::thread::sleep(Duration::from_millis(50));
+    let mut answer = String::new();
+    let sent = early
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .and_then(|()| early.read_to_string(&mut answer));
+    assert_eq!(a.wait_exit(Duration::from_secs(90)), 0, "{}", a.stderr());
     let stopped = t.elapsed();
+    assert!(
+        sent.is_ok() && answer.starts_with("HTTP/1.1 "),
+        "a request sent just after the stop began got no answer: {sent:?} {answer:?}"
+    );
     other.extend(apply(&mut store, notify.drain()));
     assert_eq!(store.len(), 2, "the store after run 1 stopped");
     let mut passed: Vec<(String, std::os::fd::BorrowedFd<'_>)> =
@@ -347,6 +368,7 @@ fn restart_with_the_fd_store_refuses_no_connection() {
         seen.longest.as_secs_f64()
     );
     assert_eq!(seen.refused, 0, "refused connections: {seen:?}");
+    assert_eq!(seen.failed, 0, "failed requests: {seen:?}");
     assert_eq!(tcp_refused, 0, "refused TCP connections on proxy.https");
     assert!(seen.answered > before, "run 2 answered nothing: {seen:?}");
 

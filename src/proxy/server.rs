@@ -302,14 +302,28 @@ async fn run_conn<IO, S>(
         tokio::select! {
             _ = &mut conn => return,
             _ = stopped(&mut stop), if !stopping => {
-                // Finish the requests in flight, take no new ones.
                 stopping = true;
+                // A connection accepted just before the stop whose first request
+                // is still on its way: closed now, its client would get no answer
+                // (a failed request in a restart). Serve that one request.
+                if !activity.got_bytes() {
+                    let first = tokio::time::timeout(FIRST_REQUEST, activity.first_bytes());
+                    tokio::select! {
+                        _ = &mut conn => return,
+                        _ = first => {}
+                    }
+                }
+                // Finish the requests in flight, take no new ones.
                 conn.as_mut().graceful_shutdown();
             }
             _ = activity.quiet_for(idle) => return, // idle: drop the connection
         }
     }
 }
+
+/// At stop, how long a connection that has not sent a byte yet may take to send
+/// its first request (which is then served).
+const FIRST_REQUEST: Duration = Duration::from_millis(500);
 
 /// Who the client is: an IPv4 address (also when it came IPv4-mapped), or an IPv6
 /// client's network of `prefix` bits (its host bits zeroed), since whoever has a
@@ -335,6 +349,8 @@ pub(super) struct Activity {
     /// Milliseconds after `start`.
     last: Arc<AtomicU64>,
     start: Instant,
+    /// Whether a byte was read yet, and the wake-up of who waits for the first.
+    read: Arc<(std::sync::atomic::AtomicBool, tokio::sync::Notify)>,
 }
 
 impl Activity {
@@ -343,12 +359,39 @@ impl Activity {
         Activity {
             last: Arc::new(AtomicU64::new(0)),
             start: Instant::now(),
+            read: Arc::new((
+                std::sync::atomic::AtomicBool::new(false),
+                tokio::sync::Notify::new(),
+            )),
         }
     }
 
     fn touch(&self) {
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn touch_read(&self) {
+        self.touch();
+        if !self.read.0.swap(true, Ordering::Relaxed) {
+            self.read.1.notify_waiters();
+        }
+    }
+
+    /// Whether the peer has sent a byte yet.
+    fn got_bytes(&self) -> bool {
+        self.read.0.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the peer has sent a byte.
+    async fn first_bytes(&self) {
+        loop {
+            let woken = self.read.1.notified();
+            if self.got_bytes() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Resolves once nothing has moved for `idle`.
@@ -389,7 +432,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.touch();
+            self.activity.touch_read();
         }
         r
     }
