@@ -11,8 +11,12 @@
 #     the service restarted, the new name served once the CA is rotated, an
 #     administrator's edits of koprogo.toml untouched and winning key by key,
 #     the password not left in debconf's database;
+#   - interactive answers (the teletype frontend, fed on stdin): a bad domain and
+#     a bad port explained and asked again, an empty password keeps the current;
 #   - bad preseeded answers (acme without e-mail, an invalid domain): refused
 #     with a clear message, the previous file kept, the site not restarted;
+#   - a version that does not start (PostgreSQL's binary gone during a version
+#     change): installed, and the output and journal say why and the way back;
 #   - purge removes debconf.toml and debconf's records; a preseeded fresh
 #     install right after takes the preseeded name.
 # Run on its own (boot() copies it as /root/ci.sh) it first sources ci-lib.sh.
@@ -98,6 +102,24 @@ check "the site serves the new name (TLS, the new root)" wait_for 30 serves synd
 check "koprogo check" koprogo check
 step_done
 
+step "debconf: interactive answers are checked and asked again (teletype frontend)"
+# dpkg-reconfigure asks every question: a bad domain, then a bad port, each
+# explained and asked again; an empty password keeps the current one.
+file_pw=$(grep '^password = ' $MANAGED)
+pid=$(main_pid)
+out=$(printf '%s\n' 'Bad Domain!' syndic.example.test internal y \
+  smtp.example.test 99999 'kp user' '' noreply@example.test \
+  smtp.example.test 2626 'kp user' '' noreply@example.test |
+  DEBIAN_FRONTEND=teletype timeout 120 dpkg-reconfigure -fteletype koprogo 2>&1); code=$?
+check "dpkg-reconfigure -fteletype" is_eq "$code" 0
+check "the bad domain explained" has "$out" '"Bad Domain!" is not a DNS name'
+check "the bad port explained" has "$out" '"99999" is not a port number'
+check "debconf.toml: the port answered again" grep -qx 'port = 2626' $MANAGED
+check "debconf.toml: the password kept" is_eq "$(grep '^password = ' $MANAGED)" "$file_pw"
+check "service restarted" wait_for 120 sh -c "[ \"\$(systemctl show -p MainPID --value koprogo)\" != $pid ] && koprogo status"
+check "API: the new port" is_eq "$(api_env SMTP_PORT)" 2626
+step_done
+
 step "debconf: bad preseeded answers are refused"
 file_sha=$(sha $MANAGED)
 pid=$(main_pid)
@@ -118,6 +140,22 @@ check "journal has the refusal" sh -c 'journalctl -t koprogo-postinst --no-pager
 check "not restarted" is_eq "$(main_pid)" "$pid"
 check "site still serves" serves syndic.example.test
 preseed "koprogo koprogo/domain string syndic.example.test"
+step_done
+
+step "debconf: a version that does not start says the way back"
+# The PostgreSQL binaries gone: the new version (here: prev, a version change)
+# is installed but cannot start.
+mv /usr/lib/postgresql/15/bin/postgres /usr/lib/postgresql/15/bin/postgres.away
+out=$(apt-get install -y -q --allow-downgrades /root/debs/prev.deb 2>&1); code=$?
+mv /usr/lib/postgresql/15/bin/postgres.away /usr/lib/postgresql/15/bin/postgres
+echo "$out" | grep "koprogo:"
+check "the package is installed (exit 0)" is_eq "$code" 0
+check "says it does not start and where to read why" has "$out" "koprogo $PREV_V does not start"
+check "says the way back" has "$out" "the way back to $CUR_V: apt install koprogo=$CUR_V"
+check "names koprogo restore" has "$out" "koprogo restore FILE"
+check "the journal has it" sh -c "journalctl -t koprogo-postinst --no-pager | grep -q 'the way back to $CUR_V'"
+systemctl restart koprogo
+check "starts once the cause is fixed" wait_for 120 ready
 step_done
 
 step "debconf: purge, then a preseeded fresh install"
