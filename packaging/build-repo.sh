@@ -23,9 +23,14 @@
 #                         that date, or apt refuses it
 #   --resign              no new package: index and sign again (new Date and
 #                         Valid-Until, the current public keyring)
-#   --allow-key-change    sign with a key other than the one the repository was
-#                         published with (users' apt refuses it until they install
-#                         the new keyring: see the README)
+#   --allow-key-change    sign with a key that is not in the keyring the repository
+#                         was published with (users' apt refuses it until they
+#                         install the new keyring: see the README)
+#   --also-trust FILE     publish the keys of FILE (a public keyring, binary or
+#                         armoured; repeatable) in the repository's keyring beside
+#                         the signing key: the next key, published ahead of a key
+#                         change. Signing later with a key the published keyring
+#                         holds needs no --allow-key-change.
 #
 # What it writes (an apt-ftparchive flat pool, one component "main", amd64):
 #   pool/main/k/koprogo/koprogo_<version>_amd64.deb   every version ever added
@@ -50,10 +55,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=packaging/lib.sh
 . "$here/lib.sh"
 
-usage() { sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 repo='' keydir='' key='' pass='' url='' suite=stable valid_days='' resign=0 key_change=0
-debs=()
+debs=() also_trust=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --repo) [[ $# -ge 2 ]] || kp_die "--repo needs a directory"; repo=$2; shift 2 ;;
@@ -65,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --valid-days) [[ $# -ge 2 ]] || kp_die "--valid-days needs a number of days"; valid_days=$2; shift 2 ;;
     --resign) resign=1; shift ;;
     --allow-key-change) key_change=1; shift ;;
+    --also-trust) [[ $# -ge 2 ]] || kp_die "--also-trust needs a public keyring file (the next key's koprogo-archive-keyring.pgp)"; also_trust+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; debs+=("$@"); break ;;
     -*) kp_die "unknown option $1 (see --help)" ;;
@@ -182,11 +188,30 @@ if ! echo "trial" | gpgh "${sign_args[@]}" --clearsign > /dev/null 2> "$work/tri
 fi
 gpgh --export-options export-minimal --export "$key" > "$work/keyring.pgp"
 [[ -s $work/keyring.pgp ]] || kp_die "could not export the public key $key from $keydir"
+# The other keys to publish (--also-trust), through a GnuPG home of their own.
+if [[ ${#also_trust[@]} -gt 0 ]]; then
+  mkdir -m 0700 "$work/also"
+  for f in "${also_trust[@]}"; do
+    [[ -f $f ]] || kp_die "--also-trust $f: no such file"
+    gpg --homedir "$work/also" --batch --quiet --no-tty --import "$f" 2> "$work/also.err" ||
+      { cat "$work/also.err" >&2; kp_die "--also-trust $f: not an OpenPGP public keyring (gpg's message above)"; }
+  done
+  gpg --homedir "$work/also" --batch --quiet --no-tty --export-options export-minimal --export > "$work/also.pgp"
+  gpgconf --homedir "$work/also" --kill gpg-agent >/dev/null 2>&1 || true
+  [[ -s $work/also.pgp ]] || kp_die "--also-trust ${also_trust[*]}: no public key in it"
+  cat "$work/also.pgp" >> "$work/keyring.pgp"
+fi
+# Every fingerprint of a keyring file.
+fprs_of() {
+  [[ -d $work/show ]] || mkdir -m 0700 "$work/show"
+  gpg --homedir "$work/show" --batch --no-tty --with-colons --show-keys "$1" 2>/dev/null | awk -F: '$1 == "fpr" { print $10 }'
+}
 # The repository keeps the key it was published with: users trust only that one.
 if [[ -f $repo/koprogo-archive-keyring.pgp ]] && ! cmp -s "$work/keyring.pgp" "$repo/koprogo-archive-keyring.pgp"; then
-  old=$(gpg --batch --with-colons --show-keys "$repo/koprogo-archive-keyring.pgp" 2>/dev/null | awk -F: '$1 == "fpr" { print $10; exit }')
-  if [[ $old != "$key" && $key_change -eq 0 ]]; then
-    kp_die "$repo was published with the key ${old:-?}, not $key: users' apt would refuse it. Use the right --gnupghome, or --allow-key-change after giving users the new keyring (README: changing the key)"
+  old=$(fprs_of "$repo/koprogo-archive-keyring.pgp" | head -n 1)
+  # A key the published keyring already holds is trusted by its users.
+  if ! fprs_of "$repo/koprogo-archive-keyring.pgp" | grep -qx "$key" && [[ $key_change -eq 0 ]]; then
+    kp_die "$repo was published with the key ${old:-?}, not $key: users' apt would refuse it. Use the right --gnupghome; to change the key, first publish it with the old one (--also-trust NEW-KEYRING) and let users fetch the keyring again, or force it with --allow-key-change (README: changing the key)"
   fi
 fi
 

@@ -12,6 +12,8 @@
 #   badrel     that index with InRelease and Release rewritten to its hashes
 #              (signatures kept)
 #   badrel-detached  the same without InRelease (apt checks Release.gpg)
+# and a key change apt must accept: rotate1 (our key, keyring with the next key too,
+# build-repo.sh --also-trust), rotate2 (the next key alone).
 # They live in $W/repo-www/<variant>, bind-mounted read-only into a fresh booted
 # Debian 12 root (--private-network: loopback only), where packaging/tests/repo.sh
 # serves one at a time with python3 -m http.server on 127.0.0.1:$REPO_PORT, as a
@@ -104,6 +106,20 @@ repo_variants() {
   # badrel-detached: no InRelease, so apt checks Release against Release.gpg.
   cp -a "$www/badrel" "$www/badrel-detached"
   rm "$www/badrel-detached/dists/stable/InRelease"
+  # A key change: rotate1 is the good repository signed again with our key, its
+  # keyring also holding the next key (--also-trust); rotate2 is then signed with
+  # the next key alone (no --allow-key-change needed: rotate1 published it).
+  cp -a "$www/good" "$www/rotate1"
+  packaging/build-repo.sh --repo "$www/rotate1" --gnupghome "$W/repo-key" --resign \
+    --also-trust "$W/repo-nextkey/koprogo-archive-keyring.asc" >/dev/null 2>> "$W/repo-build.log" || return 1
+  cp -a "$www/rotate1" "$www/rotate2"
+  packaging/build-repo.sh --repo "$www/rotate2" --gnupghome "$W/repo-nextkey" --resign >/dev/null 2>> "$W/repo-build.log" || return 1
+  # Without rotate1's step, the repository refuses the next key.
+  cp -a "$www/good" "$www/rotate-refused"
+  if packaging/build-repo.sh --repo "$www/rotate-refused" --gnupghome "$W/repo-nextkey" --resign >/dev/null 2>> "$W/repo-build.log"; then
+    kp_log "repo: FAIL: build-repo.sh signed with a key the published keyring does not hold"; return 1
+  fi
+  rm -rf "$www/rotate-refused"
 }
 
 # The boot hook: "cur" published into the repository being served.
@@ -165,15 +181,16 @@ repo_bundle() {
 
 cmd_repo() {
   ensure_built || return 1
-  local root=$W/repo www=$W/repo-www rc=0 t fpr other_fpr
-  rm -rf "$www" "$W/repo-key" "$W/repo-otherkey" "$W/repo-bundle" "$W/repo-build.log"
+  local root=$W/repo www=$W/repo-www rc=0 t fpr other_fpr next_fpr
+  rm -rf "$www" "$W/repo-key" "$W/repo-otherkey" "$W/repo-nextkey" "$W/repo-bundle" "$W/repo-build.log"
   mkdir -p "$www"
   t=$(now)
   if ! fpr=$(packaging/repo-key.sh new "$W/repo-key" --no-passphrase --expire 1d 2>> "$W/repo-build.log" | tail -n 1) ||
-     ! other_fpr=$(packaging/repo-key.sh new "$W/repo-otherkey" --no-passphrase --expire 1d --uid "Someone else <other@example.org>" 2>> "$W/repo-build.log" | tail -n 1); then
+     ! other_fpr=$(packaging/repo-key.sh new "$W/repo-otherkey" --no-passphrase --expire 1d --uid "Someone else <other@example.org>" 2>> "$W/repo-build.log" | tail -n 1) ||
+     ! next_fpr=$(packaging/repo-key.sh new "$W/repo-nextkey" --no-passphrase --expire 1d --uid "KoproGo APT repository, next key <repository@koprogo.example>" 2>> "$W/repo-build.log" | tail -n 1); then
     tail -n 20 "$W/repo-build.log" >&2; FAILED+=("repo: repo-key.sh new"); repo_cleanup; return 1
   fi
-  timing "repo: repo-key.sh new (x2, Ed25519)" "$(since "$t")"
+  timing "repo: repo-key.sh new (x3, Ed25519)" "$(since "$t")"
   t=$(now)
   if ! packaging/build-repo.sh --repo "$www/good" --gnupghome "$W/repo-key" --url "http://127.0.0.1:$REPO_PORT/" \
          "$(deb_of prev)" > /dev/null 2>> "$W/repo-build.log"; then
@@ -188,7 +205,7 @@ cmd_repo() {
      ! repo_variants; then
     tail -n 20 "$W/repo-build.log" >&2; FAILED+=("repo: the refused variants"); repo_cleanup; return 1
   fi
-  timing "repo: variants (other key, changed Packages, changed Release)" "$(since "$t")"
+  timing "repo: variants (other key, changed Packages, changed Release, key change)" "$(since "$t")"
 
   new_root "$root"
   mkdir -p "$root/root/debs" "$root/srv/repo"
@@ -196,10 +213,16 @@ cmd_repo() {
   # has only loopback); the Debian updates too, so that unattended-upgrade finds only
   # koprogo to do. The .deb is only used to ask apt for its dependencies.
   cp "$(deb_of prev)" "$root/root/debs/prev.deb"
-  predownload "$root" python3 unattended-upgrades curl /root/debs/prev.deb ||
-    { FAILED+=("repo: apt download"); drop_root "$root" 1; repo_cleanup; return 1; }
-  in_root "$root" sh -c 'DEBIAN_FRONTEND=noninteractive apt-get -qq -y --download-only upgrade >/dev/null' ||
-    { FAILED+=("repo: apt download (upgrade)"); drop_root "$root" 1; repo_cleanup; return 1; }
+  # (The shared archive cache is locked while another test root's apt uses it:
+  # a few tries, 10 s apart.)
+  local try
+  for try in 1 2 3 4 5 6; do
+    predownload "$root" python3 unattended-upgrades curl /root/debs/prev.deb &&
+      in_root "$root" sh -c 'DEBIAN_FRONTEND=noninteractive apt-get -qq -y --download-only upgrade >/dev/null' && break
+    [[ $try -lt 6 ]] || { FAILED+=("repo: apt download"); drop_root "$root" 1; repo_cleanup; return 1; }
+    kp_log "repo: apt download failed (try $try of 6; the shared cache may be locked by another test root): again in 10 s"
+    sleep 10
+  done
   rm -rf "$root/root/debs"
   # apt inside uses an archive directory of its own (hard links to the shared
   # cache): the shared one is locked by any other test root's apt meanwhile, and the
@@ -208,7 +231,7 @@ cmd_repo() {
   find "$APT_ARCHIVES" -maxdepth 1 -name "*.deb" -exec cp -l -t "$root/var/cache/koprogo-test-archives/" {} + 2>/dev/null ||
     find "$APT_ARCHIVES" -maxdepth 1 -name "*.deb" -exec cp -t "$root/var/cache/koprogo-test-archives/" {} +
   ci_env "$root" PORT="$REPO_PORT" PREV_V="$(dpkg-deb -f "$(deb_of prev)" Version)" \
-    CUR_V="$(dpkg-deb -f "$(deb_of cur)" Version)" KEY_FPR="$fpr" OTHER_FPR="$other_fpr" \
+    CUR_V="$(dpkg-deb -f "$(deb_of cur)" Version)" KEY_FPR="$fpr" OTHER_FPR="$other_fpr" NEXT_FPR="$next_fpr" \
     KEYRING_SHA="$(sha256sum < "$W/repo-key/koprogo-archive-keyring.pgp" | cut -d' ' -f1)" \
     REQUIRE_ZERO_REFUSED="${REPO_REQUIRE_ZERO_REFUSED:-1}"
   HOOK=repo_publish boot "$root" repo 600 "$CI_SCRIPTS/repo.sh" --private-network \
@@ -224,10 +247,10 @@ cmd_repo() {
 # Everything of the repo test in $W, and the gpg agents of its keys.
 repo_cleanup() {
   local d
-  for d in "$W/repo-key" "$W/repo-otherkey"; do
+  for d in "$W/repo-key" "$W/repo-otherkey" "$W/repo-nextkey"; do
     [[ -d $d ]] && gpgconf --homedir "$d" --kill gpg-agent >/dev/null 2>&1
   done
   [[ $KEEP == 1 && ${rc:-0} != 0 ]] && { kp_log "kept $W/repo-* for inspection (KEEP=1)"; return 0; }
-  rm -rf --one-file-system "$W/repo-www" "$W/repo-key" "$W/repo-otherkey" "$W/repo-bundle" "$W/repo-bundle.log" "$W/repo-build.log"
+  rm -rf --one-file-system "$W/repo-www" "$W/repo-key" "$W/repo-otherkey" "$W/repo-nextkey" "$W/repo-bundle" "$W/repo-bundle.log" "$W/repo-build.log"
   return 0
 }

@@ -2,14 +2,18 @@
 # Package test "repo", in a fresh booted Debian 12 root with only loopback: the
 # signed KoproGo APT repository, used the way the README tells users to.
 #  - python3 -m http.server on 127.0.0.1:$PORT serves /srv/repo/<variant> (the
-#    host's $W/repo-www, read-only): "good" is the real repository (prev only at
-#    first), the others are the variants apt must refuse (see packaging/test-repo.sh)
+#    host's $W/repo-www, read-only; see serve): "good" is the real repository (prev
+#    only at first), the others are the variants apt must refuse or, for the key
+#    change, accept (see packaging/test-repo.sh)
 #  - keyring and koprogo.sources fetched from the repository, apt-get update,
 #    apt-get install koprogo (downloaded from it), the site over HTTPS checked with
 #    the local CA
 #  - refused: another key (NO_PUBKEY), a changed Packages (Hash Sum mismatch), a
 #    changed Release (BADSIG, InRelease and Release.gpg); koprogo's candidate and
 #    apt's stored index stay those of the good repository
+#  - accepted: a key change done in two steps (the next key published in the
+#    keyring first, with build-repo.sh --also-trust, then the repository signed
+#    with it)
 #  - the host publishes cur into the served repository (host_checks runs its hook);
 #    unattended-upgrade leaves koprogo alone without 52koprogo-unattended-upgrades
 #    and upgrades it with it: backup taken, row kept, while a client counts refused
@@ -20,7 +24,7 @@
 # results are /root/ci.log (STEP and MEASURE lines are read by the host) and
 # /root/ci.result.
 # /root/ci.env (written by the host) holds PORT, PREV_V, CUR_V, KEY_FPR, OTHER_FPR,
-# KEYRING_SHA and REQUIRE_ZERO_REFUSED.
+# NEXT_FPR, KEYRING_SHA and REQUIRE_ZERO_REFUSED.
 # shellcheck source=SCRIPTDIR/ci-lib.sh
 . /root/ci-lib.sh
 # shellcheck source=/dev/null # /root/ci.env is written by test-package.sh (ci_env)
@@ -35,11 +39,24 @@ stop_server() {
   wait "$SERVER" 2>/dev/null
   SERVER=
 }
-# serve VARIANT: the HTTP server on $PORT, serving /srv/repo/VARIANT.
+# serve VARIANT: the HTTP server on $PORT, serving /srv/repo/VARIANT. Its
+# metadata (dists/, keyring, sources) is copied to /root/www with a modification
+# time later than any served before, the pool linked: apt asks with
+# If-Modified-Since (the time of what it stored) and http.server answers "304 Not
+# Modified" to an older or equal time, so without this apt would not even fetch
+# (nor check) a variant made in the same second as the previous one.
+LAST_SERVED=0
 serve() {
   stop_server
+  rm -rf /root/www
+  mkdir /root/www
+  cp -r "/srv/repo/$1/dists" "/srv/repo/$1/koprogo-archive-keyring.pgp" "/srv/repo/$1/koprogo.sources" /root/www/ || return 1
+  ln -s "/srv/repo/$1/pool" /root/www/pool
+  while [ "$(date +%s)" -le "$LAST_SERVED" ]; do sleep 0.2; done
+  LAST_SERVED=$(date +%s)
+  find /root/www -exec touch -h -d "@$LAST_SERVED" {} +
   echo "--- serving /srv/repo/$1" >> /root/http.log
-  python3 -m http.server --bind 127.0.0.1 --directory "/srv/repo/$1" "$PORT" >> /root/http.log 2>&1 &
+  python3 -m http.server --bind 127.0.0.1 --directory /root/www "$PORT" >> /root/http.log 2>&1 &
   SERVER=$!
   wait_for 15 curl -fsS -o /dev/null --max-time 2 "$URL/dists/stable/Release"
 }
@@ -117,6 +134,7 @@ refused() {
   out=$(apt-get update 2>&1); code=$?
   echo "$out" | ours
   echo "  (apt-get update exit code $code)"
+  check "$what: fetched (not a 304)" has "$out" "Get:"
   for p in "$@"; do check "$what: apt says $p" has "$out" "$p"; done
   check "$what: koprogo's candidate unchanged" is_eq "$(candidate)" "$PREV_V"
   check "$what: apt's stored index unchanged" is_eq "$(stored)" "$before"
@@ -145,8 +163,33 @@ check "apt-get update (good again)" apt-get update -q
 check "candidate prev again" is_eq "$(candidate)" "$PREV_V"
 step_done
 
+# accepted VARIANT WHAT: apt-get update takes the repository VARIANT serves.
+accepted() {
+  local out code
+  check "$2: served" serve "$1"
+  out=$(apt-get update 2>&1); code=$?
+  echo "$out" | ours
+  check "$2: apt-get update" is_eq "$code" 0
+  check "$2: nothing said about our repository" [ -z "$(echo "$out" | grep -E '^(W|E|Err):?.*127\.0\.0\.1')" ]
+  check "$2: stored" [ "$(stored)" != "none stored" ]
+  check "$2: fetched (not a 304)" has "$out" "Get:"
+}
+step "key change: the next key published first (--also-trust), then signing with it"
+accepted rotate1 "signed by our key, keyring with the next key"
+check "key change: keyring fetched again" curl -fsS --max-time 10 -o /usr/share/keyrings/koprogo-archive-keyring.pgp "$URL/koprogo-archive-keyring.pgp"
+accepted rotate2 "signed by the next key"
+check "key change: signed by the next key indeed" grep -q "^# Signing key: $NEXT_FPR\$" /srv/repo/rotate2/koprogo.sources
+# (back to the test's repository, and its keyring alone)
+check "good repository again" serve good
+check "keyring of the good repository again" curl -fsS --max-time 10 -o /usr/share/keyrings/koprogo-archive-keyring.pgp "$URL/koprogo-archive-keyring.pgp"
+check "keyring is the key's again" is_eq "$(sha256sum < /usr/share/keyrings/koprogo-archive-keyring.pgp | cut -d' ' -f1)" "$KEYRING_SHA"
+check "apt-get update (good again)" apt-get update -q
+check "candidate prev again" is_eq "$(candidate)" "$PREV_V"
+step_done
+
 step "host publishes cur into the served repository (build-repo.sh)"
 check "published (host hook)" host_checks
+check "the published repository served" serve good
 out=$(apt-get update 2>&1); code=$?
 echo "$out" | ours
 check "apt-get update after publishing" is_eq "$code" 0
