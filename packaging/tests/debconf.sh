@@ -17,6 +17,7 @@
 #     with a clear message, the previous file kept, the site not restarted;
 #   - a version that does not start (PostgreSQL's binary gone during a version
 #     change): installed, and the output and journal say why and the way back;
+#     a hand edit of debconf.toml made before is taken as the answer;
 #   - purge removes debconf.toml and debconf's records; a preseeded fresh
 #     install right after takes the preseeded name.
 # Run on its own (boot() copies it as /root/ci.sh) it first sources ci-lib.sh.
@@ -145,6 +146,9 @@ step_done
 step "debconf: a version that does not start says the way back"
 # The PostgreSQL binaries gone: the new version (here: prev, a version change)
 # is installed but cannot start.
+# Meanwhile an administrator edited debconf.toml by hand: the next run of the
+# questions starts from the file (it no longer matches the package's seal).
+sed -i 's/^from_email = .*/from_email = "office@example.test"/' $MANAGED
 mv /usr/lib/postgresql/15/bin/postgres /usr/lib/postgresql/15/bin/postgres.away
 out=$(apt-get install -y -q --allow-downgrades /root/debs/prev.deb 2>&1); code=$?
 mv /usr/lib/postgresql/15/bin/postgres.away /usr/lib/postgresql/15/bin/postgres
@@ -154,6 +158,10 @@ check "says it does not start and where to read why" has "$out" "koprogo $PREV_V
 check "says the way back" has "$out" "the way back to $CUR_V: apt install koprogo=$CUR_V"
 check "names koprogo restore" has "$out" "koprogo restore FILE"
 check "the journal has it" sh -c "journalctl -t koprogo-postinst --no-pager | grep -q 'the way back to $CUR_V'"
+check "the hand edit taken as the answer" has "$(debconf-show koprogo)" "koprogo/smtp_from: office@example.test"
+check "the hand edit kept in debconf.toml" grep -qx 'from_email = "office@example.test"' $MANAGED
+check "debconf.toml sealed again" is_eq "$(head -n 1 $MANAGED)" "# koprogo-debconf sha256:$(tail -n +2 $MANAGED | sha256sum | cut -d' ' -f1)"
+check "the password carried over" is_eq "$(grep '^password = ' $MANAGED)" "$file_pw"
 systemctl restart koprogo
 check "starts once the cause is fixed" wait_for 120 ready
 step_done
