@@ -51,8 +51,8 @@ pub use ca_admin::{
 };
 pub use certinfo::fingerprint_sha256;
 use certinfo::{rfc3339, rfc3339_ms, Cert, Source};
-pub use handout::{HandOut, RootCert};
 use files::{FilePair, Stamp};
+pub use handout::{HandOut, RootCert};
 use local_ca::LocalCa;
 use store::{CertStore, Entry};
 
