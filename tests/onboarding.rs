@@ -111,7 +111,16 @@ fn ca_status(a: &Appliance) -> serde_json::Value {
     let (code, out, err) = a.cli(&["cert", "status", "--json"]);
     assert_eq!(code, 0, "cert status: {out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    v["ca"].clone()
+    let ca = v["ca"].clone();
+    // The text form shows the same fingerprint.
+    let (code, text, err) = a.cli(&["cert", "status"]);
+    assert_eq!(code, 0, "cert status: {text}{err}");
+    let fp = ca["fingerprint"].as_str().expect("ca.fingerprint");
+    assert!(
+        text.contains(&format!("CA SHA-256    {fp}")),
+        "cert status does not show the root's fingerprint {fp}:\n{text}"
+    );
+    ca
 }
 
 /// `koprogo ca export`: (PEM from stdout, the fingerprint from stderr).

@@ -344,6 +344,9 @@ pub fn cert_status(cfg: &Config, json: bool) -> Outcome {
         }
         if let Some(ca) = &st.ca {
             println!("local CA      {} (serial {})", ca.subject, ca.serial);
+            if !ca.fingerprint.is_empty() {
+                println!("CA SHA-256    {}", ca.fingerprint);
+            }
             println!(
                 "CA permits    {}",
                 if ca.constrained {
@@ -354,6 +357,9 @@ pub fn cert_status(cfg: &Config, json: bool) -> Outcome {
             );
             if let Some(n) = &ca.next {
                 println!("CA next       {n} (prepared; `koprogo ca rotate` switches to it)");
+                if let Some(f) = &ca.next_fingerprint {
+                    println!("CA next SHA-256 {f}");
+                }
             }
             if let Some(w) = &ca.warning {
                 println!("CA warning    {w}");
